@@ -1,0 +1,341 @@
+"""Export a PyTorch image classifier to ONNX + ONNX Runtime training artifacts, checked against PyTorch.
+
+    python -m model.export                                   # the default preset (digits) -> artifacts/digits
+    python -m model.export --preset vit-tiny --freeze 'to_patch_embedding.*'
+    python -m model.export --model vit_pytorch.vit:ViT --name vitpt \\
+        --kwargs '{"image_size": 32, "patch_size": 8, "num_classes": 10, "dim": 64, "depth": 2, "heads": 2, "mlp_dim": 128}'
+
+One folder per model: inference.onnx, training_model.onnx, eval_model.onnx,
+optimizer_model.onnx, checkpoint and manifest.json. The folder is built aside and
+only renamed into place after the self-check (model/verify.py) passes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import importlib
+import importlib.util
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnxruntime.training import artifacts as ort_artifacts
+from onnxruntime.training.onnxblock import optim as ort_optim
+
+from model import verify
+from model.vit import DEFAULT_PRESET, PRESETS, build
+from server.manifest import ARTIFACT_FILES, INFERENCE_MODEL, MANIFEST, TRAINING_MODEL, Manifest, sha256
+
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# Opset 17 exports LayerNormalization as one node whose gradient ORT 1.19.2 cannot build;
+# at 16 it is decomposed (and fused back by ORT). See DESIGN.md.
+DEFAULT_OPSET = 16
+ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # torch.optim.AdamW's defaults
+
+
+def load_class(spec: str):
+    """'package.module:Class' -> the class.
+
+    A package whose __init__ imports optional extras (vit-pytorch's imports torchvision)
+    still has leaf modules that import fine on their own: if importing the package
+    fails, load the leaf module's file alone.
+    """
+    module_name, _, class_name = spec.partition(":")
+    if not class_name:
+        raise SystemExit(f"--model must look like module:Class, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        top, *middle = module_name.split(".")
+        found = importlib.util.find_spec(top)  # finds a top-level package without running it
+        if found is None or not found.submodule_search_locations or not middle:
+            raise SystemExit(f"cannot import {module_name}: {error}") from None
+        path = Path(list(found.submodule_search_locations)[0]).joinpath(*middle[:-1], middle[-1] + ".py")
+        leaf = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(leaf)
+        leaf.loader.exec_module(module)
+    return getattr(module, class_name)
+
+
+def qkv_layouts(model: torch.nn.Module) -> list[dict]:
+    """Every fused qkv projection: modules with a `to_qkv` Linear and a `heads` count (the lucidrains layout)."""
+    layouts = []
+    for prefix, module in model.named_modules():
+        qkv = getattr(module, "to_qkv", None)
+        if isinstance(qkv, torch.nn.Linear) and isinstance(getattr(module, "heads", None), int):
+            heads = module.heads
+            block = re.search(r"layers\.(\d+)\.", prefix + ".")
+            layouts.append(dict(name=f"{prefix}.to_qkv.weight", block=int(block.group(1)) if block else -1,
+                                heads=heads, dim_head=qkv.out_features // 3 // heads))
+    return layouts
+
+
+def loss_node(training_model: onnx.ModelProto) -> dict:
+    """The node that produces the training graph's first output (the loss)."""
+    loss_output = training_model.graph.output[0].name
+    node = next(n for n in training_model.graph.node if loss_output in n.output)
+    return dict(name=node.name, op_type=node.op_type, inputs=list(node.input), output=loss_output)
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """ORT's gradient builder logs every graph transform to fd 2; keep it, show it only on failure."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace")[-20000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    clone = copy.deepcopy(model)
+    for m in clone.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return clone
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, training: bool) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    model.train(training)
+    with warnings.catch_warnings():  # "legacy TorchScript exporter": chosen on purpose, see below
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+            dynamo=False,  # the dynamo exporter renames parameters and breaks generate_artifacts (DESIGN.md)
+            training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
+            do_constant_folding=not training, export_params=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def pin_static_shapes(proto: onnx.ModelProto, example_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Write every intermediate tensor's shape into value_info, with all but the batch axis static.
+
+    Why: with a dynamic batch, a slice whose length is read from a traced shape (e.g.
+    `pos_embedding[:, :(n + 1)]` in vit-pytorch) gets unknown dims, and ORT 1.19.2's gradient
+    builder then does not reduce the broadcast Add's gradient over the batch: only sample 0's
+    gradient reached pos_embedding (caught by the export check). The shapes are measured by
+    running the forward graph at two batch sizes: a dim that does not change is static.
+    """
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    typed = [vi for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type]
+    probe = copy.deepcopy(inferred)
+    probe.graph.output.extend(typed)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [vi.name for vi in typed]
+    runs = []
+    for batch in (2, 3):
+        feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((batch, *example_shape[1:]), dtype=np.float32)}
+        runs.append(dict(zip(names, (a.shape for a in session.run(names, feed)))))
+    for vi in typed:
+        a, b = runs[0][vi.name], runs[1][vi.name]
+        if len(a) != len(b):
+            continue
+        dims = vi.type.tensor_type.shape
+        dims.ClearField("dim")
+        for x, y in zip(a, b):
+            dim = dims.dim.add()
+            if x == y:
+                dim.dim_value = x
+            elif (x, y) == (2, 3):
+                dim.dim_param = "batch"
+    return inferred
+
+
+def write_training_artifacts(model, example, folder: Path, opset: int, trainable, frozen, optimizer: str) -> onnx.ModelProto:
+    proto = pin_static_shapes(export_onnx(model, example, opset, training=True), tuple(example.shape))
+    initializers = {i.name for i in proto.graph.initializer}
+    missing = [n for n in trainable + frozen if n not in initializers]
+    if missing:
+        raise SystemExit(f"parameters missing from the exported graph (unused by forward?): {missing[:5]}")
+    block = ort_optim.AdamW(**ADAMW) if optimizer == "adamw" else ort_artifacts.OptimType.SGD
+    with native_stderr_captured():
+        ort_artifacts.generate_artifacts(
+            proto, requires_grad=trainable, frozen_params=frozen, loss=ort_artifacts.LossType.CrossEntropyLoss,
+            optimizer=block, artifact_directory=folder, additional_output_names=[OUTPUT_NAME],
+        )
+    training_model = onnx.load(folder / TRAINING_MODEL)
+    return training_model
+
+
+def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, channels: int, mean, std,
+           class_names: list[str], source: dict, freeze: list[str], optimizer: str, opset: int) -> Path:
+    """Write and check one model folder; returns its path. Raises verify.ExportCheckError on a mismatch."""
+    started = time.perf_counter()
+    names = [n for n, _ in model.named_parameters()]
+    frozen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in freeze)]
+    unmatched = [g for g in freeze if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    if unmatched:
+        raise SystemExit(f"--freeze patterns match no parameter: {unmatched}")
+    trainable = [n for n in names if n not in frozen]
+    if not trainable:
+        raise SystemExit("every parameter is frozen: nothing to train")
+    example = torch.randn(2, channels, image_size, image_size)
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    try:
+        inference = export_onnx(model, example, opset, training=False)
+        onnx.checker.check_model(inference, full_check=True)
+        onnx.save(inference, staging / INFERENCE_MODEL)
+        training_model = write_training_artifacts(model, example, staging, opset, trainable, frozen, optimizer)
+        # The training graphs hold ORT's own ops (fused LayerNorm, gradient ops) that onnx.checker
+        # does not know; loading them in ORT's training session (the check below) validates them.
+
+        params = dict(model.named_parameters())
+        manifest = {
+            "name": name,
+            "source": source,
+            "input": {"name": INPUT_NAME, "shape": [-1, channels, image_size, image_size], "dtype": "float32"},
+            "output": {"name": OUTPUT_NAME, "shape": [-1, len(class_names)], "dtype": "float32"},
+            "preprocessing": {"height": image_size, "width": image_size, "channels": channels,
+                              "mean": list(mean), "std": list(std)},
+            "class_names": class_names,
+            "parameters": [{"name": n, "shape": list(params[n].shape), "trainable": n in trainable} for n in names],
+            "attention": qkv_layouts(model),
+            "loss": loss_node(training_model),
+            "opset": opset,
+            "optimizer": {"name": optimizer, **(ADAMW if optimizer == "adamw" else {})},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+            "files": {f: sha256(staging / f) for f in ARTIFACT_FILES},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+        report = verify.CheckReport()
+        verify.check_inference(Manifest.load(staging), model, report)
+        if has_dropout(model):  # the shipped graph drops out at random: check a dropout-free twin instead
+            with tempfile.TemporaryDirectory(dir=out) as twin:
+                twin = Path(twin)
+                shutil.copy(staging / MANIFEST, twin / MANIFEST)
+                twin_model = without_dropout(model)
+                onnx.save(inference, twin / INFERENCE_MODEL)
+                write_training_artifacts(twin_model, example, twin, opset, trainable, frozen, optimizer)
+                twin_manifest = json.loads((twin / MANIFEST).read_text())
+                twin_manifest["files"] = {f: sha256(twin / f) for f in ARTIFACT_FILES}
+                (twin / MANIFEST).write_text(json.dumps(twin_manifest))
+                verify.check_training(Manifest.load(twin), twin_model, report)
+        else:
+            verify.check_training(Manifest.load(staging), model, report)
+        if report.failures:
+            raise verify.ExportCheckError("export check failed:\n  " + "\n  ".join(report.failures))
+
+        manifest["export_check"] = report.as_dict()
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        final = out / name
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"a named ViT size (default {DEFAULT_PRESET})")
+    p.add_argument("--model", help="any image classifier instead of a preset: module:Class (e.g. vit_pytorch.vit:ViT)")
+    p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for --model's constructor")
+    p.add_argument("--image-size", type=int, help="input height = width (default: kwargs image_size)")
+    p.add_argument("--channels", type=int, help="input channels (default: kwargs channels, else 3)")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel normalization mean for encoded images")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel normalization std for encoded images")
+    p.add_argument("--class-names", type=Path, help="text file, one class name per line")
+    p.add_argument("--weights", type=Path, help="a state_dict (torch.save) to load before export")
+    p.add_argument("--freeze", nargs="+", default=[], metavar="GLOB", help="parameters to freeze, e.g. 'to_patch_embedding.*'")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--seed", type=int, default=0, help="seed for the initial weights")
+    p.add_argument("--name", help="folder name (default: the preset or the class name)")
+    p.add_argument("--out", type=Path, default=Path("artifacts"), help="parent folder of the model folder")
+    args = p.parse_args(argv)
+    if args.model and args.preset:
+        p.error("give --preset or --model, not both")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.model:
+        kwargs = json.loads(args.kwargs)
+        model = load_class(args.model)(**kwargs)
+        image_size = args.image_size or kwargs.get("image_size")
+        channels = args.channels or kwargs.get("channels", 3)
+        if not isinstance(image_size, int):
+            raise SystemExit("--model needs a square --image-size (or an int image_size in --kwargs)")
+        name = args.name or args.model.rpartition(":")[2].lower()
+        source = {"model": args.model, "kwargs": kwargs}
+        mean, std = args.mean or [0.5] * channels, args.std or [0.5] * channels
+    else:
+        preset = args.preset or DEFAULT_PRESET
+        config = PRESETS[preset]
+        model = build(config)
+        image_size, channels, name = config.image_size, config.channels, args.name or preset
+        source = {"preset": preset, "config": config.model_kwargs()}
+        mean, std = args.mean or config.mean, args.std or config.std
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        num_classes = model(torch.zeros(1, channels, image_size, image_size)).shape[-1]
+    if args.class_names:
+        class_names = args.class_names.read_text().split("\n")[:num_classes]
+    elif source.get("preset") == "digits":
+        class_names = [str(i) for i in range(10)]
+    else:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    if len(class_names) != num_classes or len(mean) != channels or len(std) != channels:
+        raise SystemExit(f"need {num_classes} class names and {channels} mean/std values")
+
+    started = time.perf_counter()
+    try:
+        folder = export(model=model, name=name, out=args.out, image_size=image_size, channels=channels, mean=mean,
+                        std=std, class_names=class_names, source=source, freeze=args.freeze,
+                        optimizer=args.optimizer, opset=args.opset)
+    except verify.ExportCheckError as e:
+        print(f"EXPORT FAILED: {e}", file=sys.stderr)
+        return 1
+    check = json.loads((folder / MANIFEST).read_text())["export_check"]
+    print(f"exported {name} to {folder} in {time.perf_counter() - started:.1f}s")
+    print(f"  check vs PyTorch: logits max rel err {check['logits_max_rel_err']:.2e}; "
+          f"loss ORT {check['loss_ort']:.6f} vs torch {check['loss_torch']:.6f}; "
+          f"{check['parameters_checked']} gradients, max rel err {check['grad_max_rel_err']:.2e} ({check['worst_parameter']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

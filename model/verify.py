@@ -1,0 +1,93 @@
+"""The export's self-check: ONNX Runtime (through the server's own engines) against PyTorch.
+
+Inference: logits of inference.onnx vs PyTorch eval logits.
+Training: the first step's loss and EVERY trainable parameter's gradient, from the
+training artifacts, vs PyTorch autograd on the same weights and batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from server.inference import InferenceEngine
+from server.manifest import INFERENCE_MODEL, Manifest
+from server.runtime import session_options
+from server.training import TrainingEngine
+
+LOGITS_TOL = 1e-4  # relative to the largest |logit|
+LOSS_TOL = 1e-4  # relative to max(1, |loss|)
+GRAD_TOL = 1e-3  # max |g_ort - g_torch| relative to max |g_torch| of that parameter
+
+
+class ExportCheckError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree: the artifacts must not be used."""
+
+
+@dataclass
+class CheckReport:
+    logits_max_rel_err: float = 0.0
+    loss_torch: float = 0.0
+    loss_ort: float = 0.0
+    grad_max_rel_err: float = 0.0
+    worst_parameter: str = ""
+    parameters_checked: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "failures"}
+
+
+def sample_batch(shape: tuple[int, ...], num_classes: int, batch: int = 4, seed: int = 0):
+    """A fixed random batch: images (b, c, h, w) float32 and labels (b,) int64."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, *shape[1:]), dtype=np.float32)
+    labels = rng.integers(0, num_classes, size=batch, dtype=np.int64)
+    return images, labels
+
+
+def torch_gradients(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, trainable: list[str]):
+    """The oracle: mean cross-entropy and autograd gradients, dropout off, weights untouched."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    logits = model(torch.from_numpy(images))
+    loss = F.cross_entropy(logits, torch.from_numpy(labels))
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads = {n: params[n].grad.detach().numpy().copy() for n in trainable}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def check_inference(manifest: Manifest, model: torch.nn.Module, report: CheckReport) -> None:
+    images, _ = sample_batch(manifest.input_shape, manifest.num_classes, batch=3, seed=1)
+    engine = InferenceEngine(manifest.path(INFERENCE_MODEL), manifest.input_name, manifest.output_name,
+                             ["CPUExecutionProvider"], session_options())
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    got = engine.logits(images)
+    report.logits_max_rel_err = float(np.abs(got - expected).max() / (np.abs(expected).max() + 1e-12))
+    if not report.logits_max_rel_err <= LOGITS_TOL:
+        report.failures.append(f"inference logits differ from PyTorch: max rel err {report.logits_max_rel_err:.3g} > {LOGITS_TOL}")
+
+
+def check_training(manifest: Manifest, model: torch.nn.Module, report: CheckReport) -> None:
+    """`model` must be dropout-free and hold the same weights as the artifacts' checkpoint."""
+    images, labels = sample_batch(manifest.input_shape, manifest.num_classes)
+    trainable = manifest.trainable
+    report.loss_torch, expected = torch_gradients(model, images, labels, trainable)
+    engine = TrainingEngine(manifest, "cpu", session_options(), learning_rate=0.0)
+    report.loss_ort, got = engine.gradients(images, labels)
+    if not abs(report.loss_ort - report.loss_torch) <= LOSS_TOL * max(1.0, abs(report.loss_torch)):
+        report.failures.append(f"training loss differs from PyTorch: ORT {report.loss_ort:.6g} vs torch {report.loss_torch:.6g}")
+    for name in trainable:
+        scale = max(float(np.abs(expected[name]).max()), 1e-6)  # an all-zero gradient compares absolutely
+        err = float(np.abs(got[name] - expected[name]).max() / scale) if got[name].shape == expected[name].shape else np.inf
+        if err > report.grad_max_rel_err:
+            report.grad_max_rel_err, report.worst_parameter = err, name
+        if not err <= GRAD_TOL:
+            report.failures.append(f"gradient of {name} differs from PyTorch: max rel err {err:.3g} > {GRAD_TOL}")
+    report.parameters_checked = len(trainable)

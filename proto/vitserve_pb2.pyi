@@ -1,0 +1,238 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    FLOAT32: _ClassVar[DataType]
+    FLOAT64: _ClassVar[DataType]
+    FLOAT16: _ClassVar[DataType]
+    INT64: _ClassVar[DataType]
+    INT32: _ClassVar[DataType]
+    UINT8: _ClassVar[DataType]
+DATA_TYPE_UNSPECIFIED: DataType
+FLOAT32: DataType
+FLOAT64: DataType
+FLOAT16: DataType
+INT64: DataType
+INT32: DataType
+UINT8: DataType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class EncodedImages(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class Images(_message.Message):
+    __slots__ = ("tensor", "encoded")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    encoded: EncodedImages
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("images", "top_k", "return_logits")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    top_k: int
+    return_logits: bool
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+
+class ClassScore(_message.Message):
+    __slots__ = ("index", "label", "probability")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    label: str
+    probability: float
+    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("top",)
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    top: _containers.RepeatedCompositeFieldContainer[ClassScore]
+    def __init__(self, top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predictions", "logits")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    logits: Tensor
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TrainStepRequest(_message.Message):
+    __slots__ = ("images", "labels", "omit_gradient_summaries")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_GRADIENT_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    labels: Tensor
+    omit_gradient_summaries: bool
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., omit_gradient_summaries: _Optional[bool] = ...) -> None: ...
+
+class GradientSummary(_message.Message):
+    __slots__ = ("name", "shape", "l2_norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nonfinite_count", "param_norm", "update_ratio")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    L2_NORM_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PARAM_NORM_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    l2_norm: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    max_abs: float
+    zero_fraction: float
+    nonfinite_count: int
+    param_norm: float
+    update_ratio: float
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., l2_norm: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_abs: _Optional[float] = ..., zero_fraction: _Optional[float] = ..., nonfinite_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_ratio: _Optional[float] = ...) -> None: ...
+
+class QkvGradient(_message.Message):
+    __slots__ = ("name", "block", "heads", "dim_head", "q_norm", "k_norm", "v_norm", "q_head_norms", "k_head_norms", "v_head_norms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    DIM_HEAD_FIELD_NUMBER: _ClassVar[int]
+    Q_NORM_FIELD_NUMBER: _ClassVar[int]
+    K_NORM_FIELD_NUMBER: _ClassVar[int]
+    V_NORM_FIELD_NUMBER: _ClassVar[int]
+    Q_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    K_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    V_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    block: int
+    heads: int
+    dim_head: int
+    q_norm: float
+    k_norm: float
+    v_norm: float
+    q_head_norms: _containers.RepeatedScalarFieldContainer[float]
+    k_head_norms: _containers.RepeatedScalarFieldContainer[float]
+    v_head_norms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., heads: _Optional[int] = ..., dim_head: _Optional[int] = ..., q_norm: _Optional[float] = ..., k_norm: _Optional[float] = ..., v_norm: _Optional[float] = ..., q_head_norms: _Optional[_Iterable[float]] = ..., k_head_norms: _Optional[_Iterable[float]] = ..., v_head_norms: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TrainStepResponse(_message.Message):
+    __slots__ = ("loss", "step", "learning_rate", "grad_norm", "gradients", "attention", "step_seconds")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    step: int
+    learning_rate: float
+    grad_norm: float
+    gradients: _containers.RepeatedCompositeFieldContainer[GradientSummary]
+    attention: _containers.RepeatedCompositeFieldContainer[QkvGradient]
+    step_seconds: float
+    def __init__(self, loss: _Optional[float] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., gradients: _Optional[_Iterable[_Union[GradientSummary, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[QkvGradient, _Mapping]]] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Preprocessing(_message.Message):
+    __slots__ = ("height", "width", "channels", "mean", "std")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    channels: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ParameterInfo(_message.Message):
+    __slots__ = ("name", "shape", "trainable")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    trainable: bool
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., trainable: _Optional[bool] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type")
+    class ExportVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    OPSET_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_NODE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_OP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config_json: str
+    input_name: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    input_dtype: DataType
+    preprocessing: Preprocessing
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    parameters: _containers.RepeatedCompositeFieldContainer[ParameterInfo]
+    execution_providers: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    opset: int
+    optimizer: str
+    step: int
+    learning_rate: float
+    max_batch_size: int
+    export_versions: _containers.ScalarMap[str, str]
+    loss_node: str
+    loss_op_type: str
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,50 @@
+"""`python -m server`: start the vitserve gRPC server. Flags override VITSERVE_* variables, which override defaults."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from server.app import create_server
+from server.config import FIELD_DOCS, Settings
+from server.errors import ConfigError
+
+log = logging.getLogger("server")
+
+
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    defaults = Settings()
+    for name, doc in FIELD_DOCS.items():
+        default = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=None,
+                       help=f"{doc} (env VITSERVE_{name.upper()}; default {default})")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on SIGTERM")
+    return vars(p.parse_args(argv))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    grace = args.pop("grace")
+    try:
+        settings = Settings.from_env(**args)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        server, port = create_server(settings)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"vitserve listening on {settings.host}:{port}", flush=True)  # tests and scripts wait for this line
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down (grace %.1fs)", grace)
+    server.stop(grace).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Server assembly: `create_server(settings) -> (server, port)`, reused by __main__ and the tests."""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import vitserve_pb2, vitserve_pb2_grpc
+from server.config import Settings
+from server.dataplane import DataPlane
+from server.servicer import VitServeServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].full_name  # "vitserve.v1.VitServe"
+
+
+def create_server(settings: Settings, plane: DataPlane | None = None) -> tuple[grpc.Server, int]:
+    """Build and start a server on settings.host:settings.port (port 0 picks one); returns it and its port."""
+    plane = plane or DataPlane(settings)
+    limit = settings.max_message_mb * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="vitserve"),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    vitserve_pb2_grpc.add_VitServeServicer_to_server(VitServeServicer(plane), server)
+
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+
+    address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    log.info("serving %s on %s:%d", SERVICE_NAME, settings.host, port)
+    return server, port

@@ -1,0 +1,86 @@
+"""Server settings: defaults, overridden by VITSERVE_* environment variables, then by flags.
+
+Each field's docstring is its documentation (`python -m server --help` shows them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+from server.errors import ConfigError
+
+ENV_PREFIX = "VITSERVE_"
+
+
+@dataclass
+class Settings:
+    artifacts: Path = Path("artifacts/digits")
+    """Folder written by `make export` (manifest.json, inference.onnx, training artifacts)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback by default; 0.0.0.0 to listen on every interface."""
+
+    port: int = 50051
+    """TCP port; 0 picks a free one (tests use this)."""
+
+    device: str = "cpu"
+    """Execution device: 'cpu', 'cuda' or 'cuda:N'. CUDA that is not available is a startup error."""
+
+    learning_rate: float = 1e-3
+    """Initial learning rate of the optimizer."""
+
+    max_batch_size: int = 256
+    """Largest batch one Predict or TrainStep request may carry."""
+
+    max_message_mb: int = 64
+    """Largest gRPC message, in MiB, either way."""
+
+    workers: int = 8
+    """gRPC worker threads (concurrent calls being served)."""
+
+    intra_op_threads: int = 0
+    """ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime use every core."""
+
+    log_level: str = "INFO"
+    """Python logging level."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Defaults <- VITSERVE_<FIELD> variables <- keyword overrides (None means 'not given')."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.artifacts = Path(settings.artifacts)
+        return settings
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _read_field_docs() -> dict[str, str]:
+    """Attribute docstrings of Settings, read from this file's source (no exec, no eval)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Settings))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+FIELD_DOCS = _read_field_docs()

@@ -1,0 +1,37 @@
+"""One error hierarchy for the whole server.
+
+Engines and the data plane raise these (they never import grpc); the servicer's
+`grpc_errors` decorator maps each one to its gRPC status code, by name, in one place.
+"""
+
+
+class VitServeError(Exception):
+    """Base class. `code` is the name of a grpc.StatusCode member."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(VitServeError):
+    """The request cannot be used as sent (shape, dtype, bytes, labels, image...)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class FailedPrecondition(VitServeError):
+    """The request is well formed but the server's state does not allow it."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class NotFound(VitServeError):
+    code = "NOT_FOUND"
+
+
+class ResourceExhausted(VitServeError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class ConfigError(VitServeError):
+    """The server cannot start as configured (bad artifacts, unavailable device...)."""
+
+    code = "FAILED_PRECONDITION"

@@ -1,0 +1,90 @@
+"""Gradient summaries: per-parameter statistics and the q/k/v/head breakdown of fused projections.
+
+Pure numpy; the training engine hands in the gradients and the weights before and after a step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.manifest import QkvLayout
+
+
+@dataclass(frozen=True)
+class GradientSummary:
+    name: str
+    shape: tuple[int, ...]
+    l2_norm: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    max_abs: float
+    zero_fraction: float
+    nonfinite_count: int
+    param_norm: float
+    update_ratio: float
+
+
+@dataclass(frozen=True)
+class QkvGradient:
+    name: str
+    block: int
+    heads: int
+    dim_head: int
+    q_norm: float
+    k_norm: float
+    v_norm: float
+    q_head_norms: tuple[float, ...]
+    k_head_norms: tuple[float, ...]
+    v_head_norms: tuple[float, ...]
+
+
+def _l2(x: np.ndarray) -> float:
+    flat = x.reshape(-1).astype(np.float64, copy=False)
+    return float(np.sqrt(np.dot(flat, flat)))
+
+
+def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray) -> GradientSummary:
+    g = grad.astype(np.float64, copy=False).reshape(-1)
+    finite = np.isfinite(g)
+    nonfinite = int(g.size - np.count_nonzero(finite))
+    gf = g if nonfinite == 0 else g[finite]  # statistics of the finite part; the count says the rest
+    param_norm = _l2(before)
+    if gf.size:
+        stats = dict(mean=float(gf.mean()), std=float(gf.std()), min=float(gf.min()), max=float(gf.max()),
+                     max_abs=float(np.abs(gf).max()))
+    else:
+        stats = dict(mean=float("nan"), std=float("nan"), min=float("nan"), max=float("nan"), max_abs=float("nan"))
+    return GradientSummary(
+        name=name,
+        shape=tuple(grad.shape),
+        l2_norm=_l2(gf) if nonfinite == 0 else float("nan"),
+        zero_fraction=float(np.count_nonzero(g == 0.0) / g.size) if g.size else 0.0,
+        nonfinite_count=nonfinite,
+        param_norm=param_norm,
+        update_ratio=_l2(after.astype(np.float64) - before) / param_norm if param_norm > 0 else 0.0,
+        **stats,
+    )
+
+
+def qkv_breakdown(layout: QkvLayout, grad: np.ndarray) -> QkvGradient:
+    """Split a fused (3 * heads * dim_head, dim) projection gradient into q, k, v and heads.
+
+    Row order matches `to_qkv(x).chunk(3, dim=-1)` then 'b n (h d) -> b h n d':
+    rows are (qkv=3, h, d), so grad.reshape(3, heads, dim_head, -1) indexes [part, head].
+    """
+    parts = grad.astype(np.float64, copy=False).reshape(3, layout.heads, layout.dim_head, -1)
+    head_norms = np.sqrt(np.einsum("phdi,phdi->ph", parts, parts))  # (3, heads)
+    part_norms = np.sqrt((head_norms ** 2).sum(axis=1))  # (3,)
+    return QkvGradient(
+        name=layout.name, block=layout.block, heads=layout.heads, dim_head=layout.dim_head,
+        q_norm=float(part_norms[0]), k_norm=float(part_norms[1]), v_norm=float(part_norms[2]),
+        q_head_norms=tuple(map(float, head_norms[0])), k_head_norms=tuple(map(float, head_norms[1])),
+        v_head_norms=tuple(map(float, head_norms[2])),
+    )
+
+
+def global_norm(grads: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(_l2(g) ** 2 for g in grads.values())))
