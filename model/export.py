@@ -47,6 +47,23 @@ DEFAULT_OPSET = 16
 ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # torch.optim.AdamW's defaults
 
 
+class _TorchModeAdamWOptimizer(ort_optim.optim.AdamWOptimizer):
+    """ORT's AdamWOptimizer node in adam_mode 0 (torch.optim.AdamW), not onnxblock's default mode 1.
+
+    Mode 1 is Hugging Face's AdamW: eps is added before the bias correction and the decay
+    after the update, so step 1 moves a weight with |g| ~ 1e-6 by ~3% less than PyTorch.
+    """
+
+    def _build_optimizer_node(self, input_names, output_name, node_name, node_attributes):
+        return super()._build_optimizer_node(input_names, output_name, node_name, {**node_attributes, "adam_mode": 0})
+
+
+def torch_adamw(**hyper) -> ort_optim.AdamW:
+    block = ort_optim.AdamW(**hyper)
+    block._adamw = _TorchModeAdamWOptimizer(bias_correction=True, **hyper)
+    return block
+
+
 def load_class(spec: str):
     """'package.module:Class' -> the class.
 
@@ -179,7 +196,7 @@ def write_training_artifacts(model, example, folder: Path, opset: int, trainable
     missing = [n for n in trainable + frozen if n not in initializers]
     if missing:
         raise SystemExit(f"parameters missing from the exported graph (unused by forward?): {missing[:5]}")
-    block = ort_optim.AdamW(**ADAMW) if optimizer == "adamw" else ort_artifacts.OptimType.SGD
+    block = torch_adamw(**ADAMW) if optimizer == "adamw" else ort_artifacts.OptimType.SGD
     with native_stderr_captured():
         ort_artifacts.generate_artifacts(
             proto, requires_grad=trainable, frozen_params=frozen, loss=ort_artifacts.LossType.CrossEntropyLoss,

@@ -46,6 +46,13 @@ def _l2(x: np.ndarray) -> float:
     return float(np.sqrt(np.dot(flat, flat)))
 
 
+def update_ratio(before: np.ndarray, after: np.ndarray) -> float:
+    """||after - before|| / ||before||; a weight that moves away from all zeros has an infinite ratio."""
+    delta = _l2(after.astype(np.float64) - before)
+    norm = _l2(before)
+    return delta / norm if norm > 0 else (float("inf") if delta > 0 else 0.0)
+
+
 def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray) -> GradientSummary:
     g = grad.astype(np.float64, copy=False).reshape(-1)
     finite = np.isfinite(g)
@@ -64,7 +71,7 @@ def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray
         zero_fraction=float(np.count_nonzero(g == 0.0) / g.size) if g.size else 0.0,
         nonfinite_count=nonfinite,
         param_norm=param_norm,
-        update_ratio=_l2(after.astype(np.float64) - before) / param_norm if param_norm > 0 else 0.0,
+        update_ratio=update_ratio(before, after),
         **stats,
     )
 

@@ -1,0 +1,49 @@
+# vitserve: make serve (install + export + run), make test (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PRESET ?= digits
+OUT ?= artifacts
+ARTIFACTS ?= $(OUT)/$(PRESET)
+HOST ?= 127.0.0.1
+PORT ?= 50051
+DEVICE ?= cpu
+STAMP := $(VENV)/.installed
+
+.PHONY: install export serve test proto clean help
+
+help:
+	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
+	@echo "make test     install and run the test suite"
+	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
+	@echo "make proto    regenerate proto/vitserve_pb2*.py from proto/vitserve.proto"
+
+# The virtual environment, rebuilt when a requirements file changes.
+$(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/dev.txt
+	# vit-pytorch 0.40.2 is the PreNorm layout; its own requirement on torchvision is not
+	# needed for vit_pytorch.vit and PyPI's torchvision does not import beside torch 2.13.0.
+	$(BIN)/python -m pip install -q --no-deps vit-pytorch==0.40.2
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+$(ARTIFACTS)/manifest.json: $(STAMP) model/vit.py model/export.py model/verify.py
+	$(BIN)/python -m model.export --preset $(PRESET) --out $(OUT)
+
+export: $(ARTIFACTS)/manifest.json
+
+serve: export
+	$(BIN)/python -m server --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --device $(DEVICE)
+
+test: install
+	$(BIN)/python -m pytest
+
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/vitserve.proto
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,79 @@
+"""Shared fixtures: a small exported model (with its PyTorch twin) and real gRPC servers on 127.0.0.1."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from client.client import tensor_to_proto
+from model import export as exporter
+from model.vit import PRESETS, build
+from proto import vitserve_pb2 as pb
+from proto import vitserve_pb2_grpc
+from server.app import create_server
+from server.config import Settings
+from server.dataplane import DataPlane
+
+# 4 blocks (parity must hold beyond toy depth), small enough to export in about a second.
+CONFIG = replace(PRESETS["digits"], depth=4)
+LEARNING_RATE = 1e-3
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> tuple[Path, dict]:
+    """(artifact folder, the PyTorch state_dict it was exported from)."""
+    torch.manual_seed(0)
+    model = build(CONFIG)
+    state = copy.deepcopy(model.state_dict())
+    folder = exporter.export(
+        model=model, name="digits4", out=tmp_path_factory.mktemp("artifacts"), image_size=CONFIG.image_size,
+        channels=CONFIG.channels, mean=CONFIG.mean, std=CONFIG.std, class_names=[str(i) for i in range(10)],
+        source={"preset": "digits", "config": CONFIG.model_kwargs()}, freeze=[], optimizer="adamw", opset=16)
+    return folder, state
+
+
+@pytest.fixture
+def torch_model(exported) -> torch.nn.Module:
+    """A fresh PyTorch ViT holding the exported weights."""
+    model = build(CONFIG)
+    model.load_state_dict(exported[1])
+    return model
+
+
+@pytest.fixture
+def running(exported):
+    """A fresh server (fresh weights, step 0) per test."""
+    settings = Settings.from_env(environ={}, artifacts=exported[0], host="127.0.0.1", port=0,
+                                 learning_rate=LEARNING_RATE, max_batch_size=32)
+    plane = DataPlane(settings)
+    server, port = create_server(settings, plane)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield RunningServer(plane, vitserve_pb2_grpc.VitServeStub(channel), f"127.0.0.1:{port}")
+    channel.close()
+    server.stop(None)
+
+
+@dataclass
+class RunningServer:
+    plane: DataPlane  # the server's own data plane, to read its weights and step counter
+    stub: vitserve_pb2_grpc.VitServeStub  # over a real channel to 127.0.0.1
+    address: str
+
+
+def batch(n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((n, CONFIG.channels, CONFIG.image_size, CONFIG.image_size), dtype=np.float32)
+    return images, rng.integers(0, CONFIG.num_classes, size=n, dtype=np.int64)
+
+
+def tensor(array: np.ndarray) -> pb.Tensor:
+    return tensor_to_proto(array)
+
+
+def images_msg(array: np.ndarray) -> pb.Images:
+    return pb.Images(tensor=tensor_to_proto(array))
