@@ -1,0 +1,63 @@
+"""Gradient summaries and the q/k/v/head split, on arbitrary arrays (hypothesis) against plain numpy."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from server.gradients import global_norm, qkv_breakdown, summarize
+from server.manifest import QkvLayout
+
+finite = st.floats(-1e3, 1e3, width=32)
+anything = st.one_of(finite, st.sampled_from([0.0, np.nan, np.inf, -np.inf]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 6)), elements=anything),
+       arrays(np.float32, 1, elements=finite))
+def test_summary_statistics(grad, w):
+    before = np.full(grad.shape, w[0], np.float32)
+    after = before + 0.5
+    s = summarize("p", grad, before, after)
+    finite_part = grad[np.isfinite(grad)].astype(np.float64)
+    assert s.shape == grad.shape
+    assert s.nonfinite_count == int((~np.isfinite(grad)).sum())
+    assert s.zero_fraction == np.count_nonzero(grad == 0) / grad.size
+    if finite_part.size:
+        assert math.isclose(s.mean, finite_part.mean(), rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(s.max_abs, np.abs(finite_part).max()) and s.min == finite_part.min() and s.max == finite_part.max()
+        assert math.isclose(s.std, finite_part.std(), rel_tol=1e-9, abs_tol=1e-9)
+    if s.nonfinite_count == 0:
+        assert math.isclose(s.l2_norm, np.linalg.norm(finite_part), rel_tol=1e-9)
+    else:
+        assert math.isnan(s.l2_norm)  # a norm over NaN/Inf is not a number; the count says why
+    norm = float(np.linalg.norm(before.astype(np.float64)))
+    assert math.isclose(s.param_norm, norm)
+    delta = np.linalg.norm(after.astype(np.float64) - before.astype(np.float64))
+    if norm > 0:
+        assert math.isclose(s.update_ratio, delta / norm, rel_tol=1e-9)
+    else:
+        assert s.update_ratio == math.inf
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_qkv_split_matches_hand_slicing(heads, dim_head, dim, seed):
+    grad = np.random.default_rng(seed).standard_normal((3 * heads * dim_head, dim)).astype(np.float32)
+    q = qkv_breakdown(QkvLayout("blk.to_qkv.weight", 0, heads, dim_head), grad)
+    inner = heads * dim_head
+    for part, (norm, per_head) in enumerate([(q.q_norm, q.q_head_norms), (q.k_norm, q.k_head_norms),
+                                             (q.v_norm, q.v_head_norms)]):
+        rows = grad[part * inner:(part + 1) * inner].astype(np.float64)
+        assert math.isclose(norm, np.linalg.norm(rows), rel_tol=1e-9)
+        assert len(per_head) == heads
+        for h in range(heads):
+            assert math.isclose(per_head[h], np.linalg.norm(rows[h * dim_head:(h + 1) * dim_head]), rel_tol=1e-9)
+
+
+def test_global_norm_is_the_norm_of_everything():
+    grads = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float32)}
+    assert global_norm(grads) == 5.0
