@@ -1,0 +1,383 @@
+"""The command lines, as users run them: `python -m server` and `python -m client` as real processes on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 60.0  # seconds for a server to print its "listening" line
+STOP_TIMEOUT = 15.0  # seconds for a server to exit after SIGTERM
+CALL_TIMEOUT = 60.0  # seconds for one client process
+READY = "vitserve listening on "
+NUM_BLOCKS, NUM_HEADS, NUM_PARAMS = 4, 4, 52  # the conftest model: 4 blocks, 4 heads, 52 parameter tensors
+
+
+# ---------------------------------------------------------------- helpers
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any VITSERVE_* variable (so the caller's shell cannot leak in), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Server:
+    """A `python -m server` process that printed its listening line."""
+
+    def __init__(self, proc: subprocess.Popen, address: str, stderr_file) -> None:
+        self.proc = proc
+        self.address = address
+        self._stderr = stderr_file
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM; the server must exit with status 0 within STOP_TIMEOUT seconds."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"server did not exit within {STOP_TIMEOUT:g}s of SIGTERM; stderr:\n{self.stderr()}")
+            assert code == 0, f"server exited with {code} after SIGTERM; stderr:\n{self.stderr()}"
+        finally:
+            self._stderr.close()
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
+    """Start `python -m server ARGS` and wait (up to START_TIMEOUT) for "vitserve listening on HOST:PORT"."""
+    stderr_file = tempfile.TemporaryFile()  # a file, not a pipe: the server's logs can never block it
+    proc = subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO, env=env or clean_env(),
+                            stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:  # stdout lines -> queue; None at EOF (the process died or closed stdout)
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    server = Server(proc, "", stderr_file)
+    deadline = time.monotonic() + START_TIMEOUT
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"server printed no '{READY}' line within {START_TIMEOUT:g}s; stdout: {seen}; "
+                        f"stderr:\n{server.stderr()}")
+        if line is None:
+            code = proc.wait()
+            pytest.fail(f"server exited with {code} before listening; stdout: {seen}; stderr:\n{server.stderr()}")
+        seen.append(line)
+        if line.startswith(READY):
+            server.address = line[len(READY):].strip()
+            return server
+
+
+def run_client(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m client ARGS` to completion (output captured as text)."""
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, env=env or clean_env(),
+                          capture_output=True, text=True, timeout=CALL_TIMEOUT)
+
+
+def run_server_to_exit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m server ARGS` for a configuration that must not start: it has to exit on its own."""
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, env=env or clean_env(),
+                          capture_output=True, text=True, timeout=START_TIMEOUT)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert a client run exited 0 (showing its output otherwise) and return it."""
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
+    """The process exited with `code` and wrote exactly one `error: ...` line to stderr (no traceback); returns it."""
+    assert result.returncode == code, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{result.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+def write_png(path: Path, seed: int) -> Path:
+    """An 8x8 grayscale PNG with random pixels."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(8, 8), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+    with Image.open(path) as check:
+        assert (check.mode, check.size) == ("L", (8, 8))
+    return path
+
+
+def write_npz(path: Path, n: int = 8, seed: int = 0, labels: np.ndarray | None = None) -> Path:
+    """An .npz with `images` float32 [n, 1, 8, 8] and `labels` int64 [n]."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((n, 1, 8, 8), dtype=np.float32)
+    if labels is None:
+        labels = rng.integers(0, 10, size=n, dtype=np.int64)
+    np.savez(path, images=images, labels=np.asarray(labels, dtype=np.int64))
+    return path
+
+
+# ---------------------------------------------------------------- the server under test
+
+@pytest.fixture(scope="module")
+def address(exported) -> str:
+    """HOST:PORT of one `python -m server` process shared by this module's client tests."""
+    server = start_server("--artifacts", str(exported[0]), "--host", "127.0.0.1", "--port", "0")
+    host, _, port = server.address.rpartition(":")
+    assert host == "127.0.0.1" and port.isdigit() and int(port) > 0, server.address
+    yield server.address
+    server.stop()
+
+
+# ---------------------------------------------------------------- info
+
+def test_info_text(address):
+    out = ok(run_client("--address", address, "info")).stdout
+    assert "digits4" in out
+    assert "CPUExecutionProvider" in out
+    assert "SoftmaxCrossEntropyLoss" in out
+
+
+def test_info_json(address):
+    info = json.loads(ok(run_client("--address", address, "--json", "info")).stdout)
+    assert info["name"] == "digits4"
+    assert info["input_shape"] == [-1, 1, 8, 8]
+    assert info["execution_providers"] == ["CPUExecutionProvider"]
+    assert info["class_names"] == [str(i) for i in range(10)]
+    assert len(info["parameters"]) == NUM_PARAMS
+    assert info["max_batch_size"] == 256  # the default (test_env_settings shows VITSERVE_MAX_BATCH_SIZE changing it)
+
+
+# ---------------------------------------------------------------- predict
+
+def test_predict_text_names_both_files(address, tmp_path):
+    a, b = write_png(tmp_path / "first.png", 1), write_png(tmp_path / "second.png", 2)
+    out = ok(run_client("--address", address, "predict", str(a), str(b))).stdout
+    assert str(a) in out and str(b) in out
+    assert "%" in out  # the probabilities are printed
+
+
+def test_predict_json(address, tmp_path):
+    a, b = write_png(tmp_path / "first.png", 1), write_png(tmp_path / "second.png", 2)
+    result = json.loads(ok(run_client("--address", address, "--json", "predict", str(a), str(b))).stdout)
+    predictions = result["predictions"]
+    assert len(predictions) == 2
+    for top in predictions:
+        assert len(top) == 5
+        indices = [index for index, _, _ in top]
+        probs = [prob for _, _, prob in top]
+        assert len(set(indices)) == 5 and all(0 <= i < 10 for i in indices), top
+        assert all(label == str(index) for index, label, _ in top), top
+        assert all(0 < p <= 1 for p in probs), probs
+        assert probs == sorted(probs, reverse=True), probs
+        assert sum(probs) <= 1 + 1e-6, probs
+    assert result["logits"] is None  # not asked for
+
+
+# ---------------------------------------------------------------- train-step
+
+def test_train_step_npz_json_repeat(address, tmp_path, exported):
+    npz = write_npz(tmp_path / "batch.npz")
+    steps = json.loads(ok(run_client("--address", address, "--json", "train-step", "--npz", str(npz),
+                                     "--repeat", "2")).stdout)
+    assert isinstance(steps, list) and len(steps) == 2
+    assert steps[0]["step"] >= 1
+    assert steps[1]["step"] == steps[0]["step"] + 1
+    expected_names = sorted(exported[1])  # the PyTorch state_dict the artifacts came from
+    assert len(expected_names) == NUM_PARAMS
+    for s in steps:
+        assert math.isfinite(s["loss"]) and s["loss"] > 0, s["loss"]
+        assert math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0, s["grad_norm"]
+        assert sorted(g["name"] for g in s["gradients"]) == expected_names
+        assert len(s["attention"]) == NUM_BLOCKS
+        assert [a["block"] for a in s["attention"]] == list(range(NUM_BLOCKS))
+        for a in s["attention"]:
+            assert a["heads"] == NUM_HEADS
+            for part in ("q_head_norms", "k_head_norms", "v_head_norms"):
+                assert len(a[part]) == NUM_HEADS, (part, a)
+
+
+def test_train_step_npz_text(address, tmp_path):
+    npz = write_npz(tmp_path / "batch.npz", seed=1)
+    out = ok(run_client("--address", address, "train-step", "--npz", str(npz))).stdout
+    assert "loss" in out
+    assert "block 0" in out
+    assert f"block {NUM_BLOCKS - 1}" in out
+
+
+def test_train_step_image_files(address, tmp_path):
+    a, b = write_png(tmp_path / "a.png", 3), write_png(tmp_path / "b.png", 4)
+    out = ok(run_client("--address", address, "train-step", "--images", str(a), str(b), "--labels", "3", "7")).stdout
+    assert "loss" in out
+
+
+# ---------------------------------------------------------------- errors
+
+def test_label_out_of_range_is_one_error_line(address, tmp_path):
+    npz = write_npz(tmp_path / "bad.npz", n=4, labels=np.array([1, 12, 3, 4]))
+    line = assert_one_error_line(run_client("--address", address, "train-step", "--npz", str(npz)), code=1)
+    assert line.startswith("error: INVALID_ARGUMENT"), line
+    assert "labels: must be in [0, 10), got 12" in line, line
+
+
+def test_unreachable_server(tmp_path):
+    result = run_client("--address", "127.0.0.1:1", "--timeout", "2", "info")
+    line = assert_one_error_line(result, code=1)
+    assert "127.0.0.1:1" in line, line
+
+
+def test_address_from_environment(address):
+    info = json.loads(ok(run_client("--json", "info", env=clean_env(VITSERVE_ADDRESS=address))).stdout)
+    assert info["name"] == "digits4"
+    # ... and it is that variable that chose the server: pointed elsewhere, the same command fails there.
+    result = run_client("--timeout", "2", "info", env=clean_env(VITSERVE_ADDRESS="127.0.0.1:1"))
+    assert "127.0.0.1:1" in assert_one_error_line(result, code=1)
+
+
+# ---------------------------------------------------------------- server start-up
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="this ONNX Runtime has CUDA, so --device cuda is not a configuration error here")
+def test_server_cuda_without_cuda_build(exported):
+    result = run_server_to_exit("--artifacts", str(exported[0]), "--port", "0", "--device", "cuda")
+    line = assert_one_error_line(result, code=2)
+    assert "CUDA" in line and "--device cpu" in line, line
+    assert READY not in result.stdout
+
+
+def test_server_unknown_device(exported):
+    result = run_server_to_exit("--artifacts", str(exported[0]), "--port", "0", "--device", "tpu")
+    line = assert_one_error_line(result, code=2)
+    assert "tpu" in line, line
+    assert READY not in result.stdout
+
+
+def test_server_missing_artifacts(tmp_path):
+    missing = tmp_path / "no-such-export"
+    result = run_server_to_exit("--artifacts", str(missing), "--port", "0")
+    line = assert_one_error_line(result, code=2)
+    assert "make export" in line, line
+    assert str(missing) in line, line
+    assert READY not in result.stdout
+
+
+def test_env_settings(exported, tmp_path):
+    server = start_server("--artifacts", str(exported[0]), "--host", "127.0.0.1",
+                          env=clean_env(VITSERVE_MAX_BATCH_SIZE="3", VITSERVE_PORT="0"))
+    try:
+        assert int(server.address.rpartition(":")[2]) != 50051  # VITSERVE_PORT=0 picked a free port
+        info = json.loads(ok(run_client("--address", server.address, "--json", "info")).stdout)
+        assert info["max_batch_size"] == 3
+
+        pngs = [str(write_png(tmp_path / f"{i}.png", i)) for i in range(4)]
+        ok(run_client("--address", server.address, "predict", *pngs[:3]))  # at the limit: accepted
+        for result in (run_client("--address", server.address, "predict", *pngs),
+                       run_client("--address", server.address, "train-step",
+                                  "--npz", str(write_npz(tmp_path / "four.npz", n=4)))):
+            line = assert_one_error_line(result, code=1)
+            assert line.startswith("error: INVALID_ARGUMENT"), line
+            assert "over the maximum of 3" in line, line
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- no torch on the serving path
+
+# Imports the serving path (server and client), builds a DataPlane on the exported artifacts and serves one
+# Predict and one TrainStep through it. With HIDE_TORCH=1, torch is made unimportable first, as it is in an
+# environment installed from requirements/serve.txt alone. Every attempt to import torch is recorded with the
+# file that asked for it; the script prints a JSON report.
+SERVING_PATH = """
+import json, os, sys, traceback
+from pathlib import Path
+
+import numpy as np
+
+attempts = []  # (module asked for, file that asked, stack)
+
+class TorchSpy:
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch" and not name.startswith("torch."):
+            return None
+        stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith("<frozen")]
+        asker = stack[-1].filename if stack else "?"
+        if stack and stack[-1].filename.endswith(os.sep + "importlib" + os.sep + "util.py"):
+            asker = stack[-2].filename  # importlib.util.find_spec("torch"): the caller is one frame up
+        attempts.append((name, asker, "".join(traceback.format_list(stack))))
+        if os.environ.get("HIDE_TORCH") == "1":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, TorchSpy())
+from server.dataplane import DataPlane
+from server.config import Settings
+import server.__main__, server.app, client, client.__main__
+
+plane = DataPlane(Settings(artifacts=Path(sys.argv[1])))
+images = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
+plane.predict(images)
+loss = plane.train_step(images, np.array([3, 7], dtype=np.int64)).loss
+print(json.dumps({"loss": float(loss), "attempts": attempts,
+                  "torch_modules": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}))
+"""
+
+
+def run_serving_path(exported, hide_torch: bool) -> dict:
+    result = subprocess.run([sys.executable, "-c", SERVING_PATH, str(exported[0])], cwd=REPO,
+                            env=clean_env(HIDE_TORCH="1" if hide_torch else "0"),
+                            capture_output=True, text=True, timeout=CALL_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert math.isfinite(report["loss"]) and report["loss"] > 0, report["loss"]
+    return report
+
+
+def is_project_file(filename: str) -> bool:
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(REPO / package) for package in ("server", "client", "proto"))
+
+
+def test_serving_path_needs_no_torch(exported):
+    """With torch absent (a requirements/serve.txt install), the server and client import, load and train,
+    and no server/client/proto module ever asks for torch (only ONNX Runtime's own optional probes do)."""
+    report = run_serving_path(exported, hide_torch=True)
+    from_project = [(name, asker, stack) for name, asker, stack in report["attempts"] if is_project_file(asker)]
+    assert not from_project, "project code imports torch:\n" + "\n".join(
+        f"{name} asked for by {asker}:\n{stack}" for name, asker, stack in from_project)
+    assert report["torch_modules"] == []
+
+
+def test_serving_path_does_not_import_torch(exported):
+    """In this venv, where torch IS installed (for the export), the serving path still never loads it
+    (`import onnxruntime` of the training build would, through its ORTModule probe, unless the server stops it)."""
+    report = run_serving_path(exported, hide_torch=False)
+    first = next((f"{name} asked for by {asker}:\n{stack}" for name, asker, stack in report["attempts"]), "")
+    assert "torch" not in report["torch_modules"], f"torch was imported; first request: {first}"
