@@ -14,7 +14,7 @@ from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from server import codec
 from server.dataplane import DataPlane
-from server.errors import VitServeError
+from server.errors import InvalidArgument, VitServeError
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,11 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
 
     def _images(self, images: pb.Images):
         source = images.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument("images: none given (set images.tensor or images.encoded)")
         if source == "encoded":
             return self.plane.images_from_files(list(images.encoded.images))
-        t = images.tensor  # unset -> empty tensor, rejected with a message by the data plane
+        t = images.tensor
         return self.plane.images_from_tensor(dtype_name(t), list(t.shape), t.data)
 
     @grpc_errors
@@ -71,6 +73,8 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
     @grpc_errors
     def TrainStep(self, request: pb.TrainStepRequest, context) -> pb.TrainStepResponse:
         images = self._images(request.images)
+        if not request.HasField("labels"):
+            raise InvalidArgument("labels: none given (an INT64 tensor [batch])")
         t = request.labels
         labels = self.plane.labels_from_tensor(dtype_name(t), list(t.shape), t.data, batch=len(images))
         r = self.plane.train_step(images, labels, summaries=not request.omit_gradient_summaries)

@@ -133,3 +133,13 @@ def test_check_detects_weights_that_differ_from_the_artifacts(exported, torch_mo
     verify.check_inference(Manifest.load(exported[0]), torch_model, report)
     assert any("inference logits differ" in f for f in report.failures)
     assert any("gradient of transformer.layers.1.0.fn.to_qkv.weight" in f for f in report.failures)
+
+
+def test_cli_export_loads_weights(tmp_path, capsys):
+    torch.manual_seed(123)
+    trained = build(PRESETS["digits"])
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    assert exporter.main(["--preset", "digits", "--out", str(tmp_path), "--weights", str(tmp_path / "weights.pt")]) == 0
+    params = TrainingEngine(Manifest.load(tmp_path / "digits"), "cpu", session_options(), 1e-3).parameters()
+    for name, value in trained.state_dict().items():
+        np.testing.assert_array_equal(params[name], value.numpy(), err_msg=name)
