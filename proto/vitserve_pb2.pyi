@@ -75,22 +75,26 @@ class Prediction(_message.Message):
     def __init__(self, top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("predictions", "logits")
+    __slots__ = ("predictions", "logits", "model_version")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     logits: Tensor
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("images", "labels", "omit_gradient_summaries")
+    __slots__ = ("images", "labels", "omit_gradient_summaries", "accumulate_only")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     OMIT_GRADIENT_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     images: Images
     labels: Tensor
     omit_gradient_summaries: bool
-    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., omit_gradient_summaries: _Optional[bool] = ...) -> None: ...
+    accumulate_only: bool
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., omit_gradient_summaries: _Optional[bool] = ..., accumulate_only: _Optional[bool] = ...) -> None: ...
 
 class GradientSummary(_message.Message):
     __slots__ = ("name", "shape", "l2_norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nonfinite_count", "param_norm", "update_ratio")
@@ -145,7 +149,7 @@ class QkvGradient(_message.Message):
     def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., heads: _Optional[int] = ..., dim_head: _Optional[int] = ..., q_norm: _Optional[float] = ..., k_norm: _Optional[float] = ..., v_norm: _Optional[float] = ..., q_head_norms: _Optional[_Iterable[float]] = ..., k_head_norms: _Optional[_Iterable[float]] = ..., v_head_norms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
-    __slots__ = ("loss", "step", "learning_rate", "grad_norm", "gradients", "attention", "step_seconds")
+    __slots__ = ("loss", "step", "learning_rate", "grad_norm", "gradients", "attention", "step_seconds", "applied", "skipped_reason", "accumulated_batches", "clip_coefficient")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +157,10 @@ class TrainStepResponse(_message.Message):
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_REASON_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
     loss: float
     step: int
     learning_rate: float
@@ -160,7 +168,195 @@ class TrainStepResponse(_message.Message):
     gradients: _containers.RepeatedCompositeFieldContainer[GradientSummary]
     attention: _containers.RepeatedCompositeFieldContainer[QkvGradient]
     step_seconds: float
-    def __init__(self, loss: _Optional[float] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., gradients: _Optional[_Iterable[_Union[GradientSummary, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[QkvGradient, _Mapping]]] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    applied: bool
+    skipped_reason: str
+    accumulated_batches: int
+    clip_coefficient: float
+    def __init__(self, loss: _Optional[float] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., gradients: _Optional[_Iterable[_Union[GradientSummary, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[QkvGradient, _Mapping]]] = ..., step_seconds: _Optional[float] = ..., applied: _Optional[bool] = ..., skipped_reason: _Optional[str] = ..., accumulated_batches: _Optional[int] = ..., clip_coefficient: _Optional[float] = ...) -> None: ...
+
+class EvalStepRequest(_message.Message):
+    __slots__ = ("images", "labels")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    labels: Tensor
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EvalStepResponse(_message.Message):
+    __slots__ = ("loss", "accuracy", "correct", "count", "step")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    accuracy: float
+    correct: int
+    count: int
+    step: int
+    def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., correct: _Optional[int] = ..., count: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class LinearSchedule(_message.Message):
+    __slots__ = ("peak_lr", "warmup_steps", "decay_steps", "end_lr")
+    PEAK_LR_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECAY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    END_LR_FIELD_NUMBER: _ClassVar[int]
+    peak_lr: float
+    warmup_steps: int
+    decay_steps: int
+    end_lr: float
+    def __init__(self, peak_lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., decay_steps: _Optional[int] = ..., end_lr: _Optional[float] = ...) -> None: ...
+
+class GetOptimizerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetOptimizerRequest(_message.Message):
+    __slots__ = ("learning_rate", "schedule", "clip_grad_norm")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    schedule: LinearSchedule
+    clip_grad_norm: float
+    def __init__(self, learning_rate: _Optional[float] = ..., schedule: _Optional[_Union[LinearSchedule, _Mapping]] = ..., clip_grad_norm: _Optional[float] = ...) -> None: ...
+
+class OptimizerState(_message.Message):
+    __slots__ = ("optimizer", "learning_rate", "schedule", "schedule_position", "clip_grad_norm", "step", "accumulated_batches")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    CLIP_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    learning_rate: float
+    schedule: LinearSchedule
+    schedule_position: int
+    clip_grad_norm: float
+    step: int
+    accumulated_batches: int
+    def __init__(self, optimizer: _Optional[str] = ..., learning_rate: _Optional[float] = ..., schedule: _Optional[_Union[LinearSchedule, _Mapping]] = ..., schedule_position: _Optional[int] = ..., clip_grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., accumulated_batches: _Optional[int] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("name", "step", "created_unix", "size_bytes", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    step: int
+    created_unix: float
+    size_bytes: int
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., created_unix: _Optional[float] = ..., size_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints", "latest")
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
+    latest: str
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., latest: _Optional[str] = ...) -> None: ...
+
+class RestoreCheckpointRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "step", "created_unix")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    step: int
+    created_unix: float
+    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., created_unix: _Optional[float] = ...) -> None: ...
+
+class ExplainGradientsRequest(_message.Message):
+    __slots__ = ("parameter",)
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    parameter: str
+    def __init__(self, parameter: _Optional[str] = ...) -> None: ...
+
+class GraphNode(_message.Message):
+    __slots__ = ("name", "op_type", "inputs", "outputs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    op_type: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class QkvPartGradient(_message.Message):
+    __slots__ = ("part", "tensor", "gradient_tensor", "gradient_node")
+    PART_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_NODE_FIELD_NUMBER: _ClassVar[int]
+    part: str
+    tensor: str
+    gradient_tensor: str
+    gradient_node: GraphNode
+    def __init__(self, part: _Optional[str] = ..., tensor: _Optional[str] = ..., gradient_tensor: _Optional[str] = ..., gradient_node: _Optional[_Union[GraphNode, _Mapping]] = ...) -> None: ...
+
+class ParameterGradientPath(_message.Message):
+    __slots__ = ("name", "shape", "block", "sublayer", "gradient_tensor", "gradient_node", "ops_from_loss", "path", "qkv_parts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SUBLAYER_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_NODE_FIELD_NUMBER: _ClassVar[int]
+    OPS_FROM_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    QKV_PARTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    block: int
+    sublayer: str
+    gradient_tensor: str
+    gradient_node: GraphNode
+    ops_from_loss: int
+    path: _containers.RepeatedCompositeFieldContainer[GraphNode]
+    qkv_parts: _containers.RepeatedCompositeFieldContainer[QkvPartGradient]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., block: _Optional[int] = ..., sublayer: _Optional[str] = ..., gradient_tensor: _Optional[str] = ..., gradient_node: _Optional[_Union[GraphNode, _Mapping]] = ..., ops_from_loss: _Optional[int] = ..., path: _Optional[_Iterable[_Union[GraphNode, _Mapping]]] = ..., qkv_parts: _Optional[_Iterable[_Union[QkvPartGradient, _Mapping]]] = ...) -> None: ...
+
+class ExplainGradientsResponse(_message.Message):
+    __slots__ = ("loss", "loss_gradient", "parameters", "forward_nodes", "backward_nodes")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_NODES_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_NODES_FIELD_NUMBER: _ClassVar[int]
+    loss: GraphNode
+    loss_gradient: GraphNode
+    parameters: _containers.RepeatedCompositeFieldContainer[ParameterGradientPath]
+    forward_nodes: int
+    backward_nodes: int
+    def __init__(self, loss: _Optional[_Union[GraphNode, _Mapping]] = ..., loss_gradient: _Optional[_Union[GraphNode, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[ParameterGradientPath, _Mapping]]] = ..., forward_nodes: _Optional[int] = ..., backward_nodes: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -191,7 +387,7 @@ class ParameterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., trainable: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type")
+    __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type", "model_version", "versions", "checkpoint_every_steps", "checkpoint_every_seconds", "publish_every_steps")
     class ExportVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +413,11 @@ class ModelInfo(_message.Message):
     EXPORT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LOSS_NODE_FIELD_NUMBER: _ClassVar[int]
     LOSS_OP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_json: str
     input_name: str
@@ -235,4 +436,9 @@ class ModelInfo(_message.Message):
     export_versions: _containers.ScalarMap[str, str]
     loss_node: str
     loss_op_type: str
-    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ...) -> None: ...
+    model_version: int
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    checkpoint_every_steps: int
+    checkpoint_every_seconds: float
+    publish_every_steps: int
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ..., model_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_every_seconds: _Optional[float] = ..., publish_every_steps: _Optional[int] = ...) -> None: ...

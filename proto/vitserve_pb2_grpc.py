@@ -49,6 +49,46 @@ class VitServeStub:
                 request_serializer=proto_dot_vitserve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=proto_dot_vitserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.EvalStep = channel.unary_unary(
+                '/vitserve.v1.VitServe/EvalStep',
+                request_serializer=proto_dot_vitserve__pb2.EvalStepRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.EvalStepResponse.FromString,
+                _registered_method=True)
+        self.GetOptimizer = channel.unary_unary(
+                '/vitserve.v1.VitServe/GetOptimizer',
+                request_serializer=proto_dot_vitserve__pb2.GetOptimizerRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.OptimizerState.FromString,
+                _registered_method=True)
+        self.SetOptimizer = channel.unary_unary(
+                '/vitserve.v1.VitServe/SetOptimizer',
+                request_serializer=proto_dot_vitserve__pb2.SetOptimizerRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.OptimizerState.FromString,
+                _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/vitserve.v1.VitServe/SaveCheckpoint',
+                request_serializer=proto_dot_vitserve__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/vitserve.v1.VitServe/ListCheckpoints',
+                request_serializer=proto_dot_vitserve__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/vitserve.v1.VitServe/RestoreCheckpoint',
+                request_serializer=proto_dot_vitserve__pb2.RestoreCheckpointRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/vitserve.v1.VitServe/Publish',
+                request_serializer=proto_dot_vitserve__pb2.PublishRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.ExplainGradients = channel.unary_unary(
+                '/vitserve.v1.VitServe/ExplainGradients',
+                request_serializer=proto_dot_vitserve__pb2.ExplainGradientsRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.ExplainGradientsResponse.FromString,
+                _registered_method=True)
 
 
 class VitServeServicer:
@@ -80,6 +120,68 @@ class VitServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvalStep(self, request, context):
+        """Loss and accuracy of the current training weights on a labelled batch.
+        Changes nothing: no gradient, no update, no step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOptimizer(self, request, context):
+        """The optimizer's current learning rate, schedule and clipping.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOptimizer(self, request, context):
+        """Set a constant learning rate, or a linear warmup/decay schedule, and/or
+        clipping by global gradient norm. Applies from the next TrainStep on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveCheckpoint(self, request, context):
+        """Write a checkpoint (weights, optimizer state, step, schedule) under the
+        server's data directory, atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """The complete checkpoints in the data directory, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Replace the training state (weights, optimizer state, step, schedule) with
+        a saved checkpoint's. NOT_FOUND for an unknown name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Publish(self, request, context):
+        """Export the current training weights as a new inference model version and
+        switch Predict to it atomically (in-flight Predict calls finish on the old one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainGradients(self, request, context):
+        """Where the loss is computed in the training graph and, for every trainable
+        parameter, which node computes its gradient and how far it is from the loss.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VitServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +199,46 @@ def add_VitServeServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=proto_dot_vitserve__pb2.GetModelInfoRequest.FromString,
                     response_serializer=proto_dot_vitserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'EvalStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvalStep,
+                    request_deserializer=proto_dot_vitserve__pb2.EvalStepRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.EvalStepResponse.SerializeToString,
+            ),
+            'GetOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOptimizer,
+                    request_deserializer=proto_dot_vitserve__pb2.GetOptimizerRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.OptimizerState.SerializeToString,
+            ),
+            'SetOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOptimizer,
+                    request_deserializer=proto_dot_vitserve__pb2.SetOptimizerRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.OptimizerState.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=proto_dot_vitserve__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=proto_dot_vitserve__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=proto_dot_vitserve__pb2.RestoreCheckpointRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=proto_dot_vitserve__pb2.PublishRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.ModelVersion.SerializeToString,
+            ),
+            'ExplainGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainGradients,
+                    request_deserializer=proto_dot_vitserve__pb2.ExplainGradientsRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.ExplainGradientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +322,222 @@ class VitServe:
             '/vitserve.v1.VitServe/GetModelInfo',
             proto_dot_vitserve__pb2.GetModelInfoRequest.SerializeToString,
             proto_dot_vitserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvalStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/EvalStep',
+            proto_dot_vitserve__pb2.EvalStepRequest.SerializeToString,
+            proto_dot_vitserve__pb2.EvalStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/GetOptimizer',
+            proto_dot_vitserve__pb2.GetOptimizerRequest.SerializeToString,
+            proto_dot_vitserve__pb2.OptimizerState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/SetOptimizer',
+            proto_dot_vitserve__pb2.SetOptimizerRequest.SerializeToString,
+            proto_dot_vitserve__pb2.OptimizerState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/SaveCheckpoint',
+            proto_dot_vitserve__pb2.SaveCheckpointRequest.SerializeToString,
+            proto_dot_vitserve__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/ListCheckpoints',
+            proto_dot_vitserve__pb2.ListCheckpointsRequest.SerializeToString,
+            proto_dot_vitserve__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/RestoreCheckpoint',
+            proto_dot_vitserve__pb2.RestoreCheckpointRequest.SerializeToString,
+            proto_dot_vitserve__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/Publish',
+            proto_dot_vitserve__pb2.PublishRequest.SerializeToString,
+            proto_dot_vitserve__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/ExplainGradients',
+            proto_dot_vitserve__pb2.ExplainGradientsRequest.SerializeToString,
+            proto_dot_vitserve__pb2.ExplainGradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ import threading
 
 from server.app import create_server
 from server.config import FIELD_DOCS, Settings
+from server.dataplane import DataPlane
 from server.errors import ConfigError
 
 log = logging.getLogger("server")
@@ -31,7 +32,8 @@ def main(argv=None) -> int:
     try:
         settings = Settings.from_env(**args)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-        server, port = create_server(settings)
+        plane = DataPlane(settings)
+        server, port = create_server(settings, plane)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,7 +44,9 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("shutting down (grace %.1fs)", grace)
-    server.stop(grace).wait()
+    server.stop(grace).wait()  # no new calls; in-flight ones finish or are cancelled after `grace`
+    final = plane.close()  # then the final checkpoint, so no acknowledged step is lost
+    log.info("final checkpoint %s", final.name if final else "not needed (nothing changed)")
     return 0
 
 

@@ -29,6 +29,21 @@ class Settings:
     device: str = "cpu"
     """Execution device: 'cpu', 'cuda' or 'cuda:N'. CUDA that is not available is a startup error."""
 
+    data_dir: Path = Path("data")
+    """Where checkpoints and published model versions live (one subfolder per model). A restart resumes from it."""
+
+    checkpoint_every_steps: int = 0
+    """Write an automatic checkpoint every N applied train steps (0: off)."""
+
+    checkpoint_every_seconds: float = 0.0
+    """Write an automatic checkpoint every T seconds when training moved on (0: off)."""
+
+    keep_checkpoints: int = 5
+    """Automatic (and shutdown) checkpoints to keep; manual ones are never deleted."""
+
+    publish_every_steps: int = 0
+    """Publish the training weights to Predict every N applied train steps (0: off)."""
+
     learning_rate: float = 1e-3
     """Initial learning rate of the optimizer."""
 

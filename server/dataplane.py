@@ -1,24 +1,30 @@
 """The data plane: everything the server does, with no gRPC in sight.
 
-Holds the manifest and the two engines, validates batches against the model
-(shape, dtype, finiteness, labels, batch limits) before anything runs, and
-answers in plain Python/numpy. A rejected request raises before it touches any
-state, so weights and the step counter stay exactly as they were.
+Holds the manifest, the engines and the data directory; validates batches
+against the model (shape, dtype, finiteness, labels, batch limits) before
+anything runs, and answers in plain Python/numpy. A rejected request raises
+before it touches any state, so weights and the step counter stay exactly as
+they were. It also owns the lifecycle around the engines: resuming from the
+latest checkpoint, automatic and final checkpoints, publishing versions.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from server import codec
 from server.config import Settings
-from server.errors import InvalidArgument
+from server.errors import ConfigError, InvalidArgument
 from server.inference import InferenceEngine, top_k
-from server.manifest import INFERENCE_MODEL, Manifest
+from server.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest
 from server.runtime import providers_for, session_options
-from server.training import StepResult, TrainingEngine
+from server.schedule import LinearSchedule
+from server.store import CheckpointInfo, CheckpointStore, ModelVersion, VersionStore, checkpoint_name
+from server.training import EvalResult, OptimizerSettings, StepResult, TrainingEngine
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
@@ -30,19 +36,54 @@ class Prediction:
     probabilities: np.ndarray  # (b, k)
     labels: list[list[str]]  # (b, k) class names
     logits: np.ndarray | None  # (b, classes) when asked for
+    model_version: int
 
 
 class DataPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.manifest = Manifest.load(settings.artifacts)
-        providers = providers_for(settings.device)
-        options = session_options(settings.intra_op_threads)
-        self.inference = InferenceEngine(self.manifest.path(INFERENCE_MODEL), self.manifest.input_name,
-                                         self.manifest.output_name, providers, options)
-        self.training = TrainingEngine(self.manifest, settings.device, options, settings.learning_rate)
-        log.info("loaded %s from %s on %s (%s)", self.manifest.name, settings.artifacts, settings.device,
-                 ", ".join(self.inference.providers))
+        self.manifest = m = Manifest.load(settings.artifacts)
+        self._providers = providers_for(settings.device)
+        self._options = session_options(settings.intra_op_threads)
+        folder = settings.data_dir / m.name
+        self.checkpoints = CheckpointStore(folder / "checkpoints", m.raw["files"][TRAINING_MODEL],
+                                           settings.keep_checkpoints)
+        self.versions = VersionStore(folder / "models")
+
+        latest = self.checkpoints.latest()
+        try:
+            resume = self.checkpoints.path(latest.name) if latest else None
+        except InvalidArgument as e:
+            raise ConfigError(f"{e}: use another --data-dir for these artifacts") from None
+        self.training = TrainingEngine(m, settings.device, self._options, settings.learning_rate, checkpoint=resume)
+        if latest:
+            log.info("resumed from checkpoint %s (step %d)", latest.name, latest.step)
+
+        published = self.versions.versions()
+        version = published[-1].version if published else 0
+        self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
+        log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
+                 ", ".join(self.inference.providers), version)
+
+        self._checkpoint_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._explainer = None  # built on first use: reading the training graph costs a moment
+        self._dirty = False  # training state changed since the last checkpoint
+        self._last_checkpoint = time.monotonic()
+        self._stop = threading.Event()
+        self._autosave = None
+        if settings.checkpoint_every_seconds > 0:
+            self._autosave = threading.Thread(target=self._autosave_loop, name="vitserve-autosave", daemon=True)
+            self._autosave.start()
+
+    def _inference_engine(self, version: int) -> InferenceEngine:
+        path = self.versions.model_path(version) if version else self.manifest.path(INFERENCE_MODEL)
+        return InferenceEngine(path, self.manifest.input_name, self.manifest.output_name, self._providers,
+                               self._options)
+
+    @property
+    def inference(self) -> InferenceEngine:
+        return self._serving[1]
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -82,26 +123,120 @@ class DataPlane:
         if size > self.settings.max_batch_size:
             raise InvalidArgument(f"images: batch of {size} is over the maximum of {self.settings.max_batch_size}")
 
-    # -- operations -----------------------------------------------------------------------------------
+    # -- inference ------------------------------------------------------------------------------------
 
     def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
+        version, engine = self._serving  # one read: a concurrent publish cannot mix versions
         k = min(k or DEFAULT_TOP_K, self.manifest.num_classes)
-        logits = self.inference.logits(images)
+        logits = engine.logits(images)
         indices, probs = top_k(logits, k)
         names = self.manifest.class_names
         return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
-                          logits if return_logits else None)
+                          logits if return_logits else None, version)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True) -> StepResult:
-        return self.training.train_step(images, labels, summaries=summaries)
+    # -- training -------------------------------------------------------------------------------------
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True,
+                   accumulate_only: bool = False) -> StepResult:
+        result = self.training.train_step(images, labels, summaries=summaries, accumulate_only=accumulate_only)
+        if result.applied:
+            self._dirty = True
+            s = self.settings
+            if s.checkpoint_every_steps and result.step % s.checkpoint_every_steps == 0:
+                self.save_checkpoint("", reason="auto")
+            if s.publish_every_steps and result.step % s.publish_every_steps == 0:
+                self.publish()
+        return result
+
+    def eval_step(self, images: np.ndarray, labels: np.ndarray) -> EvalResult:
+        return self.training.eval_step(images, labels)
+
+    def optimizer(self) -> OptimizerSettings:
+        return self.training.optimizer_settings()
+
+    def set_optimizer(self, learning_rate: float | None, schedule: dict | None,
+                      clip_grad_norm: float | None) -> OptimizerSettings:
+        settings = self.training.set_optimizer(learning_rate, LinearSchedule(**schedule) if schedule else None,
+                                               clip_grad_norm)
+        self._dirty = True
+        return settings
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def save_checkpoint(self, name: str = "", reason: str = "manual") -> CheckpointInfo:
+        """Atomically write the training state. Empty name: manual-<step> or step-<step> (automatic)."""
+        if name:
+            checkpoint_name(name)
+        with self._checkpoint_lock:
+            step = self.training.step
+            name = name or (f"manual-{step:08d}" if reason == "manual" else f"step-{step:08d}")
+            info = self.checkpoints.save(name, reason, self.training.save_checkpoint)
+            self._dirty, self._last_checkpoint = False, time.monotonic()
+        log.info("checkpoint %s written (step %d, %s)", info.name, info.step, reason)
+        return info
+
+    def list_checkpoints(self) -> list[CheckpointInfo]:
+        return self.checkpoints.list()
+
+    def restore_checkpoint(self, name: str) -> CheckpointInfo:
+        with self._checkpoint_lock:
+            info = self.checkpoints.get(name)
+            self.training.restore_checkpoint(self.checkpoints.path(name))
+            self._dirty = True  # a restart must resume from this state, not from a newer checkpoint
+        log.info("restored checkpoint %s (step %d)", info.name, info.step)
+        return info
+
+    def _autosave_loop(self) -> None:
+        every = self.settings.checkpoint_every_seconds
+        while not self._stop.wait(min(every, 1.0)):
+            if self._dirty and time.monotonic() - self._last_checkpoint >= every:
+                try:
+                    self.save_checkpoint("", reason="auto")
+                except Exception:  # keep the timer alive; the next tick tries again
+                    log.exception("automatic checkpoint failed")
+
+    def close(self) -> CheckpointInfo | None:
+        """Stop the timer and write a final checkpoint if the training state changed since the last one."""
+        self._stop.set()
+        if self._autosave:
+            self._autosave.join()
+        if self._dirty:
+            return self.save_checkpoint("", reason="shutdown")
+        return None
+
+    # -- publishing -----------------------------------------------------------------------------------
+
+    def publish(self) -> ModelVersion:
+        """Export the current training weights as the next model version and switch Predict to it."""
+        with self._publish_lock:
+            version = self.versions.publish(
+                lambda path: self.training.export_inference_model(path, self.manifest.output_name))
+            self._serving = (version.version, self._inference_engine(version.version))
+        log.info("published model version %d (step %d)", version.version, version.step)
+        return version
+
+    def model_versions(self) -> list[ModelVersion]:
+        return [ModelVersion(0, 0, self.manifest.path(INFERENCE_MODEL).stat().st_mtime), *self.versions.versions()]
+
+    # -- explaining ----------------------------------------------------------------------------------
+
+    def explain(self, parameter: str = ""):
+        from server.explain import GradientExplainer
+
+        if self._explainer is None:
+            self._explainer = GradientExplainer(self.manifest.path(TRAINING_MODEL), self.manifest)
+        return self._explainer.explain(parameter)
 
     def model_info(self) -> dict:
-        m = self.manifest
+        m, s = self.manifest, self.settings
         return dict(
             name=m.name, config=m.raw["source"], input_name=m.input_name, input_shape=m.input_shape,
             preprocessing=m.preprocessing, class_names=m.class_names, parameters=m.parameters,
-            execution_providers=self.inference.providers, device=self.settings.device, opset=m.raw["opset"],
+            execution_providers=self.inference.providers, device=s.device, opset=m.raw["opset"],
             optimizer=m.raw["optimizer"]["name"], step=self.training.step,
-            learning_rate=self.training.learning_rate, max_batch_size=self.settings.max_batch_size,
+            learning_rate=self.training.learning_rate, max_batch_size=s.max_batch_size,
             export_versions=m.raw["versions"], loss_node=m.raw["loss"]["name"], loss_op_type=m.raw["loss"]["op_type"],
+            model_version=self._serving[0], versions=self.model_versions(),
+            checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
+            publish_every_steps=s.publish_every_steps,
         )

@@ -2,13 +2,21 @@
 
 Uses the pybind classes of onnxruntime.capi directly: the `onnxruntime.training.api`
 wrappers import torch, and the serving path must not. numpy in, numpy out; one
-step at a time (a lock serializes callers).
+call at a time (a lock serializes callers).
+
+A step is: forward + backward (gradients add up while accumulating), a guard that
+refuses to apply NaN/Inf, optional clipping by global norm, the learning rate of
+the policy, one optimizer update. Checkpoints hold the weights, the optimizer
+state and, as checkpoint properties, the step counter and the learning-rate policy.
 """
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,8 +24,12 @@ from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
 
 from server import gradients
+from server.errors import InvalidArgument
 from server.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
 from server.runtime import parse_device
+from server.schedule import LinearSchedule, LrPolicy, check_learning_rate
+
+STATE_PROPERTY = "vitserve_state"  # JSON: step counter and learning-rate policy, saved inside the checkpoint
 
 
 @dataclass(frozen=True)
@@ -29,21 +41,65 @@ class StepResult:
     gradients: list[gradients.GradientSummary]
     attention: list[gradients.QkvGradient]
     step_seconds: float
+    applied: bool
+    skipped_reason: str
+    accumulated_batches: int
+    clip_coefficient: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    correct: int
+    count: int
+    step: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    optimizer: str
+    learning_rate: float  # the next step's
+    schedule: LinearSchedule | None
+    schedule_position: int
+    clip_grad_norm: float
+    step: int
+    accumulated_batches: int
 
 
 class TrainingEngine:
-    def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, learning_rate: float):
+    def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, learning_rate: float,
+                 checkpoint: Path | None = None):
+        """`checkpoint`: resume from this checkpoint file instead of the export's initial one."""
         kind, index = parse_device(device)
-        ort_device = C.OrtDevice(get_ort_device_type(kind, index), C.OrtDevice.default_memory(), index)
-        self._state = C.load_checkpoint(str(manifest.path(CHECKPOINT)))
-        self._module = C.Module(str(manifest.path(TRAINING_MODEL)), self._state, str(manifest.path(EVAL_MODEL)),
-                                ort_device, options)
-        self._optimizer = C.Optimizer(str(manifest.path(OPTIMIZER_MODEL)), self._state, ort_device, options)
-        self._optimizer.set_learning_rate(learning_rate)
+        self._device = C.OrtDevice(get_ort_device_type(kind, index), C.OrtDevice.default_memory(), index)
+        self._options = options
+        self._manifest = manifest
         self._trainable = manifest.trainable
         self._qkv = [q for q in manifest.qkv if q.name in set(self._trainable)]
         self._lock = threading.Lock()
+        self._policy = LrPolicy(check_learning_rate(learning_rate))
+        self._clip = 0.0
         self._step = 0
+        self._accumulated = 0
+        self._load(checkpoint or manifest.path(CHECKPOINT))
+
+    def _load(self, checkpoint: Path) -> None:
+        """(Re)build state, module and optimizer from a checkpoint file; restores step and policy if saved."""
+        m = self._manifest
+        state = C.load_checkpoint(str(checkpoint))
+        module = C.Module(str(m.path(TRAINING_MODEL)), state, str(m.path(EVAL_MODEL)), self._device, self._options)
+        optimizer = C.Optimizer(str(m.path(OPTIMIZER_MODEL)), state, self._device, self._options)
+        self._state, self._module, self._optimizer = state, module, optimizer
+        if state.has_property(STATE_PROPERTY):
+            saved = json.loads(state.get_property(STATE_PROPERTY))
+            self._step, self._policy, self._clip = saved["step"], LrPolicy.from_dict(saved["policy"]), saved["clip"]
+        self._accumulated = 0
+
+    # -- reading state ----------------------------------------------------------------------------------
 
     @property
     def step(self) -> int:
@@ -51,7 +107,8 @@ class TrainingEngine:
 
     @property
     def learning_rate(self) -> float:
-        return float(self._optimizer.get_learning_rate())
+        """The learning rate the next step will use."""
+        return self._policy.lr(self._step + 1)
 
     def parameter(self, name: str) -> np.ndarray:
         """A copy of one parameter's current value."""
@@ -61,33 +118,136 @@ class TrainingEngine:
         """Copies of every parameter (trainable and frozen)."""
         return {n: self.parameter(n) for n in self._state.parameter_names()}
 
+    def optimizer_settings(self) -> OptimizerSettings:
+        with self._lock:
+            return self._settings()
+
+    def _settings(self) -> OptimizerSettings:
+        return OptimizerSettings(self._manifest.raw["optimizer"]["name"], self.learning_rate, self._policy.schedule,
+                                 self._policy.position(self._step), self._clip, self._step, self._accumulated)
+
+    # -- changing the optimizer -------------------------------------------------------------------------
+
+    def set_optimizer(self, learning_rate: float | None = None, schedule: LinearSchedule | None = None,
+                      clip_grad_norm: float | None = None) -> OptimizerSettings:
+        if learning_rate is not None and schedule is not None:
+            raise InvalidArgument("give a constant learning_rate or a schedule, not both")
+        if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm >= 0):
+            raise InvalidArgument(f"clip_grad_norm must be a finite number >= 0 (0 turns clipping off), got {clip_grad_norm}")
+        with self._lock:
+            if learning_rate is not None:
+                self._policy = LrPolicy(check_learning_rate(learning_rate))
+            if schedule is not None:
+                self._policy = LrPolicy(self._policy.constant, schedule, start_step=self._step)
+            if clip_grad_norm is not None:
+                self._clip = clip_grad_norm
+            return self._settings()
+
+    # -- steps ------------------------------------------------------------------------------------------
+
     def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        self._module.lazy_reset_grad()  # gradients of this batch only
+        if self._accumulated == 0:
+            self._module.lazy_reset_grad()  # a new sum starts with this batch
         fetches = C.OrtValueVector()
         self._module.train_step([images, labels], fetches)
         loss = float(fetches[0].numpy())  # copy now: the fetched value is freed with `fetches`
+        self._accumulated += 1
         return loss, {n: self._state.get_parameter(n).grad.numpy() for n in self._trainable}
 
     def gradients(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Loss and every trainable parameter's gradient for a batch, without updating the weights."""
+        """Loss and every trainable parameter's gradient for one batch alone; nothing is updated or kept."""
         with self._lock:
-            return self._forward_backward(images, labels)
+            if self._accumulated:
+                raise InvalidArgument("gradients are being accumulated; apply them with a TrainStep first")
+            try:
+                return self._forward_backward(images, labels)
+            finally:
+                self._accumulated = 0
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True) -> StepResult:
-        """One forward/backward/update on a validated batch. images float32 (b,c,h,w), labels int64 (b,)."""
+    def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True,
+                   accumulate_only: bool = False) -> StepResult:
+        """One forward/backward on a validated batch, then (unless accumulating) one guarded update.
+
+        images float32 (b, c, h, w), labels int64 (b,).
+        """
         with self._lock:
             start = time.perf_counter()
-            before = {n: self.parameter(n) for n in self._trainable}
-            lr = self.learning_rate
             loss, grads = self._forward_backward(images, labels)
+            batches = self._accumulated
+            bad = _nonfinite_reason(loss, grads)
+            if bad:  # like a gradient scaler: skip the update, drop the poisoned sum, keep the weights
+                self._accumulated = 0
+                return self._result(loss, grads, start, summaries, applied=False, skipped=bad, batches=batches)
+            if accumulate_only:
+                return self._result(loss, grads, start, summaries, applied=False, batches=batches)
+            norm = gradients.global_norm(grads)
+            coefficient = 1.0
+            if self._clip and norm > self._clip:  # torch.nn.utils.clip_grad_norm_'s rule
+                coefficient = self._clip / (norm + 1e-6)
+                for name in self._trainable:
+                    grads[name] = (grads[name] * np.float32(coefficient)).astype(np.float32)
+                    self._state.get_parameter(name).grad.update_inplace(grads[name])
+            before = {n: self.parameter(n) for n in self._trainable} if summaries else None
+            lr = self.learning_rate
+            self._optimizer.set_learning_rate(lr)
             self._optimizer.optimizer_step()
             self._step += 1
-            summaries_out, attention = [], []
-            if summaries:
-                for n in self._trainable:
-                    summaries_out.append(gradients.summarize(n, grads[n], before[n], self.parameter(n)))
-                attention = [gradients.qkv_breakdown(q, grads[q.name]) for q in self._qkv]
-            return StepResult(
-                loss=loss, step=self._step, learning_rate=lr, grad_norm=gradients.global_norm(grads),
-                gradients=summaries_out, attention=attention, step_seconds=time.perf_counter() - start,
-            )
+            self._accumulated = 0
+            return self._result(loss, grads, start, summaries, applied=True, before=before, batches=batches, lr=lr,
+                                norm=norm, coefficient=coefficient)
+
+    def _result(self, loss, grads, start, summaries, *, applied: bool, batches: int, before=None, skipped: str = "",
+                lr: float | None = None, norm: float | None = None, coefficient: float = 1.0) -> StepResult:
+        """The step's answer; `before` holds the weights before an applied update (for update ratios)."""
+        summaries_out, attention = [], []
+        if summaries:
+            for n in self._trainable:
+                w = self.parameter(n)
+                summaries_out.append(gradients.summarize(n, grads[n], before[n] if applied else w, w))
+            attention = [gradients.qkv_breakdown(q, grads[q.name]) for q in self._qkv]
+        return StepResult(
+            loss=loss, step=self._step, learning_rate=lr if lr is not None else self.learning_rate,
+            grad_norm=norm if norm is not None else gradients.global_norm(grads), gradients=summaries_out,
+            attention=attention, step_seconds=time.perf_counter() - start, applied=applied, skipped_reason=skipped,
+            accumulated_batches=batches, clip_coefficient=coefficient,
+        )
+
+    def eval_step(self, images: np.ndarray, labels: np.ndarray) -> EvalResult:
+        """Loss and top-1 hits of the eval graph (dropout off). Touches no gradient, weight or counter."""
+        with self._lock:
+            fetches = C.OrtValueVector()
+            self._module.eval_step([images, labels], fetches)
+            loss = float(fetches[0].numpy())
+            logits = fetches[1].numpy()
+            return EvalResult(loss, int((logits.argmax(axis=-1) == labels).sum()), len(labels), self._step)
+
+    # -- checkpoints and publishing -------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path) -> int:
+        """Write weights + optimizer state + step + policy to `path` (not atomic: the caller renames). Returns the step."""
+        with self._lock:
+            self._state.add_property(STATE_PROPERTY, json.dumps(
+                {"step": self._step, "policy": self._policy.to_dict(), "clip": self._clip}))
+            C.save_checkpoint(self._state, str(path), True)
+            return self._step
+
+    def restore_checkpoint(self, path: Path) -> int:
+        """Replace the whole training state with a checkpoint's. Returns the restored step."""
+        with self._lock:
+            self._load(path)
+            return self._step
+
+    def export_inference_model(self, path: Path, output_name: str) -> int:
+        """Write an inference model holding the current weights. Returns the step of those weights."""
+        with self._lock:
+            self._module.export_model_for_inferencing(str(path), [output_name])
+            return self._step
+
+
+def _nonfinite_reason(loss: float, grads: dict[str, np.ndarray]) -> str:
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    for name, g in grads.items():
+        if not np.isfinite(g).all():
+            return f"the gradient of {name} has {int(np.count_nonzero(~np.isfinite(g)))} NaN/Inf values"
+    return ""

@@ -46,16 +46,17 @@ def torch_model(exported) -> torch.nn.Module:
 
 
 @pytest.fixture
-def running(exported):
-    """A fresh server (fresh weights, step 0) per test."""
+def running(exported, tmp_path):
+    """A fresh server (fresh weights, step 0, empty data directory) per test."""
     settings = Settings.from_env(environ={}, artifacts=exported[0], host="127.0.0.1", port=0,
-                                 learning_rate=LEARNING_RATE, max_batch_size=32)
+                                 learning_rate=LEARNING_RATE, max_batch_size=32, data_dir=tmp_path / "data")
     plane = DataPlane(settings)
     server, port = create_server(settings, plane)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield RunningServer(plane, vitserve_pb2_grpc.VitServeStub(channel), f"127.0.0.1:{port}")
     channel.close()
     server.stop(None)
+    plane.close()
 
 
 @dataclass

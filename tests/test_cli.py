@@ -29,9 +29,13 @@ NUM_BLOCKS, NUM_HEADS, NUM_PARAMS = 4, 4, 52  # the conftest model: 4 blocks, 4 
 # ---------------------------------------------------------------- helpers
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any VITSERVE_* variable (so the caller's shell cannot leak in), plus `extra`."""
+    """This process's environment without any VITSERVE_* variable (so the caller's shell cannot leak in), plus `extra`.
+
+    Each server gets its own empty data directory unless `extra` names one: checkpoints never leak between tests.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["VITSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="vitserve-data-")
     env.update(extra)
     return env
 

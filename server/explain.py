@@ -1,0 +1,238 @@
+"""Where the loss and every gradient are computed in an ONNX Runtime training graph (ExplainGradients).
+
+Pure graph analysis of `training_model.onnx` (onnx + the manifest; no grpc, no torch, no session):
+
+- the loss is the node producing the graph's first output; backpropagation starts at the node
+  that first consumes "<loss>_grad" (SoftmaxCrossEntropyLossGrad);
+- ORT's gradient builder names the gradient of tensor T "T_grad", so trainable parameter W gets
+  "W_grad" (the graph output "W_grad.accumulation.out" is its accumulator, one node later);
+- backward nodes are those downstream of the loss's gradient node, plus the helpers the builder
+  adds that only read forward tensors (e.g. the Shape feeding a SliceGrad), all named "<op>_Grad/...";
+- a parameter's distance from the loss is a shortest producer -> consumer path through the
+  backward graph, from the loss's gradient node to the node producing W_grad, both included;
+- a fused qkv projection's output is cut into q, k and v by Slice (or Split) nodes; each part's
+  gradient "<part>_grad" comes out of the attention backward and goes back through SliceGrad into
+  the Sum ("AccumulateGrad_...") that yields the projection output's gradient.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from server.errors import ConfigError, FailedPrecondition, NotFound
+from server.manifest import Manifest
+
+GRAD = "_grad"  # ORT's gradient tensor suffix
+GRAD_NODE = "_Grad/"  # ORT's gradient node name infix
+MATMULS = {"MatMul", "FusedMatMul", "Gemm"}
+# Ops that move or scale a q/k/v part on its way to the attention matmuls without mixing it with another part.
+PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Mul", "Div"}
+
+
+@dataclass(frozen=True)
+class GraphNodeInfo:
+    name: str
+    op_type: str  # domain-qualified when not the default domain, e.g. "com.microsoft.SoftmaxCrossEntropyLossGrad"
+    inputs: tuple
+    outputs: tuple
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto) -> "GraphNodeInfo":
+        domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+        op_type = f"{domain}.{node.op_type}" if domain else node.op_type
+        return cls(node.name, op_type, tuple(node.input), tuple(node.output))
+
+
+@dataclass(frozen=True)
+class QkvPart:
+    part: str  # "q", "k" or "v"
+    tensor: str  # the forward Slice/Split output
+    gradient_tensor: str
+    gradient_node: GraphNodeInfo
+
+
+@dataclass(frozen=True)
+class ParameterPath:
+    name: str
+    shape: tuple
+    block: int
+    sublayer: str
+    gradient_tensor: str
+    gradient_node: GraphNodeInfo
+    ops_from_loss: int
+    path: tuple  # tuple[GraphNodeInfo, ...], loss gradient first
+    qkv_parts: tuple  # tuple[QkvPart, ...], q, k, v (empty unless a fused qkv projection)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    loss: GraphNodeInfo
+    loss_gradient: GraphNodeInfo
+    parameters: tuple  # tuple[ParameterPath, ...] in manifest order
+    forward_nodes: int
+    backward_nodes: int
+
+
+def parameter_place(name: str) -> tuple[int, str]:
+    """(block, sublayer) from a lucidrains-layout name; both the PreNorm era and vit-pytorch >= 1.x."""
+    m = re.search(r"layers\.(\d+)\.([01])\.(.+)$", name)
+    if m:
+        block, rest = int(m.group(1)), m.group(3)
+        if m.group(2) == "0":  # attention: PreNorm(norm, fn=Attention) or Attention(norm, to_qkv, to_out)
+            for key, sublayer in (("to_qkv", "attention.qkv"), ("to_out", "attention.out"), ("norm", "attention.norm")):
+                if re.search(rf"(^|\.){key}\.", rest):
+                    return block, sublayer
+            return block, "other"
+        return block, "feedforward.norm" if re.match(r"norm\.", rest) else "feedforward"
+    if re.match(r"(to_patch_embedding\.|pos_embedding$|cls_token$)", name):
+        return -1, "embedding"
+    if name.startswith("mlp_head.0.") and name.count(".") == 2:
+        return -1, "head.norm"
+    if name.startswith("mlp_head."):
+        return -1, "head"
+    return -1, "other"
+
+
+class GradientExplainer:
+    """Loads a training graph once; `explain` answers from what __init__ precomputed."""
+
+    def __init__(self, training_model_path: Path | str, manifest: Manifest):
+        graph = onnx.load(str(training_model_path)).graph
+        self._nodes = list(graph.node)
+        self._constants = {i.name: i for i in graph.initializer}
+        self._producer = {out: i for i, n in enumerate(self._nodes) for out in n.output if out}
+        self._consumers: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(self._nodes):
+            for name in dict.fromkeys(node.input):
+                self._consumers[name].append(i)
+        loss_output = graph.output[0].name
+        self._loss = self._producer[loss_output]
+        if not self._consumers[loss_output + GRAD]:
+            raise ConfigError(f"training graph has no consumer of the loss gradient {loss_output + GRAD!r}")
+        self._loss_grad = self._consumers[loss_output + GRAD][0]
+        downstream = self._downstream(self._loss_grad)
+        self._backward = set(downstream) | {i for i, n in enumerate(self._nodes) if GRAD_NODE in n.name}
+        self._parent = downstream  # BFS tree: node -> its predecessor on a shortest path from the loss gradient
+        self._frozen = {p["name"] for p in manifest.parameters if not p["trainable"]}
+        self._qkv = {layout.name for layout in manifest.qkv}
+        shapes = {p["name"]: tuple(p["shape"]) for p in manifest.parameters}
+        self._paths = {name: self._parameter_path(name, shapes[name]) for name in manifest.trainable}
+
+    def explain(self, parameter: str = "") -> Explanation:
+        if parameter and parameter not in self._paths:
+            if parameter in self._frozen:
+                raise FailedPrecondition(f"parameter {parameter!r} is frozen in this model: it has no gradient")
+            example = next(iter(self._paths))
+            raise NotFound(f"parameter {parameter!r} is not in this model; ExplainGradients knows "
+                           f"{len(self._paths)} trainable parameters, e.g. {example}")
+        chosen = (self._paths[parameter],) if parameter else tuple(self._paths.values())
+        return Explanation(loss=self._info(self._loss), loss_gradient=self._info(self._loss_grad), parameters=chosen,
+                           forward_nodes=len(self._nodes) - len(self._backward), backward_nodes=len(self._backward))
+
+    # -- graph walking ---------------------------------------------------------------------------
+
+    def _info(self, index: int) -> GraphNodeInfo:
+        return GraphNodeInfo.of(self._nodes[index])
+
+    def _downstream(self, start: int) -> dict[int, int | None]:
+        """Breadth-first over producer -> consumer edges (consumers in graph order): node -> parent."""
+        parent: dict[int, int | None] = {start: None}
+        queue = deque([start])
+        while queue:
+            node = queue.popleft()
+            for out in self._nodes[node].output:
+                for consumer in self._consumers.get(out, ()):
+                    if consumer not in parent:
+                        parent[consumer] = node
+                        queue.append(consumer)
+        return parent
+
+    def _path_to(self, node: int) -> list[int]:
+        path = [node]
+        while self._parent[path[-1]] is not None:
+            path.append(self._parent[path[-1]])
+        return path[::-1]
+
+    def _gradient_producer(self, tensor: str) -> int | None:
+        node = self._producer.get(tensor + GRAD)
+        return node if node in self._parent else None
+
+    def _parameter_path(self, name: str, shape: tuple) -> ParameterPath:
+        node = self._gradient_producer(name)
+        if node is None:
+            raise ConfigError(f"training graph has no gradient {name + GRAD!r} reached from the loss: re-run the export")
+        path = tuple(self._info(i) for i in self._path_to(node))
+        block, sublayer = parameter_place(name)
+        return ParameterPath(name=name, shape=shape, block=block, sublayer=sublayer, gradient_tensor=name + GRAD,
+                             gradient_node=self._info(node), ops_from_loss=len(path), path=path,
+                             qkv_parts=self._qkv_parts(name) if name in self._qkv else ())
+
+    # -- q, k and v ------------------------------------------------------------------------------
+
+    def _forward_consumers(self, tensor: str) -> list[int]:
+        return [i for i in self._consumers.get(tensor, ()) if i not in self._backward]
+
+    def _first_matmul(self, tensor: str, through: set[str]) -> tuple[int, int] | None:
+        """(node, input slot) of the first forward matmul that `tensor` reaches through `through` ops."""
+        queue, seen = deque([tensor]), {tensor}
+        while queue:
+            current = queue.popleft()
+            for i in self._forward_consumers(current):
+                node = self._nodes[i]
+                if node.op_type in MATMULS:
+                    return i, list(node.input).index(current)
+                if node.op_type in through and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    queue.append(node.output[0])
+        return None
+
+    def _qkv_parts(self, weight: str) -> tuple[QkvPart, ...]:
+        found = self._first_matmul(weight, {"Transpose", "Identity", "Cast"})  # W -> (W^T) -> x @ W^T
+        if found is None:
+            return ()
+        product = self._nodes[found[0]].output[0]
+        cuts = [i for i in self._forward_consumers(product) if self._nodes[i].op_type in ("Slice", "Split")]
+        parts = [out for i in cuts for out in self._nodes[i].output]
+        if len(parts) != 3:
+            return ()
+        ordered = self._order_by_attention(parts) or self._order_by_offset(cuts, parts)
+        result = []
+        for role, tensor in zip("qkv", ordered or ()):
+            node = self._gradient_producer(tensor)
+            if node is None:
+                return ()
+            result.append(QkvPart(role, tensor, tensor + GRAD, self._info(node)))
+        return tuple(result)
+
+    def _order_by_attention(self, parts: list[str]) -> list[str] | None:
+        """q, k, v from their roles: q and k meet in one matmul (q @ k^T: q left, k right, k through a
+        Transpose), v is the right operand of another one (softmax(q k^T) @ v). Checked on the digits and
+        vit-pytorch graphs: q, k, v are Slice, Slice_1, Slice_2 there, starting at 0, inner and 2 * inner."""
+        reached = {p: self._first_matmul(p, PASS_THROUGH) for p in parts}
+        if None in reached.values():
+            return None
+        by_node: dict[int, dict[int, str]] = defaultdict(dict)
+        for part, (node, slot) in reached.items():
+            by_node[node][slot] = part
+        scores = [slots for slots in by_node.values() if set(slots) == {0, 1}]
+        values = [slots for slots in by_node.values() if set(slots) == {1}]
+        if len(scores) != 1 or len(values) != 1:
+            return None
+        return [scores[0][0], scores[0][1], values[0][1]]
+
+    def _order_by_offset(self, cuts: list[int], parts: list[str]) -> list[str] | None:
+        """Fallback: q, k, v by the constant start offsets of three Slices (or a Split's output order)."""
+        if len(cuts) == 1:
+            return parts
+        starts = []
+        for i in cuts:
+            constant = self._constants.get(self._nodes[i].input[1])
+            if constant is None:
+                return None
+            starts.append(int(numpy_helper.to_array(constant).reshape(-1)[0]))
+        return [part for _, part in sorted(zip(starts, parts))]
