@@ -46,17 +46,30 @@ def torch_model(exported) -> torch.nn.Module:
 
 
 @pytest.fixture
-def running(exported, tmp_path):
+def serve(exported, tmp_path):
+    """serve(artifacts=None, data_dir=None, **settings) -> RunningServer; all are stopped after the test."""
+    started = []
+
+    def start(artifacts: Path | None = None, data_dir: Path | None = None, **overrides) -> RunningServer:
+        overrides = {"learning_rate": LEARNING_RATE, "max_batch_size": 32, **overrides}
+        settings = Settings.from_env(environ={}, artifacts=artifacts or exported[0], host="127.0.0.1", port=0,
+                                     data_dir=data_dir or tmp_path / "data", **overrides)
+        plane = DataPlane(settings)
+        server, port = create_server(settings, plane)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        running = RunningServer(plane, vitserve_pb2_grpc.VitServeStub(channel), f"127.0.0.1:{port}", server, channel)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def running(serve):
     """A fresh server (fresh weights, step 0, empty data directory) per test."""
-    settings = Settings.from_env(environ={}, artifacts=exported[0], host="127.0.0.1", port=0,
-                                 learning_rate=LEARNING_RATE, max_batch_size=32, data_dir=tmp_path / "data")
-    plane = DataPlane(settings)
-    server, port = create_server(settings, plane)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield RunningServer(plane, vitserve_pb2_grpc.VitServeStub(channel), f"127.0.0.1:{port}")
-    channel.close()
-    server.stop(None)
-    plane.close()
+    return serve()
 
 
 @dataclass
@@ -64,6 +77,14 @@ class RunningServer:
     plane: DataPlane  # the server's own data plane, to read its weights and step counter
     stub: vitserve_pb2_grpc.VitServeStub  # over a real channel to 127.0.0.1
     address: str
+    server: grpc.Server
+    channel: grpc.Channel
+
+    def stop(self) -> None:
+        """Stop like SIGTERM does: no new calls, then the final checkpoint (idempotent)."""
+        self.channel.close()
+        self.server.stop(None).wait()
+        self.plane.close()
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
