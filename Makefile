@@ -10,11 +10,12 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export serve test proto clean help
+.PHONY: install export serve demo test proto clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
 	@echo "make test     install and run the test suite"
+	@echo "make demo     install, export digits, fine-tune it over gRPC on scikit-learn's digits, report test accuracy"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
 	@echo "make proto    regenerate proto/vitserve_pb2*.py from proto/vitserve.proto"
 
@@ -38,6 +39,10 @@ export: $(ARTIFACTS)/manifest.json
 
 serve: export
 	$(BIN)/python -m server --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --device $(DEVICE)
+
+# Fine-tunes the digits model over gRPC (the demo starts and stops its own server) and writes demo-output/.
+demo: export
+	$(BIN)/python -m examples.demo --artifacts $(ARTIFACTS)
 
 test: install
 	$(BIN)/python -m pytest
