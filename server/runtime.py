@@ -5,6 +5,10 @@ import onnxruntime as ort
 
 from server.errors import ConfigError
 
+# ORT's default logger (not a session's) reports graph clean-ups as warnings, e.g. 17 lines per
+# Publish ("Removing initializer ... not used by any node"): keep errors only.
+ort.set_default_logger_severity(3)
+
 
 def parse_device(device: str) -> tuple[str, int]:
     """'cpu' -> ('cpu', 0); 'cuda' -> ('cuda', 0); 'cuda:1' -> ('cuda', 1)."""

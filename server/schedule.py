@@ -23,6 +23,9 @@ class LinearSchedule:
             raise InvalidArgument(f"schedule: peak_lr must be > 0 and end_lr >= 0, got {self.peak_lr} and {self.end_lr}")
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise InvalidArgument("schedule: warmup_steps and decay_steps must be >= 0")
+        if self.warmup_steps + self.decay_steps == 0:
+            raise InvalidArgument("schedule: warmup_steps + decay_steps is 0, so peak_lr would never be used; "
+                                  "set a constant learning_rate instead")
 
     def lr(self, k: int) -> float:
         """Learning rate of the k-th step (1-based) since the schedule was set."""

@@ -385,3 +385,11 @@ def test_serving_path_does_not_import_torch(exported):
     report = run_serving_path(exported, hide_torch=False)
     first = next((f"{name} asked for by {asker}:\n{stack}" for name, asker, stack in report["attempts"]), "")
     assert "torch" not in report["torch_modules"], f"torch was imported; first request: {first}"
+
+
+def test_health_command(address):
+    result = ok(run_client("--address", address, "health"))
+    assert result.stdout.strip() == "SERVING"
+    assert json.loads(ok(run_client("--address", address, "--json", "health")).stdout) == {"status": "SERVING"}
+    down = run_client("--address", "127.0.0.1:1", "--timeout", "2", "health")
+    assert down.returncode == 1 and "127.0.0.1:1" in down.stderr

@@ -130,6 +130,7 @@ def test_clipping_by_global_norm_matches_torch(running, torch_model):
     (pb.SetOptimizerRequest(schedule=pb.LinearSchedule(peak_lr=0, warmup_steps=1)), "schedule: peak_lr must be > 0"),
     (pb.SetOptimizerRequest(schedule=pb.LinearSchedule(peak_lr=1e-3, warmup_steps=-2)),
      "schedule: warmup_steps and decay_steps must be >= 0"),
+    (pb.SetOptimizerRequest(schedule=pb.LinearSchedule(peak_lr=1e-3)), "peak_lr would never be used"),
 ])
 def test_bad_optimizer_settings_are_rejected_and_change_nothing(running, request_, message):
     before = running.stub.GetOptimizer(pb.GetOptimizerRequest())
