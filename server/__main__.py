@@ -20,8 +20,11 @@ def parse_args(argv=None) -> dict:
     defaults = Settings()
     for name, doc in FIELD_DOCS.items():
         default = getattr(defaults, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=None,
-                       help=f"{doc} (env VITSERVE_{name.upper()}; default {default})")
+        flag, help_ = f"--{name.replace('_', '-')}", f"{doc} (env VITSERVE_{name.upper()}; default {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, type=type(default), default=None, help=help_)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on SIGTERM")
     return vars(p.parse_args(argv))
 

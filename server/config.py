@@ -50,6 +50,15 @@ class Settings:
     max_batch_size: int = 256
     """Largest batch one Predict or TrainStep request may carry."""
 
+    dynamic_batching: bool = True
+    """Coalesce concurrent Predict calls into one ONNX Runtime run (each caller gets its own rows)."""
+
+    max_dynamic_batch: int = 64
+    """Most images in one dynamically batched run; a larger request runs on its own."""
+
+    max_batch_delay_ms: float = 1.0
+    """How long the batcher waits for more requests after the first one (0: only what is already queued)."""
+
     max_message_mb: int = 64
     """Largest gRPC message, in MiB, either way."""
 
@@ -76,12 +85,20 @@ class Settings:
         settings.artifacts = Path(settings.artifacts)
         return settings
 
+def parse_bool(raw: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False}.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(raw)
+    return value
+
+
 def _parse(f: dataclasses.Field, raw: str):
-    kind = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
+    kind = {"int": int, "float": float, "Path": Path, "bool": parse_bool}.get(str(f.type), str)
     try:
         return kind(raw)
     except ValueError:
-        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {str(f.type)}") from None
 
 
 def _read_field_docs() -> dict[str, str]:

@@ -18,7 +18,9 @@ import numpy as np
 
 from server import codec
 from server.config import Settings
+from server.batching import DynamicBatcher
 from server.errors import ConfigError, InvalidArgument
+from server.explain import Explanation, GradientExplainer
 from server.inference import InferenceEngine, top_k
 from server.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest
 from server.runtime import providers_for, session_options
@@ -62,6 +64,8 @@ class DataPlane:
         published = self.versions.versions()
         version = published[-1].version if published else 0
         self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
+        self.batcher = DynamicBatcher(self._run_serving, settings.max_dynamic_batch,
+                                      settings.max_batch_delay_ms / 1000) if settings.dynamic_batching else None
         log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
                  ", ".join(self.inference.providers), version)
 
@@ -125,10 +129,13 @@ class DataPlane:
 
     # -- inference ------------------------------------------------------------------------------------
 
-    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
+    def _run_serving(self, images: np.ndarray) -> tuple[int, np.ndarray]:
         version, engine = self._serving  # one read: a concurrent publish cannot mix versions
+        return version, engine.logits(images)
+
+    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
         k = min(k or DEFAULT_TOP_K, self.manifest.num_classes)
-        logits = engine.logits(images)
+        version, logits = (self.batcher.submit if self.batcher else self._run_serving)(images)
         indices, probs = top_k(logits, k)
         names = self.manifest.class_names
         return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
@@ -196,7 +203,10 @@ class DataPlane:
                     log.exception("automatic checkpoint failed")
 
     def close(self) -> CheckpointInfo | None:
-        """Stop the timer and write a final checkpoint if the training state changed since the last one."""
+        """Stop the batcher and the timer; write a final checkpoint if the training state changed since the last one."""
+        if self.batcher:
+            self.batcher.close()
+            self.batcher = None
         self._stop.set()
         if self._autosave:
             self._autosave.join()
@@ -220,9 +230,7 @@ class DataPlane:
 
     # -- explaining ----------------------------------------------------------------------------------
 
-    def explain(self, parameter: str = ""):
-        from server.explain import GradientExplainer
-
+    def explain(self, parameter: str = "") -> Explanation:
         if self._explainer is None:
             self._explainer = GradientExplainer(self.manifest.path(TRAINING_MODEL), self.manifest)
         return self._explainer.explain(parameter)

@@ -1,0 +1,93 @@
+"""Dynamic batching: concurrent Predict calls coalesce, and every caller gets exactly its own rows."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from proto import vitserve_pb2 as pb
+from server.batching import DynamicBatcher
+from tests.conftest import batch, images_msg
+
+
+def logits_of(response):
+    return np.frombuffer(response.logits.data, dtype="<f4").reshape(response.logits.shape)
+
+
+def test_concurrent_callers_get_their_own_rows_over_grpc(serve):
+    batched = serve(dynamic_batching=True, max_batch_delay_ms=20, max_dynamic_batch=64)
+    unbatched = serve(dynamic_batching=False)
+    sizes = [1, 3, 1, 2, 5, 1, 4, 1] * 4  # requests of different sizes, 32 callers
+    requests = [batch(n, seed=i)[0] for i, n in enumerate(sizes)]
+
+    def call(stub, images):
+        return logits_of(stub.Predict(pb.PredictRequest(images=images_msg(images), return_logits=True)))
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda x: call(batched.stub, x), requests))
+    expected = [call(unbatched.stub, x) for x in requests]
+    for images, a, b in zip(requests, got, expected):
+        assert a.shape == (len(images), 10)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    sizes_run = batched.plane.batcher.batch_sizes
+    assert sum(n * c for n, c in sizes_run.items()) == sum(sizes)  # every row ran exactly once
+    assert max(sizes_run) > 5, sizes_run  # and requests really were coalesced
+
+
+def test_a_request_larger_than_the_batch_limit_runs_alone():
+    runs = []
+
+    def run(images):
+        runs.append(len(images))
+        return 7, images.reshape(len(images), -1)[:, :2] * 2
+
+    batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.05)
+    try:
+        images = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)
+        version, out = batcher.submit(images)
+        assert version == 7 and runs == [6]
+        np.testing.assert_array_equal(out, images[:, :2] * 2)
+    finally:
+        batcher.close()
+
+
+def test_an_error_reaches_every_caller_of_the_batch_and_the_batcher_survives():
+    calls = threading.Barrier(3)
+
+    def run(images):
+        if (images < 0).any():
+            raise ValueError("bad batch")
+        return 1, images
+
+    batcher = DynamicBatcher(run, max_batch=16, max_delay_s=0.2)
+    try:
+        def submit(x):
+            calls.wait()
+            return batcher.submit(x)
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(submit, np.full((1, 2), v, np.float32)) for v in (1.0, -1.0, 2.0)]
+        errors = [f.exception() for f in futures]
+        assert all(isinstance(e, ValueError) for e in errors), errors  # one batch, one failure for all
+        assert batcher.submit(np.ones((1, 2), np.float32))[1].tolist() == [[1.0, 1.0]]
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("flag, expected", [("--no-dynamic-batching", False), ("--dynamic-batching", True)])
+def test_the_flag_switches_batching(flag, expected):
+    from server.__main__ import parse_args
+
+    assert parse_args([flag])["dynamic_batching"] is expected
+
+
+def test_environment_switches_batching():
+    from server.config import Settings
+    from server.errors import ConfigError
+
+    assert Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": "off"}).dynamic_batching is False
+    assert Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": "1"}).dynamic_batching is True
+    with pytest.raises(ConfigError, match="VITSERVE_DYNAMIC_BATCHING='maybe' is not a valid bool"):
+        Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": "maybe"})
