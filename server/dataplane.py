@@ -57,13 +57,16 @@ class DataPlane:
             resume = self.checkpoints.path(latest.name) if latest else None
         except InvalidArgument as e:
             raise ConfigError(f"{e}: use another --data-dir for these artifacts") from None
-        self.training = TrainingEngine(m, settings.device, self._options, settings.learning_rate, checkpoint=resume)
-        if latest:
-            log.info("resumed from checkpoint %s (step %d)", latest.name, latest.step)
-
         published = self.versions.versions()
         version = published[-1].version if published else 0
-        self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
+        try:
+            self.training = TrainingEngine(m, settings.device, self._options, settings.learning_rate,
+                                           checkpoint=resume)
+            self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
+        except RuntimeError as e:  # e.g. a CUDA build of ORT on a machine without the CUDA libraries or a GPU
+            raise ConfigError(f"cannot open the model on {settings.device}: {str(e).strip().splitlines()[0]}") from None
+        if latest:
+            log.info("resumed from checkpoint %s (step %d)", latest.name, latest.step)
         self.batcher = DynamicBatcher(self._run_serving, settings.max_dynamic_batch,
                                       settings.max_batch_delay_ms / 1000) if settings.dynamic_batching else None
         log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
