@@ -76,6 +76,46 @@ def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray
     )
 
 
+def summarize_all(names: list[str], shapes: list[tuple[int, ...]], grads: np.ndarray, before: np.ndarray,
+                  after: np.ndarray) -> list[GradientSummary]:
+    """`summarize` for every parameter at once, over flat float32 vectors holding the parameters back to back.
+
+    A fixed number of vectorized passes (np.*.reduceat over segment starts), whatever the number of
+    parameters: this is what keeps the summaries cheap next to the train step. Parameters with
+    NaN/Inf gradients (rare: the guard refuses to apply such a step) go through `summarize`.
+    """
+    sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    if not np.isfinite(grads).all():
+        return [summarize(n, grads[a:a + k].reshape(s), before[a:a + k], after[a:a + k])
+                for n, s, a, k in zip(names, shapes, starts, sizes)]
+    def segment_sum(x: np.ndarray) -> np.ndarray:  # float32 data, float64 sums
+        return np.add.reduceat(x, starts, dtype=np.float64)
+
+    mean = segment_sum(grads) / sizes
+    sq = segment_sum(grads * grads)
+    var = np.maximum(sq / sizes - mean * mean, 0.0)
+    # E[g^2] - mean^2 cancels where the mean dominates: recompute those segments in two passes.
+    for i in np.flatnonzero(mean * mean > 1e-3 * sq / sizes):
+        seg = grads[starts[i]:starts[i] + sizes[i]].astype(np.float64)
+        var[i] = np.mean((seg - mean[i]) ** 2)
+    lo, hi = np.minimum.reduceat(grads, starts), np.maximum.reduceat(grads, starts)
+    zeros = np.add.reduceat((grads == 0).view(np.uint8), starts, dtype=np.int64)
+    param_sq = segment_sum(before * before)
+    delta = after - before  # exact in float32 for nearby values
+    delta_sq = segment_sum(delta * delta)
+    out = []
+    for i, name in enumerate(names):
+        norm, moved = float(np.sqrt(param_sq[i])), float(np.sqrt(delta_sq[i]))
+        out.append(GradientSummary(
+            name=name, shape=tuple(shapes[i]), l2_norm=float(np.sqrt(sq[i])), mean=float(mean[i]),
+            std=float(np.sqrt(var[i])), min=float(lo[i]), max=float(hi[i]), max_abs=float(max(-lo[i], hi[i])),
+            zero_fraction=float(zeros[i] / sizes[i]), nonfinite_count=0, param_norm=norm,
+            update_ratio=moved / norm if norm > 0 else (float("inf") if moved > 0 else 0.0),
+        ))
+    return out
+
+
 def qkv_breakdown(layout: QkvLayout, grad: np.ndarray) -> QkvGradient:
     """Split a fused (3 * heads * dim_head, dim) projection gradient into q, k, v and heads.
 
@@ -93,5 +133,8 @@ def qkv_breakdown(layout: QkvLayout, grad: np.ndarray) -> QkvGradient:
     )
 
 
-def global_norm(grads: dict[str, np.ndarray]) -> float:
+def global_norm(grads: dict[str, np.ndarray] | np.ndarray) -> float:
+    """L2 norm of all gradients together (a dict of arrays, or one flat vector)."""
+    if isinstance(grads, np.ndarray):
+        return _l2(grads)
     return float(np.sqrt(sum(_l2(g) ** 2 for g in grads.values())))

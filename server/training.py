@@ -79,6 +79,11 @@ class TrainingEngine:
         self._options = options
         self._manifest = manifest
         self._trainable = manifest.trainable
+        shapes = {p["name"]: tuple(p["shape"]) for p in manifest.parameters}
+        self._shapes = [shapes[n] for n in self._trainable]
+        sizes = [int(np.prod(s)) for s in self._shapes]
+        self._spans = list(zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes))  # (offset, size) in model order
+        self._size = sum(sizes)
         self._qkv = [q for q in manifest.qkv if q.name in set(self._trainable)]
         self._lock = threading.Lock()
         self._policy = LrPolicy(check_learning_rate(learning_rate))
@@ -86,6 +91,7 @@ class TrainingEngine:
         self._step = 0
         self._accumulated = 0
         self._load(checkpoint or manifest.path(CHECKPOINT))
+        self._snapshots = self._contiguous_snapshots() if kind == "cpu" else None
 
     def _load(self, checkpoint: Path) -> None:
         """(Re)build state, module and optimizer from a checkpoint file; restores step and policy if saved."""
@@ -98,6 +104,31 @@ class TrainingEngine:
             saved = json.loads(state.get_property(STATE_PROPERTY))
             self._step, self._policy, self._clip = saved["step"], LrPolicy.from_dict(saved["policy"]), saved["clip"]
         self._accumulated = 0
+
+    def _contiguous_snapshots(self):
+        """Two float32 buffers ORT fills with all trainable weights in one copy each (before/after a step).
+
+        ORT lays them out in model order; that is checked once here, and without it the engine
+        falls back to copying parameter by parameter.
+        """
+        device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        buffers = [np.empty(self._size, np.float32) for _ in range(2)]
+        if self._module.get_parameters_size(True) != self._size:
+            return None
+        snapshots = [(b, C.OrtValue.ortvalue_from_numpy(b, device)) for b in buffers]
+        self._module.copy_parameters_to_buffer(snapshots[0][1], True)
+        for name, (offset, size) in zip(self._trainable, self._spans):
+            if not np.array_equal(buffers[0][offset:offset + size], self.parameter(name).reshape(-1)):
+                return None
+        return snapshots
+
+    def _snapshot(self, which: int) -> np.ndarray:
+        """All trainable weights, flat in model order (valid until the next snapshot into the same slot)."""
+        if self._snapshots:
+            buffer, value = self._snapshots[which]
+            self._module.copy_parameters_to_buffer(value, True)
+            return buffer
+        return np.concatenate([self.parameter(n).reshape(-1) for n in self._trainable])
 
     # -- reading state ----------------------------------------------------------------------------------
 
@@ -145,14 +176,22 @@ class TrainingEngine:
 
     # -- steps ------------------------------------------------------------------------------------------
 
-    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """Loss and the (accumulated) gradients, flat in model order."""
         if self._accumulated == 0:
             self._module.lazy_reset_grad()  # a new sum starts with this batch
         fetches = C.OrtValueVector()
         self._module.train_step([images, labels], fetches)
         loss = float(fetches[0].numpy())  # copy now: the fetched value is freed with `fetches`
         self._accumulated += 1
-        return loss, {n: self._state.get_parameter(n).grad.numpy() for n in self._trainable}
+        grads = np.empty(self._size, np.float32)
+        for name, (offset, size) in zip(self._trainable, self._spans):
+            grads[offset:offset + size] = self._state.get_parameter(name).grad.numpy().reshape(-1)
+        return loss, grads
+
+    def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """name -> that parameter's part of a flat vector, in its shape (views, no copies)."""
+        return {n: flat[o:o + k].reshape(s) for n, (o, k), s in zip(self._trainable, self._spans, self._shapes)}
 
     def gradients(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and every trainable parameter's gradient for one batch alone; nothing is updated or kept."""
@@ -160,7 +199,8 @@ class TrainingEngine:
             if self._accumulated:
                 raise InvalidArgument("gradients are being accumulated; apply them with a TrainStep first")
             try:
-                return self._forward_backward(images, labels)
+                loss, grads = self._forward_backward(images, labels)
+                return loss, self._views(grads)
             finally:
                 self._accumulated = 0
 
@@ -174,7 +214,7 @@ class TrainingEngine:
             start = time.perf_counter()
             loss, grads = self._forward_backward(images, labels)
             batches = self._accumulated
-            bad = _nonfinite_reason(loss, grads)
+            bad = self._nonfinite_reason(loss, grads)
             if bad:  # like a gradient scaler: skip the update, drop the poisoned sum, keep the weights
                 self._accumulated = 0
                 return self._result(loss, grads, start, summaries, applied=False, skipped=bad, batches=batches)
@@ -184,10 +224,10 @@ class TrainingEngine:
             coefficient = 1.0
             if self._clip and norm > self._clip:  # torch.nn.utils.clip_grad_norm_'s rule
                 coefficient = self._clip / (norm + 1e-6)
-                for name in self._trainable:
-                    grads[name] = (grads[name] * np.float32(coefficient)).astype(np.float32)
-                    self._state.get_parameter(name).grad.update_inplace(grads[name])
-            before = {n: self.parameter(n) for n in self._trainable} if summaries else None
+                grads *= np.float32(coefficient)
+                for name, view in self._views(grads).items():
+                    self._state.get_parameter(name).grad.update_inplace(view)
+            before = self._snapshot(0) if summaries else None
             lr = self.learning_rate
             self._optimizer.set_learning_rate(lr)
             self._optimizer.optimizer_step()
@@ -198,19 +238,30 @@ class TrainingEngine:
 
     def _result(self, loss, grads, start, summaries, *, applied: bool, batches: int, before=None, skipped: str = "",
                 lr: float | None = None, norm: float | None = None, coefficient: float = 1.0) -> StepResult:
-        """The step's answer; `before` holds the weights before an applied update (for update ratios)."""
+        """The step's answer; `before` holds the flat weights before an applied update (for update ratios)."""
         summaries_out, attention = [], []
         if summaries:
-            for n in self._trainable:
-                w = self.parameter(n)
-                summaries_out.append(gradients.summarize(n, grads[n], before[n] if applied else w, w))
-            attention = [gradients.qkv_breakdown(q, grads[q.name]) for q in self._qkv]
+            after = self._snapshot(1)
+            summaries_out = gradients.summarize_all(self._trainable, self._shapes, grads,
+                                                    before if applied else after, after)
+            views = self._views(grads)
+            attention = [gradients.qkv_breakdown(q, views[q.name]) for q in self._qkv]
         return StepResult(
             loss=loss, step=self._step, learning_rate=lr if lr is not None else self.learning_rate,
             grad_norm=norm if norm is not None else gradients.global_norm(grads), gradients=summaries_out,
             attention=attention, step_seconds=time.perf_counter() - start, applied=applied, skipped_reason=skipped,
             accumulated_batches=batches, clip_coefficient=coefficient,
         )
+
+    def _nonfinite_reason(self, loss: float, grads: np.ndarray) -> str:
+        if not math.isfinite(loss):
+            return f"the loss is {loss}"
+        if np.isfinite(grads).all():
+            return ""
+        for name, g in self._views(grads).items():
+            if not np.isfinite(g).all():
+                return f"the gradient of {name} has {int(np.count_nonzero(~np.isfinite(g)))} NaN/Inf values"
+        return ""
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> EvalResult:
         """Loss and top-1 hits of the eval graph (dropout off). Touches no gradient, weight or counter."""
@@ -243,11 +294,3 @@ class TrainingEngine:
             self._module.export_model_for_inferencing(str(path), [output_name])
             return self._step
 
-
-def _nonfinite_reason(loss: float, grads: dict[str, np.ndarray]) -> str:
-    if not math.isfinite(loss):
-        return f"the loss is {loss}"
-    for name, g in grads.items():
-        if not np.isfinite(g).all():
-            return f"the gradient of {name} has {int(np.count_nonzero(~np.isfinite(g)))} NaN/Inf values"
-    return ""

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from server.gradients import global_norm, qkv_breakdown, summarize
+from server.gradients import global_norm, qkv_breakdown, summarize, summarize_all
 from server.manifest import QkvLayout
 
 finite = st.floats(-1e3, 1e3, width=32)
@@ -61,3 +61,30 @@ def test_qkv_split_matches_hand_slicing(heads, dim_head, dim, seed):
 def test_global_norm_is_the_norm_of_everything():
     grads = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float32)}
     assert global_norm(grads) == 5.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5)), min_size=1, max_size=5), st.integers(0, 2**31 - 1),
+       st.booleans(), st.booleans())
+def test_vectorized_summaries_equal_the_per_parameter_ones(shapes, seed, constant, with_nan):
+    """summarize_all (one pass over a flat vector) == summarize (one parameter at a time)."""
+    rng = np.random.default_rng(seed)
+    sizes = [a * b for a, b in shapes]
+    grads = rng.standard_normal(sum(sizes)).astype(np.float32) * 10.0 ** rng.integers(-6, 3)
+    if constant:  # a constant gradient: the variance formula must not cancel into noise
+        grads[:sizes[0]] = np.float32(123.456)
+    grads[rng.random(grads.size) < 0.1] = 0.0
+    if with_nan:
+        grads[rng.integers(grads.size)] = np.nan
+    before = rng.standard_normal(grads.size).astype(np.float32)
+    after = before + rng.standard_normal(grads.size).astype(np.float32) * 1e-3
+    names = [f"p{i}" for i in range(len(shapes))]
+    vectorized = summarize_all(names, shapes, grads, before, after)
+    offsets = np.cumsum([0] + sizes)
+    for s, name, shape, a, b in zip(vectorized, names, shapes, offsets[:-1], offsets[1:]):
+        ref = summarize(name, grads[a:b].reshape(shape), before[a:b], after[a:b])
+        assert s.name == ref.name and s.shape == ref.shape and s.nonfinite_count == ref.nonfinite_count
+        for field in ("l2_norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "param_norm", "update_ratio"):
+            x, y = getattr(s, field), getattr(ref, field)
+            assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7 * (abs(y) + 1e-30)) \
+                or abs(x - y) <= 1e-6 * max(abs(ref.max_abs), 1e-30), (field, x, y)
