@@ -38,6 +38,7 @@ from onnxruntime.training.onnxblock import optim as ort_optim
 
 from model import verify
 from model.vit import DEFAULT_PRESET, PRESETS, build
+from server.fusion import optimize_inference_model
 from server.manifest import ARTIFACT_FILES, INFERENCE_MODEL, MANIFEST, TRAINING_MODEL, Manifest, sha256
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -226,6 +227,9 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
         inference = export_onnx(model, example, opset, training=False)
         onnx.checker.check_model(inference, full_check=True)
         onnx.save(inference, staging / INFERENCE_MODEL)
+        attention = qkv_layouts(model)
+        fused = optimize_inference_model(staging / INFERENCE_MODEL, [a["heads"] for a in attention], INPUT_NAME,
+                                         tuple(example.shape))
         training_model = write_training_artifacts(model, example, staging, opset, trainable, frozen, optimizer)
         # The training graphs hold ORT's own ops (fused LayerNorm, gradient ops) that onnx.checker
         # does not know; loading them in ORT's training session (the check below) validates them.
@@ -240,7 +244,8 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
                               "mean": list(mean), "std": list(std)},
             "class_names": class_names,
             "parameters": [{"name": n, "shape": list(params[n].shape), "trainable": n in trainable} for n in names],
-            "attention": qkv_layouts(model),
+            "attention": attention,
+            "inference_fused_attention_blocks": fused,  # MultiHeadAttention nodes (server/fusion.py)
             "loss": loss_node(training_model),
             "opset": opset,
             "optimizer": {"name": optimizer, **(ADAMW if optimizer == "adamw" else {})},
@@ -257,7 +262,7 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
                 twin = Path(twin)
                 shutil.copy(staging / MANIFEST, twin / MANIFEST)
                 twin_model = without_dropout(model)
-                onnx.save(inference, twin / INFERENCE_MODEL)
+                shutil.copy(staging / INFERENCE_MODEL, twin / INFERENCE_MODEL)
                 write_training_artifacts(twin_model, example, twin, opset, trainable, frozen, optimizer)
                 twin_manifest = json.loads((twin / MANIFEST).read_text())
                 twin_manifest["files"] = {f: sha256(twin / f) for f in ARTIFACT_FILES}

@@ -20,6 +20,7 @@ from server import codec
 from server.config import Settings
 from server.batching import DynamicBatcher
 from server.errors import ConfigError, InvalidArgument
+from server.fusion import optimize_inference_model
 from server.explain import Explanation, GradientExplainer
 from server.inference import InferenceEngine, top_k
 from server.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest
@@ -221,9 +222,15 @@ class DataPlane:
 
     def publish(self) -> ModelVersion:
         """Export the current training weights as the next model version and switch Predict to it."""
+        m = self.manifest
+
+        def write(path) -> int:
+            step = self.training.export_inference_model(path, m.output_name)
+            optimize_inference_model(path, [q.heads for q in m.qkv], m.input_name, m.input_shape)
+            return step
+
         with self._publish_lock:
-            version = self.versions.publish(
-                lambda path: self.training.export_inference_model(path, self.manifest.output_name))
+            version = self.versions.publish(write)
             self._serving = (version.version, self._inference_engine(version.version))
         log.info("published model version %d (step %d)", version.version, version.step)
         return version
