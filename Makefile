@@ -10,13 +10,14 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export serve demo test proto clean help
+.PHONY: install export serve demo test bench proto clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
 	@echo "make test     install and run the test suite"
 	@echo "make demo     install, export digits, fine-tune it over gRPC on scikit-learn's digits, report test accuracy"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
+	@echo "make bench    benchmark vs PyTorch eager and raw ONNX Runtime (BENCH_FLAGS=--quick: ~2 min)"
 	@echo "make proto    regenerate proto/vitserve_pb2*.py from proto/vitserve.proto"
 
 # The virtual environment, rebuilt when a requirements file changes.
@@ -46,6 +47,10 @@ demo: export
 
 test: install
 	$(BIN)/python -m pytest
+
+# Prints the table and writes bench/results/{results.txt,results.json,bench.png}; BENCH_FLAGS=--quick for a short run.
+bench: install
+	$(BIN)/python -m bench $(BENCH_FLAGS)
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/vitserve.proto

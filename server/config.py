@@ -56,14 +56,14 @@ class Settings:
     max_dynamic_batch: int = 64
     """Most images in one dynamically batched run; a larger request runs on its own."""
 
-    max_batch_delay_ms: float = 1.0
+    max_batch_delay_ms: float = 0.0
     """How long the batcher waits for more requests after the first one (0: only what is already queued)."""
 
     max_message_mb: int = 64
     """Largest gRPC message, in MiB, either way."""
 
-    workers: int = 8
-    """gRPC worker threads (concurrent calls being served)."""
+    workers: int = 32
+    """gRPC worker threads: calls in flight at once (Predict calls waiting in the dynamic batcher count)."""
 
     intra_op_threads: int = 0
     """ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime use every core."""

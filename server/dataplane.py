@@ -47,7 +47,8 @@ class DataPlane:
         self.settings = settings
         self.manifest = m = Manifest.load(settings.artifacts)
         self._providers = providers_for(settings.device)
-        self._options = session_options(settings.intra_op_threads)
+        self._options = session_options(settings.intra_op_threads, training=True)
+        self._inference_options = session_options(settings.intra_op_threads, training=False)
         folder = settings.data_dir / m.name
         self.checkpoints = CheckpointStore(folder / "checkpoints", m.raw["files"][TRAINING_MODEL],
                                            settings.keep_checkpoints)
@@ -87,7 +88,7 @@ class DataPlane:
     def _inference_engine(self, version: int) -> InferenceEngine:
         path = self.versions.model_path(version) if version else self.manifest.path(INFERENCE_MODEL)
         return InferenceEngine(path, self.manifest.input_name, self.manifest.output_name, self._providers,
-                               self._options)
+                               self._inference_options)
 
     @property
     def inference(self) -> InferenceEngine:

@@ -32,15 +32,16 @@ def providers_for(device: str) -> list:
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
-    """Session options for every session the server opens.
+def session_options(intra_op_threads: int = 0, *, training: bool = True) -> ort.SessionOptions:
+    """Session options for the sessions the server opens.
 
-    enable_mem_pattern is off: with it on, ORT 1.19.2's training session returned a
-    garbage loss (1e-5 instead of 2.47) for a 6-block ViT while its gradients were
-    right (DESIGN.md). The loss parity tests guard this.
+    Training sessions run with enable_mem_pattern off: with it on, ORT 1.19.2's training
+    session was seen to return a garbage loss (1e-5 instead of 2.47) for a 6-block ViT
+    while its gradients were right (DESIGN.md). The loss parity tests guard this.
+    Inference sessions keep ORT's defaults (memory patterns on).
     """
     options = ort.SessionOptions()
-    options.enable_mem_pattern = False
+    options.enable_mem_pattern = not training
     options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3  # warnings and below are noise for a server
     return options

@@ -55,7 +55,8 @@ def parity(folder: Path, model: torch.nn.Module, batch: int, seed: int):
     """Independent of the export's own check: another batch size and seed."""
     manifest = Manifest.load(folder)
     images, labels = verify.sample_batch(manifest.input_shape, manifest.num_classes, batch=batch, seed=seed)
-    engine = InferenceEngine(folder / "inference.onnx", "images", "logits", ["CPUExecutionProvider"], session_options())
+    engine = InferenceEngine(folder / "inference.onnx", "images", "logits", ["CPUExecutionProvider"],
+                             session_options(training=False))
     model.eval()
     with torch.no_grad():
         np.testing.assert_allclose(engine.logits(images), model(torch.from_numpy(images)).numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,494 @@
+"""The measurements of issue 5, items 1-6. Each workload returns table rows (bench.stats.Row).
+
+All servers are in-process (`server.app.create_server` on 127.0.0.1, port 0, a fresh data
+directory) and are called through the real client (`client.ViTClient`) over real channels.
+ONNX Runtime runs with the server's defaults (all cores); PyTorch gets the same thread count.
+Variants of a workload are measured in turn within each repeat (rotating the order), so
+repeat r of a variant and repeat r of its reference ran back to back: the ratios are taken
+pair by pair.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.artifacts import ROOT, ArtifactCache, run_export, threads, torch_model
+from bench.stats import Row, pair_ratios, rotated, time_calls
+
+RAW_ORT, GRPC, EAGER, COMPILED, ENGINE = "raw ORT in-process", "Predict over gRPC", "PyTorch eager", "torch.compile", \
+    "engine in-process"
+TRAIN_GRPC = "TrainStep over gRPC"
+
+
+@dataclass
+class Plan:
+    """How long and how often to measure. `quick()` is the CI smoke-test plan (~2 minutes)."""
+    quick: bool = False
+    repeats: int = 5  # repeats of every figure (each repeat: one timing window per variant)
+    heavy_repeats: int = 5  # repeats of vit-tiny at batch 32 (~3 s a call here)
+    train_window: float = 1.5  # seconds of train steps per variant and repeat
+    train_min_steps: int = 2
+    throughput_window: float = 1.0  # seconds of predict calls per variant and repeat (batch 8/32)
+    throughput_min_calls: int = 1
+    latency_window: float = 1.5  # seconds of batch-1 calls per variant and repeat
+    latency_min_calls: int = 10
+    dynamic_window: float = 4.0  # seconds of 16-client load per setting and repeat
+    dynamic_repeats: int = 3
+    dynamic_clients: int = 16
+    export_repeats: int = 3
+    peak_repeats: int = 10
+    compile: bool = True
+    compile_limit_s: float = 420.0  # per preset: compile + measurement in the subprocess
+
+    @classmethod
+    def quick_plan(cls) -> "Plan":
+        return cls(quick=True, repeats=3, heavy_repeats=2, train_window=0.5, train_min_steps=1,
+                   throughput_window=0.4, latency_window=0.5, latency_min_calls=5, dynamic_window=1.5,
+                   dynamic_repeats=2, export_repeats=1, peak_repeats=5, compile=False)
+
+
+class Context:
+    def __init__(self, plan: Plan, cache: ArtifactCache):
+        self.plan = plan
+        self.cache = cache
+        self.threads = threads()
+        self.tmp = Path(tempfile.mkdtemp(prefix="vitserve-bench-"))
+        self.info: dict = {}  # extra facts for the JSON (peak, settings, compile times, ...)
+
+    def close(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def batch(self, preset: str, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        from model.vit import PRESETS
+
+        c = PRESETS[preset]
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((size, c.channels, c.image_size, c.image_size), dtype=np.float32)
+        return x, rng.integers(0, c.num_classes, size).astype(np.int64)
+
+
+class Served:
+    """An in-process server on 127.0.0.1 (port 0) over `folder`, with its own data directory."""
+
+    def __init__(self, ctx: Context, folder: Path, **settings):
+        from server.app import create_server
+        from server.config import Settings
+        from server.dataplane import DataPlane
+
+        data = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix="data-"))
+        self.settings = Settings(artifacts=folder, host="127.0.0.1", port=0, data_dir=data, log_level="WARNING",
+                                 **settings)
+        self.plane = DataPlane(self.settings)
+        self.server, self.port = create_server(self.settings, self.plane)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def client(self):
+        from client import ViTClient
+
+        return ViTClient(self.address, timeout=600)
+
+    def close(self):
+        self.server.stop(None).wait()
+        try:
+            self.plane.close()
+        except Exception:
+            pass
+
+
+def _warm(fn, seconds: float = 0.3, calls: int = 2):
+    time_calls(fn, seconds, calls)
+
+
+def _na(item, workload, variants, unit, reason, key_prefix="") -> list[Row]:
+    return [Row(item, workload, v, unit, note=f"n/a: {reason}", key=f"{key_prefix}/{v}") for v in variants]
+
+
+# ---- 5: the machine's practical peak ------------------------------------------------------------------
+
+def matmul_peak(ctx: Context, n: int = 2048) -> list[Row]:
+    """Best GFLOP/s of a float32 n x n matmul: numpy (the reference for % of peak) and torch.mm."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    flop = 2 * n ** 3
+    rows = []
+    for variant, fn in (("numpy @ (OpenBLAS)", lambda: a @ b),
+                        ("torch.mm", lambda ta=torch.from_numpy(a), tb=torch.from_numpy(b): torch.mm(ta, tb))):
+        _warm(fn, 0.2, 2)
+        times = time_calls(fn, 0.0, ctx.plan.peak_repeats)
+        gflops = [flop / t / 1e9 for t in times]
+        rows.append(Row("5", f"matmul {n}x{n} f32 peak", variant, "GFLOP/s", gflops, value=max(gflops),
+                        note=f"best of {len(gflops)} (median shown in spread)", key=f"peak/{variant}"))
+    return rows
+
+
+# ---- 1 + 4: train steps ---------------------------------------------------------------------------------
+
+def train(ctx: Context, preset: str, batch: int) -> list[Row]:
+    import torch
+    import torch.nn.functional as F
+
+    plan = ctx.plan
+    folder = ctx.cache.ensure(preset)
+    served = Served(ctx, folder)
+    client = served.client()
+    try:
+        x, y = ctx.batch(preset, batch)
+        model = torch_model(preset, folder).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.01)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+        def torch_step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xt), yt)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        engine = served.plane.training
+        fns = {
+            ENGINE: lambda: engine.train_step(x, y, summaries=True),
+            TRAIN_GRPC: lambda: client.train_step(x, y),
+            EAGER: torch_step,
+        }
+        no_summaries = lambda: client.train_step(x, y, summaries=False)  # noqa: E731
+        engine_off = lambda: engine.train_step(x, y, summaries=False)  # noqa: E731
+        for fn in (*fns.values(), no_summaries, engine_off):
+            _warm(fn, 0.0, 2)
+        steps = {name: [] for name in (*fns, "full", "off", "engine full", "engine off")}  # s/step, one per repeat
+        for r in range(plan.repeats):
+            for name in rotated([*fns, "item 4"], r):
+                if name == "item 4":  # full vs omitted summaries, alternating step by step (order swapped per pair)
+                    for where, full_fn, off_fn in (("", fns[TRAIN_GRPC], no_summaries),
+                                                   ("engine ", fns[ENGINE], engine_off)):
+                        full, off = _alternate(full_fn, off_fn, plan.train_window * 2, plan.train_min_steps)
+                        steps[where + "full"].append(sum(full) / len(full))
+                        steps[where + "off"].append(sum(off) / len(off))
+                    continue
+                times = time_calls(fns[name], plan.train_window, plan.train_min_steps)
+                steps[name].append(sum(times) / len(times))
+    finally:
+        client.close()
+        served.close()
+
+    ips = {name: [batch / s for s in v] for name, v in steps.items()}
+    workload = f"train {preset} b{batch}"
+    rows = [
+        Row("1", workload, ENGINE + " (summaries)", "images/s", ips[ENGINE], vs_torch=pair_ratios(ips[ENGINE], ips[EAGER]),
+            key=f"train/{preset}/engine"),
+        Row("1", workload, TRAIN_GRPC + " (summaries)", "images/s", ips[TRAIN_GRPC],
+            vs_torch=pair_ratios(ips[TRAIN_GRPC], ips[EAGER]), vs_ort=pair_ratios(ips[TRAIN_GRPC], ips[ENGINE]),
+            note="vs raw ORT: vs the engine in-process", key=f"train/{preset}/grpc"),
+        Row("1", workload, EAGER + " + AdamW", "images/s", ips[EAGER], key=f"train/{preset}/eager"),
+    ]
+    rows += _summary_rows(workload, preset, "", TRAIN_GRPC, steps["full"], steps["off"])
+    rows += _summary_rows(workload, preset, "engine-", ENGINE, steps["engine full"], steps["engine off"])
+    ctx.info.setdefault("train_eager_images_per_s", {})[preset] = ips[EAGER]
+    return rows
+
+
+def _summary_rows(workload, preset, prefix, what, full, off) -> list[Row]:
+    return [
+        Row("4", workload, what + ", full summaries", "ms/step", [s * 1e3 for s in full],
+            key=f"summaries/{preset}/{prefix}full"),
+        Row("4", workload, what + ", summaries omitted", "ms/step", [s * 1e3 for s in off],
+            key=f"summaries/{preset}/{prefix}off"),
+        Row("4", workload, what + ": summaries overhead", "%", [(f - o) / f * 100 for f, o in zip(full, off)],
+            note="(full - omitted) / full; steps alternate full / omitted; one figure per repeat",
+            key=f"summaries/{preset}/{prefix}overhead"),
+    ]
+
+
+def _alternate(a, b, window_s: float, min_pairs: int) -> tuple[list[float], list[float]]:
+    """Seconds of calls to a and b, alternating (a b, b a, a b, ...) until window_s passed and min_pairs pairs ran."""
+    ta, tb = [], []
+    start = time.perf_counter()
+    while len(ta) < min_pairs or time.perf_counter() - start < window_s:
+        for fn, out in ((a, ta), (b, tb)) if len(ta) % 2 == 0 else ((b, tb), (a, ta)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return ta, tb
+
+
+def train_compiled(ctx: Context, preset: str, batch: int) -> list[Row]:
+    """torch.compile(model) + eager AdamW in a subprocess (bench.compile_worker) with a time limit."""
+    plan = ctx.plan
+    workload = f"train {preset} b{batch}"
+    key = f"train/{preset}/compiled"
+    if not plan.compile:
+        return [Row("1", workload, COMPILED + " + AdamW", "images/s", note="n/a: skipped with --quick", key=key)]
+    folder = ctx.cache.ensure(preset)
+    cmd = [sys.executable, "-m", "bench.compile_worker", "--preset", preset, "--folder", str(folder),
+           "--batch", str(batch), "--repeats", str(plan.repeats), "--window", str(plan.train_window),
+           "--min-steps", str(plan.train_min_steps), "--threads", str(ctx.threads)]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=plan.compile_limit_s)
+    except subprocess.TimeoutExpired:
+        return [Row("1", workload, COMPILED + " + AdamW", "images/s",
+                    note=f"n/a: compile + measurement did not finish in {plan.compile_limit_s:.0f} s", key=key)]
+    if proc.returncode != 0:
+        lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()]
+        return [Row("1", workload, COMPILED + " + AdamW", "images/s",
+                    note=f"n/a: torch.compile failed: {lines[-1][:160] if lines else proc.returncode}", key=key)]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ctx.info.setdefault("torch_compile", {})[preset] = {"compile_s": out["compile_s"],
+                                                        "subprocess_s": time.perf_counter() - started,
+                                                        "eager_in_worker": out["eager"]}
+    return [Row("1", workload, COMPILED + " + AdamW", "images/s", out["compiled"],
+                vs_torch=pair_ratios(out["compiled"], out["eager"]),
+                note=f"first step (compile) {out['compile_s']:.0f} s; vs eager: eager measured in the same subprocess",
+                key=key)]
+
+
+# ---- 2: predict -----------------------------------------------------------------------------------------
+
+def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
+    import onnxruntime as ort
+    import torch
+
+    plan = ctx.plan
+    folder = ctx.cache.ensure(preset)
+    served = Served(ctx, folder)
+    client = served.client()
+    settings = served.settings
+    served_note = "server defaults" + (f": dynamic batching {'on' if settings.dynamic_batching else 'off'}, "
+                                       f"delay {getattr(settings, 'max_batch_delay_ms', '?')} ms"
+                                       if hasattr(settings, "dynamic_batching") else "")
+    ctx.info["server_settings"] = {k: str(v) for k, v in dataclasses.asdict(settings).items()
+                                   if k not in ("artifacts", "data_dir", "port")}
+    rows = []
+    try:
+        session = ort.InferenceSession(str(folder / "inference.onnx"), providers=["CPUExecutionProvider"])
+        model = torch_model(preset, folder).eval()
+
+        def variants(x):
+            xt = torch.from_numpy(x)
+
+            def eager():
+                with torch.inference_mode():
+                    return model(xt).numpy()
+
+            return {RAW_ORT: lambda: session.run(["logits"], {"images": x})[0],
+                    GRPC: lambda: client.predict(x, return_logits=False),
+                    EAGER: eager}
+
+        # batch 1: latency
+        x1, _ = ctx.batch(preset, 1, seed=1)
+        fns = variants(x1)
+        for fn in fns.values():
+            _warm(fn)
+        calls = {name: [] for name in fns}  # per repeat: the list of call latencies (s)
+        for r in range(plan.repeats):
+            for name in rotated(list(fns), r):
+                calls[name].append(time_calls(fns[name], plan.latency_window, plan.latency_min_calls))
+        workload = f"predict {preset} b1"
+        for q, label in ((50, "p50"), (99, "p99")):
+            per = {name: [float(np.percentile(c, q)) * 1e3 for c in reps] for name, reps in calls.items()}
+            pooled = {name: float(np.percentile(np.concatenate(reps), q)) * 1e3 for name, reps in calls.items()}
+            for name in fns:
+                rows.append(Row(
+                    "2", workload, name, f"ms {label}", per[name], value=pooled[name],
+                    note=(served_note + "; " if name == GRPC else "") +
+                    f"{label} of {sum(map(len, calls[name]))} calls; spread: per-repeat {label}",
+                    vs_torch=None if name == EAGER else pair_ratios(per[name], per[EAGER], higher_is_better=False),
+                    vs_ort=pair_ratios(per[name], per[RAW_ORT], higher_is_better=False) if name == GRPC else None,
+                    key=f"latency/{preset}/{label}/{name}"))
+
+        for size in batches:
+            x, _ = ctx.batch(preset, size, seed=size)
+            fns = variants(x)
+            for fn in fns.values():
+                _warm(fn, 0.0, 1)
+            ips = {name: [] for name in fns}
+            repeats = plan.heavy_repeats if preset == "vit-tiny" and size >= 32 else plan.repeats
+            for r in range(repeats):
+                for name in rotated(list(fns), r):
+                    times = time_calls(fns[name], plan.throughput_window, plan.throughput_min_calls)
+                    ips[name].append(len(times) * size / sum(times))
+            for name in fns:
+                rows.append(Row(
+                    "2", f"predict {preset} b{size}", name, "images/s", ips[name], note=served_note if name == GRPC else "",
+                    vs_torch=None if name == EAGER else pair_ratios(ips[name], ips[EAGER]),
+                    vs_ort=pair_ratios(ips[name], ips[RAW_ORT]) if name == GRPC else None,
+                    key=f"predict/{preset}/b{size}/{name}"))
+    finally:
+        client.close()
+        served.close()
+    return rows
+
+
+# ---- 3: dynamic batching --------------------------------------------------------------------------------
+
+DYNAMIC_FIELDS = ("dynamic_batching", "max_batch_delay_ms", "max_dynamic_batch")
+
+
+def _load(clients, x, seconds: float) -> tuple[int, float, list[float], list[str]]:
+    """Each client (own thread, own channel) sends single-image Predicts until the deadline."""
+    latencies = [[] for _ in clients]
+    errors: list[str] = []
+    barrier = threading.Barrier(len(clients) + 1)
+    clock = {}
+
+    def worker(i):
+        barrier.wait()
+        deadline = clock["start"] + seconds
+        c = clients[i]
+        try:
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                c.predict(x, top_k=1)
+                latencies[i].append(time.perf_counter() - t)
+        except Exception as e:  # reported, and the figure is dropped
+            errors.append(f"{type(e).__name__}: {e}")
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(clients))]
+    for t in pool:
+        t.start()
+    clock["start"] = time.perf_counter()
+    barrier.wait()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - clock["start"]
+    flat = [l for per in latencies for l in per]
+    return len(flat), elapsed, flat, errors
+
+
+def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
+    """16 client threads (own ViTClient each) x single-image Predicts against a server with batching off / on.
+
+    Also measures, in the same rotation, raw in-process ORT running the same images as one batch of
+    `dynamic_clients` rows: the throughput the batcher could at best reach (the 'vs raw ORT' column).
+    """
+    import onnxruntime as ort
+
+    from server.config import Settings
+
+    plan = ctx.plan
+    n = plan.dynamic_clients
+    workload = f"dynamic batching {preset}, {n} clients x 1 image"
+    variants = ["batching off", "batching on"]
+    ceiling = f"raw ORT in-process b{n} (ceiling)"
+    names = {f.name for f in dataclasses.fields(Settings)}
+    if "dynamic_batching" not in names:
+        return _na("3", workload, variants, "images/s", "server has no dynamic batching setting",
+                   f"dynamic/{preset}") + _na("3", workload, ["on/off speedup"], "x",
+                                              "server has no dynamic batching setting", f"dynamic/{preset}")
+    folder = ctx.cache.ensure(preset)
+    servers, clients = {}, {}
+    try:
+        for v in variants:
+            servers[v] = Served(ctx, folder, dynamic_batching=(v == "batching on"))
+            clients[v] = [servers[v].client() for _ in range(n)]
+        defaults = Settings()
+        ctx.info.setdefault("dynamic_batching_settings", {k: getattr(defaults, k) for k in DYNAMIC_FIELDS
+                                                          if hasattr(defaults, k)})
+        ctx.info["dynamic_batching_settings"]["workers"] = defaults.workers
+        x, _ = ctx.batch(preset, 1, seed=3)
+        session = ort.InferenceSession(str(folder / "inference.onnx"), providers=["CPUExecutionProvider"])
+        xb = np.repeat(x, n, axis=0)
+        _warm(lambda: session.run(["logits"], {"images": xb}), 0.2, 2)
+        for v in variants:
+            _load(clients[v], x, 0.5)  # warm-up: channels connected, sessions warm
+        batcher = getattr(servers["batching on"].plane, "batcher", None)
+        sizes = getattr(batcher, "batch_sizes", None)
+        if sizes is not None:
+            sizes.clear()
+        thr = {v: [] for v in [*variants, ceiling]}
+        p99 = {v: [] for v in variants}
+        pooled = {v: [] for v in variants}
+        errors = []
+        for r in range(plan.dynamic_repeats):
+            for v in rotated([*variants, ceiling], r):
+                if v == ceiling:
+                    times = time_calls(lambda: session.run(["logits"], {"images": xb}), plan.throughput_window, 1)
+                    thr[v].append(len(times) * n / sum(times))
+                    continue
+                count, elapsed, lat, errs = _load(clients[v], x, plan.dynamic_window)
+                errors += errs
+                thr[v].append(count / elapsed)
+                p99[v].append(float(np.percentile(lat, 99)) * 1e3 if lat else float("nan"))
+                pooled[v] += lat
+        batches = dict(sizes) if sizes else {}
+    finally:
+        for v in clients:
+            for c in clients[v]:
+                c.close()
+        for s in servers.values():
+            s.close()
+    if errors:
+        return _na("3", workload, variants, "images/s", f"client errors: {errors[0][:160]}", f"dynamic/{preset}")
+    d = ctx.info["dynamic_batching_settings"]
+    on_note = ", ".join(f"{k} {d[k]}" for k in ("max_batch_delay_ms", "max_dynamic_batch", "workers") if k in d)
+    if batches:
+        count = sum(batches.values())
+        mean = sum(k * v for k, v in batches.items()) / count
+        on_note += f"; {count} batches, mean {mean:.1f} rows, max {max(batches)}"
+        ctx.info.setdefault("dynamic_batch_sizes", {})[preset] = {str(k): v for k, v in sorted(batches.items())}
+    rows = []
+    for v in variants:
+        rows.append(Row("3", workload, v, "images/s", thr[v], vs_ort=pair_ratios(thr[v], thr[ceiling]),
+                        key=f"dynamic/{preset}/{v}",
+                        note=f"{plan.dynamic_window:g} s windows" + (f"; {on_note}" if v == "batching on" else "")))
+    rows.append(Row("3", workload, ceiling, "images/s", thr[ceiling], key=f"dynamic/{preset}/ceiling",
+                    note="the same images as one batch, no gRPC: the most batching could give"))
+    for v in variants:
+        rows.append(Row("3", workload, v, "ms p99", p99[v], value=float(np.percentile(pooled[v], 99)) * 1e3,
+                        note=f"p99 of {len(pooled[v])} calls; spread: per-window p99", key=f"dynamic/{preset}/p99/{v}"))
+    rows.append(Row("3", workload, "on/off speedup", "x", pair_ratios(thr["batching on"], thr["batching off"]),
+                    note="throughput, per repeat pair", key=f"dynamic/{preset}/speedup"))
+    return rows
+
+
+# ---- 6: export time -------------------------------------------------------------------------------------
+
+def export_time(ctx: Context, preset: str = "vit-tiny") -> list[Row]:
+    """`python -m model.export --preset vit-tiny` into a scratch folder; the first result fills the cache."""
+    wall, inner = [], []
+    for _ in range(ctx.plan.export_repeats):
+        out = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix="export-"))
+        result = run_export(preset, out)
+        wall.append(result["wall_s"])
+        inner.append(result["export_s"])
+        if not ctx.cache.has(preset):
+            ctx.cache.adopt(preset, result["folder"])
+        shutil.rmtree(out, ignore_errors=True)
+    return [
+        Row("6", f"export {preset}", "python -m model.export (process)", "s", wall, key=f"export/{preset}/process",
+            note="wall clock: imports + export + check vs PyTorch"),
+        Row("6", f"export {preset}", "export() incl. parity check", "s", inner, key=f"export/{preset}/inner",
+            note="the manifest's export_seconds"),
+    ]
+
+
+# ---- 5: achieved GFLOP/s (derived from the rows above) --------------------------------------------------
+
+def achieved_flops(rows: list[Row], peak: float) -> list[Row]:
+    """GFLOP/s and % of the matmul peak of every throughput row of items 1 and 2 (batch >= 8)."""
+    from bench.flops import forward_flops, train_flops
+    from model.vit import PRESETS
+
+    out = []
+    for row in rows:
+        if row.unit != "images/s" or row.item not in ("1", "2") or not row.samples:
+            continue
+        kind, preset, *_ = row.key.split("/")
+        flop = train_flops(PRESETS[preset]) if kind == "train" else forward_flops(PRESETS[preset])
+        gflops = [s * flop / 1e9 for s in row.samples]
+        out.append(Row("5", row.workload, row.variant, "GFLOP/s", gflops, key=f"flops/{row.key}",
+                       peak_pct=[g / peak * 100 for g in gflops], other_load=row.other_load,
+                       note=f"{flop / 1e9:.3g} GFLOP/image ({'3x forward' if kind == 'train' else 'forward'})"))
+    return out
