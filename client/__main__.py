@@ -48,10 +48,16 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description="Talk to a vitserve server (proto/vitserve.proto).")
+    parser = argparse.ArgumentParser(prog="python -m client", description="Talk to a vitserve server (proto/vitserve.proto).",
+                                     allow_abbrev=False)
     parser.add_argument("--address", help="server HOST:PORT (default: $VITSERVE_ADDRESS or localhost:50051)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call; 0 = none (default 30)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="file holding the bearer token (default: $VITSERVE_TOKEN; never pass a token itself)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA certificate to verify the server: use TLS")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate, for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     # --json is also accepted after the command; SUPPRESS keeps it from resetting the global flag.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -230,20 +236,34 @@ def print_attention(r: TrainStepResult) -> None:
 
 # ---------------------------------------------------------------- main
 
+def connect(args: argparse.Namespace) -> ViTClient:
+    """A client for the global options: address, timeout, TLS files and the token ($VITSERVE_TOKEN or --token-file)."""
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise UsageError(f"token file {args.token_file} is empty")
+    else:
+        token = os.environ.get("VITSERVE_TOKEN", "").strip()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    return ViTClient(args.address, timeout=args.timeout or None, token=token or None, tls_ca=args.tls_ca,
+                     tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "health":
         return health(args)
     commands = {"info": show_info, "predict": predict, "train-step": train_steps, "eval-step": eval_step,
                 "optimizer": optimizer, "checkpoint": checkpoint, "publish": publish, "explain": explain,
                 "grads": grads}
-    with ViTClient(args.address, timeout=args.timeout or None) as client:
+    with connect(args) as client:
         commands[args.command](client, args)
     return 0
 
 
 def health(args: argparse.Namespace) -> int:
     """For probes (Docker HEALTHCHECK, Kubernetes): prints the status, exits 0 only when SERVING."""
-    with ViTClient(args.address, timeout=args.timeout or None) as client:
+    with connect(args) as client:
         status = client.health()
     if args.json:
         emit({"status": status})

@@ -416,14 +416,27 @@ class ViTClient:
     """Client for a VitServe server; use as a context manager or call close()."""
 
     def __init__(self, address: str | None = None, timeout: float | None = 30.0,
-                 max_message_mb: int = 64) -> None:
+                 max_message_mb: int = 64, token: str | None = None,
+                 tls_ca: str | os.PathLike | None = None, tls_cert: str | os.PathLike | None = None,
+                 tls_key: str | os.PathLike | None = None) -> None:
+        """`token`: bearer token sent with every call. `tls_ca` (PEM file of the CA that signed the server's
+        certificate) makes the channel TLS; `tls_cert` and `tls_key` add a client certificate (mutual TLS)."""
         self.address = address or self.default_address()
         self.timeout = timeout
+        token = (token or "").strip()
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         limit = max_message_mb * 1024 * 1024
-        self._channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-        ])
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if tls_ca is not None or tls_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+                private_key=Path(tls_key).read_bytes() if tls_key is not None else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert is not None else None)
+            self._channel = grpc.secure_channel(self.address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
         self._stub = vitserve_pb2_grpc.VitServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -444,7 +457,7 @@ class ViTClient:
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
         """Invoke one RPC, translating grpc.RpcError into ClientError."""
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             code = e.code().name if hasattr(e, "code") and e.code() is not None else "UNKNOWN"
             details = (e.details() if hasattr(e, "details") else None) or str(e)

@@ -8,7 +8,8 @@ import sys
 import threading
 
 from server.app import create_server
-from server.config import FIELD_DOCS, Settings
+from server.auth import Security
+from server.config import FIELD_DOCS, SECRET_FIELDS, Settings
 from server.dataplane import DataPlane
 from server.errors import ConfigError
 
@@ -16,9 +17,11 @@ log = logging.getLogger("server")
 
 
 def parse_args(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__, allow_abbrev=False)  # no --read-token for --read-token-file
     defaults = Settings()
     for name, doc in FIELD_DOCS.items():
+        if name in SECRET_FIELDS:  # secrets never go on the command line (ps, shell history): env or *_file only
+            continue
         default = getattr(defaults, name)
         flag, help_ = f"--{name.replace('_', '-')}", f"{doc} (env VITSERVE_{name.upper()}; default {default})"
         if isinstance(default, bool):
@@ -35,8 +38,9 @@ def main(argv=None) -> int:
     try:
         settings = Settings.from_env(**args)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        security = Security.from_settings(settings)  # bad TLS/token settings fail before the model loads
         plane = DataPlane(settings)
-        server, port = create_server(settings, plane)
+        server, port = create_server(settings, plane, security)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto import vitserve_pb2, vitserve_pb2_grpc
+from server.auth import Security, log_mode
 from server.config import Settings
 from server.dataplane import DataPlane
 from server.servicer import VitServeServicer
@@ -17,13 +18,19 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].full_name  # "vitserve.v1.VitServe"
 
 
-def create_server(settings: Settings, plane: DataPlane | None = None) -> tuple[grpc.Server, int]:
-    """Build and start a server on settings.host:settings.port (port 0 picks one); returns it and its port."""
+def create_server(settings: Settings, plane: DataPlane | None = None,
+                  security: Security | None = None) -> tuple[grpc.Server, int]:
+    """Build and start a server on settings.host:settings.port (port 0 picks one); returns it and its port.
+
+    `security` (TLS credentials, tokens) defaults to Security.from_settings(settings); ConfigError when invalid.
+    """
+    security = security or Security.from_settings(settings)
     plane = plane or DataPlane(settings)
     limit = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="vitserve"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        interceptors=security.interceptors(),
     )
     vitserve_pb2_grpc.add_VitServeServicer_to_server(VitServeServicer(plane), server)
 
@@ -36,9 +43,13 @@ def create_server(settings: Settings, plane: DataPlane | None = None) -> tuple[g
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
 
     address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    if security.credentials is not None:
+        port = server.add_secure_port(address, security.credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}")
     server.start()
+    log_mode(security, settings.host)
     log.info("serving %s on %s:%d", SERVICE_NAME, settings.host, port)
     return server, port

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
 from server.errors import ConfigError
 
 ENV_PREFIX = "VITSERVE_"
+SECRET_FIELDS = frozenset({"read_token", "write_token"})
+"""Settings that hold secrets: environment only (no command-line flag), never in repr or logs."""
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Settings:
     max_batch_delay_ms: float = 0.0
     """How long the batcher waits for more requests after the first one (0: only what is already queued)."""
 
+    max_queued_train_steps: int = 8
+    """Training calls allowed to wait for the one running; more get RESOURCE_EXHAUSTED."""
+
     max_message_mb: int = 64
     """Largest gRPC message, in MiB, either way."""
 
@@ -70,6 +75,27 @@ class Settings:
 
     log_level: str = "INFO"
     """Python logging level."""
+
+    tls_cert: str = ""
+    """PEM file with the server's TLS certificate (chain); with tls_key it turns TLS on ('' = plaintext)."""
+
+    tls_key: str = ""
+    """PEM file with the private key of tls_cert."""
+
+    tls_client_ca: str = ""
+    """PEM file with the CA(s) that sign client certificates: mutual TLS, a client without a valid one is refused."""
+
+    read_token_file: str = ""
+    """File holding the read bearer token (Predict, info, listing); any token turns authentication on."""
+
+    write_token_file: str = ""
+    """File holding the write bearer token (training, optimizer, checkpoints, publish; it also grants read)."""
+
+    read_token: str = field(default="", repr=False)
+    """The read bearer token itself: environment (VITSERVE_READ_TOKEN) only, never a flag."""
+
+    write_token: str = field(default="", repr=False)
+    """The write bearer token itself: environment (VITSERVE_WRITE_TOKEN) only, never a flag."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -19,7 +19,7 @@ import numpy as np
 from server import codec
 from server.config import Settings
 from server.batching import DynamicBatcher
-from server.errors import ConfigError, InvalidArgument
+from server.errors import ConfigError, InvalidArgument, ResourceExhausted
 from server.fusion import optimize_inference_model
 from server.explain import Explanation, GradientExplainer
 from server.inference import InferenceEngine, top_k
@@ -76,6 +76,8 @@ class DataPlane:
 
         self._checkpoint_lock = threading.Lock()
         self._publish_lock = threading.Lock()
+        self._train_gate = threading.Lock()
+        self._train_calls = 0  # TrainSteps running or waiting
         self._explainer = None  # built on first use: reading the training graph costs a moment
         self._dirty = False  # training state changed since the last checkpoint
         self._last_checkpoint = time.monotonic()
@@ -149,8 +151,20 @@ class DataPlane:
     # -- training -------------------------------------------------------------------------------------
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True,
-                   accumulate_only: bool = False) -> StepResult:
-        result = self.training.train_step(images, labels, summaries=summaries, accumulate_only=accumulate_only)
+                   accumulate_only: bool = False, deadline: float | None = None) -> StepResult:
+        """One train step (serialized); at most `max_queued_train_steps` may wait behind the running one."""
+        limit = self.settings.max_queued_train_steps
+        with self._train_gate:
+            if self._train_calls > limit:  # one running + `limit` waiting
+                raise ResourceExhausted(f"training queue is full: {self._train_calls - 1} train steps are waiting "
+                                        f"(max_queued_train_steps={limit}); retry later")
+            self._train_calls += 1
+        try:
+            result = self.training.train_step(images, labels, summaries=summaries, accumulate_only=accumulate_only,
+                                              deadline=deadline)
+        finally:
+            with self._train_gate:
+                self._train_calls -= 1
         if result.applied:
             self._dirty = True
             s = self.settings

@@ -31,6 +31,12 @@ class ResourceExhausted(VitServeError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(VitServeError):
+    """The caller's deadline passed before the work started; nothing was done."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class ConfigError(VitServeError):
     """The server cannot start as configured (bad artifacts, unavailable device...)."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from dataclasses import asdict
 
 import grpc
@@ -92,8 +93,10 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
     @grpc_errors
     def TrainStep(self, request: pb.TrainStepRequest, context) -> pb.TrainStepResponse:
         images, labels = self._labelled(request)
+        remaining = context.time_remaining()  # None without a client deadline
         r = self.plane.train_step(images, labels, summaries=not request.omit_gradient_summaries,
-                                  accumulate_only=request.accumulate_only)
+                                  accumulate_only=request.accumulate_only,
+                                  deadline=time.monotonic() + remaining if remaining is not None else None)
         return pb.TrainStepResponse(
             loss=r.loss, step=r.step, learning_rate=r.learning_rate, grad_norm=r.grad_norm, step_seconds=r.step_seconds,
             gradients=[pb.GradientSummary(**asdict(g)) for g in r.gradients],

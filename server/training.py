@@ -24,7 +24,7 @@ from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
 
 from server import gradients
-from server.errors import InvalidArgument
+from server.errors import DeadlineExceeded, InvalidArgument
 from server.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
 from server.runtime import parse_device
 from server.schedule import LinearSchedule, LrPolicy, check_learning_rate
@@ -205,12 +205,16 @@ class TrainingEngine:
                 self._accumulated = 0
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True,
-                   accumulate_only: bool = False) -> StepResult:
+                   accumulate_only: bool = False, deadline: float | None = None) -> StepResult:
         """One forward/backward on a validated batch, then (unless accumulating) one guarded update.
 
-        images float32 (b, c, h, w), labels int64 (b,).
+        images float32 (b, c, h, w), labels int64 (b,). `deadline` (time.monotonic()): a step that
+        is still waiting for the lock when it passes is not started at all.
         """
         with self._lock:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the deadline passed while the step waited for the running one; "
+                                       "it was not applied")
             start = time.perf_counter()
             loss, grads = self._forward_backward(images, labels)
             batches = self._accumulated
