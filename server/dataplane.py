@@ -19,7 +19,7 @@ import numpy as np
 from server import codec
 from server.config import Settings
 from server.batching import DynamicBatcher
-from server.errors import ConfigError, InvalidArgument, ResourceExhausted
+from server.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
 from server.fusion import optimize_inference_model
 from server.explain import Explanation, GradientExplainer
 from server.inference import InferenceEngine, top_k
@@ -76,8 +76,9 @@ class DataPlane:
 
         self._checkpoint_lock = threading.Lock()
         self._publish_lock = threading.Lock()
-        self._train_gate = threading.Lock()
+        self._train_gate = threading.Condition()
         self._train_calls = 0  # TrainSteps running or waiting
+        self._closing = False
         self._explainer = None  # built on first use: reading the training graph costs a moment
         self._dirty = False  # training state changed since the last checkpoint
         self._last_checkpoint = time.monotonic()
@@ -155,6 +156,8 @@ class DataPlane:
         """One train step (serialized); at most `max_queued_train_steps` may wait behind the running one."""
         limit = self.settings.max_queued_train_steps
         with self._train_gate:
+            if self._closing:
+                raise Unavailable("the server is shutting down; no more train steps")
             if self._train_calls > limit:  # one running + `limit` waiting
                 raise ResourceExhausted(f"training queue is full: {self._train_calls - 1} train steps are waiting "
                                         f"(max_queued_train_steps={limit}); retry later")
@@ -165,6 +168,7 @@ class DataPlane:
         finally:
             with self._train_gate:
                 self._train_calls -= 1
+                self._train_gate.notify_all()
         if result.applied:
             self._dirty = True
             s = self.settings
@@ -193,7 +197,7 @@ class DataPlane:
         """Atomically write the training state. Empty name: manual-<step> or step-<step> (automatic)."""
         if name:
             checkpoint_name(name)
-        with self._checkpoint_lock:
+        with self._checkpoint_lock, self.training.lock:  # no step between naming and writing
             step = self.training.step
             name = name or (f"manual-{step:08d}" if reason == "manual" else f"step-{step:08d}")
             info = self.checkpoints.save(name, reason, self.training.save_checkpoint)
@@ -222,7 +226,11 @@ class DataPlane:
                     log.exception("automatic checkpoint failed")
 
     def close(self) -> CheckpointInfo | None:
-        """Stop the batcher and the timer; write a final checkpoint if the training state changed since the last one."""
+        """Refuse new train steps, let running ones finish, stop the batcher and the timer, and write a final
+        checkpoint if the training state changed since the last one (so it holds every applied step)."""
+        with self._train_gate:
+            self._closing = True
+            self._train_gate.wait_for(lambda: self._train_calls == 0)
         if self.batcher:
             self.batcher.close()
             self.batcher = None

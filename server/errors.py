@@ -37,6 +37,12 @@ class DeadlineExceeded(VitServeError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Unavailable(VitServeError):
+    """The server is shutting down."""
+
+    code = "UNAVAILABLE"
+
+
 class ConfigError(VitServeError):
     """The server cannot start as configured (bad artifacts, unavailable device...)."""
 

@@ -85,7 +85,7 @@ class TrainingEngine:
         self._spans = list(zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes))  # (offset, size) in model order
         self._size = sum(sizes)
         self._qkv = [q for q in manifest.qkv if q.name in set(self._trainable)]
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: `lock` lets callers hold it around several calls
         self._policy = LrPolicy(check_learning_rate(learning_rate))
         self._clip = 0.0
         self._step = 0
@@ -129,6 +129,11 @@ class TrainingEngine:
             self._module.copy_parameters_to_buffer(value, True)
             return buffer
         return np.concatenate([self.parameter(n).reshape(-1) for n in self._trainable])
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every call that reads or changes the training state; hold it to make several calls atomic."""
+        return self._lock
 
     # -- reading state ----------------------------------------------------------------------------------
 
