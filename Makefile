@@ -10,7 +10,7 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export serve demo test bench proto clean help
+.PHONY: install export serve demo test bench loadtest proto clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
@@ -47,6 +47,10 @@ demo: export
 
 test: install
 	$(BIN)/python -m pytest
+
+# 30 s of 8 Predict clients + 1 training client against a server process: errors, p99, RSS growth.
+loadtest: export
+	$(BIN)/python -m bench.loadtest --artifacts $(ARTIFACTS) --seconds 30
 
 # Prints the table and writes bench/results/{results.txt,results.json,bench.png}; BENCH_FLAGS=--quick for a short run.
 bench: install
