@@ -10,7 +10,7 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export serve demo test bench loadtest proto clean help
+.PHONY: install export serve demo test bench loadtest fuzz proto clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
@@ -47,6 +47,13 @@ demo: export
 
 test: install
 	$(BIN)/python -m pytest
+
+# Coverage-guided fuzzing (atheris) of request decoding and validation for FUZZ_SECONDS; inputs that reach
+# new code are added to tests/fuzz/corpus/, which tests/test_fuzz_corpus.py replays: commit them.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	$(BIN)/python -m pip install -q atheris==3.0.0
+	$(BIN)/python tests/fuzz/fuzz_validation.py tests/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -timeout=10
 
 # 30 s of 8 Predict clients + 1 training client against a server process: errors, p99, RSS growth.
 loadtest: export

@@ -19,7 +19,7 @@ DTYPES = {
     "UINT8": np.dtype("u1"),
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a decoded image larger than this is refused (decompression bombs)
+MAX_IMAGE_PIXELS = 4096 * 4096  # an encoded image larger than this is refused before decoding (decompression bombs)
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
@@ -55,7 +55,9 @@ def decode_images(encoded: list[bytes], prep: Preprocessing) -> np.ndarray:
     batch = np.empty((len(encoded), prep.channels, prep.height, prep.width), dtype=np.float32)
     for i, blob in enumerate(encoded):
         try:
-            with Image.open(io.BytesIO(blob)) as image:
+            with Image.open(io.BytesIO(blob)) as image:  # lazy: only the header is read here
+                if image.width * image.height > MAX_IMAGE_PIXELS:  # refuse before decoding (Pillow only warns
+                    raise Image.DecompressionBombError  # below twice its own limit: a memory DoS)
                 image = image.convert(mode)
                 if image.size != (prep.width, prep.height):
                     image = image.resize((prep.width, prep.height), Image.Resampling.BILINEAR)

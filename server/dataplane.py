@@ -16,18 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server import codec
-from server.config import Settings
 from server.batching import DynamicBatcher
+from server.config import Settings
 from server.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
-from server.fusion import optimize_inference_model
 from server.explain import Explanation, GradientExplainer
+from server.fusion import optimize_inference_model
 from server.inference import InferenceEngine, top_k
 from server.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest
 from server.runtime import providers_for, session_options
 from server.schedule import LinearSchedule
 from server.store import CheckpointInfo, CheckpointStore, ModelVersion, VersionStore, checkpoint_name
 from server.training import EvalResult, OptimizerSettings, StepResult, TrainingEngine
+from server.validation import BatchValidator
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
@@ -46,6 +46,7 @@ class DataPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.manifest = m = Manifest.load(settings.artifacts)
+        self.validator = BatchValidator(m.input_shape, m.num_classes, settings.max_batch_size, m.preprocessing)
         self._providers = providers_for(settings.device)
         self._options = session_options(settings.intra_op_threads, training=True)
         self._inference_options = session_options(settings.intra_op_threads, training=False)
@@ -97,43 +98,16 @@ class DataPlane:
     def inference(self) -> InferenceEngine:
         return self._serving[1]
 
-    # -- inputs ---------------------------------------------------------------------------------------
+    # -- inputs (validated by self.validator; see server/validation.py) -------------------------------
 
     def images_from_tensor(self, dtype_name: str, shape, data: bytes) -> np.ndarray:
-        """A raw FLOAT32 (b, c, h, w) tensor, checked against the model's input."""
-        if dtype_name != "FLOAT32":
-            raise InvalidArgument(f"images: dtype must be FLOAT32 (normalized pixels), got {dtype_name}")
-        expected = self.manifest.input_shape[1:]
-        if len(shape) != 4 or tuple(shape[1:]) != expected:
-            raise InvalidArgument(f"images: shape must be [batch, {', '.join(map(str, expected))}], got {list(shape)}")
-        images = codec.decode_tensor("images", dtype_name, shape, data)
-        self._check_batch(len(images))
-        if not np.isfinite(images).all():
-            bad = int(np.count_nonzero(~np.isfinite(images)))
-            raise InvalidArgument(f"images: {bad} pixel values are NaN or Inf")
-        return images
+        return self.validator.images_from_tensor(dtype_name, shape, data)
 
     def images_from_files(self, encoded: list[bytes]) -> np.ndarray:
-        self._check_batch(len(encoded))
-        return codec.decode_images(encoded, self.manifest.preprocessing)
+        return self.validator.images_from_files(encoded)
 
     def labels_from_tensor(self, dtype_name: str, shape, data: bytes, batch: int) -> np.ndarray:
-        if dtype_name != "INT64":
-            raise InvalidArgument(f"labels: dtype must be INT64, got {dtype_name}")
-        labels = codec.decode_tensor("labels", dtype_name, shape, data)
-        if labels.shape != (batch,):
-            raise InvalidArgument(f"labels: shape must be [{batch}] (one per image), got {list(labels.shape)}")
-        n = self.manifest.num_classes
-        out_of_range = labels[(labels < 0) | (labels >= n)]
-        if out_of_range.size:
-            raise InvalidArgument(f"labels: must be in [0, {n}), got {int(out_of_range[0])}")
-        return labels
-
-    def _check_batch(self, size: int) -> None:
-        if size == 0:
-            raise InvalidArgument("images: the batch is empty")
-        if size > self.settings.max_batch_size:
-            raise InvalidArgument(f"images: batch of {size} is over the maximum of {self.settings.max_batch_size}")
+        return self.validator.labels_from_tensor(dtype_name, shape, data, batch)
 
     # -- inference ------------------------------------------------------------------------------------
 

@@ -264,3 +264,13 @@ def test_predict_calls_run_concurrently_with_training(running):
         rows = list(pool.map(predict, range(16)))
     assert sorted(s.result().step for s in steps) == [1, 2, 3]
     np.testing.assert_allclose(np.stack(rows), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # making the test image
+def test_an_image_too_large_to_decode_is_refused_before_decoding(running):
+    big = io.BytesIO()
+    Image.new("L", (4097, 4096)).save(big, format="PNG")  # 16.8 M pixels, a few KB compressed
+    with pytest.raises(grpc.RpcError) as err:
+        running.stub.Predict(pb.PredictRequest(images=pb.Images(encoded=pb.EncodedImages(images=[big.getvalue()]))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "image 0: larger than 16777216 pixels"

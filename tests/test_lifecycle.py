@@ -342,8 +342,13 @@ def test_a_restart_resumes_from_the_latest_checkpoint_exactly(serve, tmp_path):
     train(reference.stub, *batch(8, seed=3), omit_gradient_summaries=True)
     a = train(second.stub, *batch(8, seed=4))
     b = train(reference.stub, *batch(8, seed=4))
-    assert (a.loss, a.step, a.learning_rate, a.grad_norm) == (b.loss, b.step, b.learning_rate, b.grad_norm)
-    assert_same_weights(weights(second), weights(reference))
+    # ORT's multi-threaded reductions may sum in another order from run to run: computed values are
+    # compared to float32 rounding (weights loaded from the checkpoint were compared byte for byte above).
+    assert (a.step, a.learning_rate) == (b.step, b.learning_rate)
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    expected = weights(reference)
+    for name, value in weights(second).items():
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_a_checkpoint_holds_weights_and_optimizer_state(running):
@@ -456,4 +461,6 @@ def test_sigterm_then_restart_of_a_real_server_process_loses_nothing(serve, expo
     for seed in range(3):
         train(reference.stub, *batch(8, seed=seed), omit_gradient_summaries=True)
     expected = train(reference.stub, *batch(8, seed=3), omit_gradient_summaries=True)
-    assert (resumed.step, resumed.loss, resumed.grad_norm) == (expected.step, expected.loss, expected.grad_norm)
+    assert resumed.step == expected.step  # computed values to float32 rounding (threaded reductions)
+    assert resumed.loss == pytest.approx(expected.loss, rel=1e-6)
+    assert resumed.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
