@@ -1,5 +1,8 @@
 """Arbitrary requests against a real server (hypothesis): every call succeeds or gets a client-error status,
-never INTERNAL, and the training state equals a replay of only the accepted requests."""
+never INTERNAL, and the training state equals a replay of only the accepted requests.
+
+Requests: Predict (tensor or encoded), TrainStep, EvalStep, SetOptimizer, Publish, SaveCheckpoint and
+RestoreCheckpoint with valid and invalid fields."""
 from __future__ import annotations
 
 import contextlib
@@ -64,7 +67,8 @@ def tensors(draw, good_shape):
 
 @st.composite
 def requests(draw, good_shape):
-    kind = draw(st.sampled_from(["predict", "train", "train", "eval", "save", "restore", "encoded"]))
+    kind = draw(st.sampled_from(["predict", "train", "train", "eval", "save", "restore", "encoded", "optimizer",
+                                 "publish"]))
     images = pb.Images(tensor=draw(tensors(good_shape)))
     rows = max(0, images.tensor.shape[0]) if images.tensor.shape else 0
     if draw(st.booleans()):  # well-formed labels for the batch
@@ -88,6 +92,19 @@ def requests(draw, good_shape):
                                                 omit_gradient_summaries=draw(st.booleans()))
     if kind == "eval":
         return "EvalStep", pb.EvalStepRequest(images=images, labels=label_tensor)
+    if kind == "optimizer":
+        number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e-3, 0.0, -1.0]))
+        request = pb.SetOptimizerRequest()
+        if draw(st.booleans()):
+            request.learning_rate = draw(number)
+        if draw(st.booleans()):
+            request.schedule.CopyFrom(pb.LinearSchedule(peak_lr=draw(number), warmup_steps=draw(st.integers(-2, 5)),
+                                                        decay_steps=draw(st.integers(-2, 5)), end_lr=draw(number)))
+        if draw(st.booleans()):
+            request.clip_grad_norm = draw(number)
+        return "SetOptimizer", request
+    if kind == "publish":
+        return "Publish", pb.PublishRequest()
     if kind == "save":
         return "SaveCheckpoint", pb.SaveCheckpointRequest(name=name)
     return "RestoreCheckpoint", pb.RestoreCheckpointRequest(name=name)
@@ -114,6 +131,6 @@ def test_arbitrary_requests_get_client_errors_and_replay_to_the_same_state(expor
                 getattr(stub, method)(request, timeout=30)
             assert plane.training.step == step
             replayed = plane.training.parameters()
-            assert all(np.array_equal(state[n], replayed[n]) for n in state)
+            assert all(np.array_equal(state[n], replayed[n], equal_nan=True) for n in state)
 
     run()
