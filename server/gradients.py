@@ -133,8 +133,6 @@ def qkv_breakdown(layout: QkvLayout, grad: np.ndarray) -> QkvGradient:
     )
 
 
-def global_norm(grads: dict[str, np.ndarray] | np.ndarray) -> float:
-    """L2 norm of all gradients together (a dict of arrays, or one flat vector)."""
-    if isinstance(grads, np.ndarray):
-        return _l2(grads)
-    return float(np.sqrt(sum(_l2(g) ** 2 for g in grads.values())))
+def global_norm(grads: np.ndarray) -> float:
+    """L2 norm of all gradients together, given as one flat vector."""
+    return _l2(grads)
