@@ -49,7 +49,10 @@ def main(argv=None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Wait in short slices: the kernel may deliver SIGTERM to a gRPC or ONNX Runtime thread, and Python
+    # only runs the handler when the main thread next executes bytecode; an untimed wait never wakes it.
+    while not stop.wait(0.2):
+        pass
     log.info("shutting down (grace %.1fs)", grace)
     server.stop(grace).wait()  # no new calls; in-flight ones finish or are cancelled after `grace`
     final = plane.close()  # then the final checkpoint, so no acknowledged step is lost
