@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path = Path(data) / "server.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "server", "--artifacts", args.artifacts, "--port", "0",
-                                     "--data-dir", data], stdout=subprocess.PIPE, stderr=log, text=True)
+                                     "--data-dir", data, "--metrics-port", "-1"], stdout=subprocess.PIPE, stderr=log, text=True)
             try:
                 report = run_load(wait_until_listening(proc, log_path), proc.pid, args.seconds, args.clients)
             finally:

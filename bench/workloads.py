@@ -86,7 +86,7 @@ class Served:
         from server.dataplane import DataPlane
 
         data = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix="data-"))
-        self.settings = Settings(artifacts=folder, host="127.0.0.1", port=0, data_dir=data, log_level="WARNING",
+        self.settings = Settings(artifacts=folder, host="127.0.0.1", port=0, data_dir=data, log_level="WARNING", metrics_port=-1,
                                  **settings)
         self.plane = DataPlane(self.settings)
         self.server, self.port = create_server(self.settings, self.plane)

@@ -12,6 +12,7 @@ from server.auth import Security
 from server.config import FIELD_DOCS, SECRET_FIELDS, Settings
 from server.dataplane import DataPlane
 from server.errors import ConfigError
+from server.observability import setup_logging
 
 log = logging.getLogger("server")
 
@@ -37,13 +38,15 @@ def main(argv=None) -> int:
     grace = args.pop("grace")
     try:
         settings = Settings.from_env(**args)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        setup_logging(settings.log_level, settings.log_json)
         security = Security.from_settings(settings)  # bad TLS/token settings fail before the model loads
         plane = DataPlane(settings)
         server, port = create_server(settings, plane, security)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if plane.metrics.port is not None:
+        print(f"vitserve metrics on http://{settings.host}:{plane.metrics.port}/metrics", flush=True)
     print(f"vitserve listening on {settings.host}:{port}", flush=True)  # tests and scripts wait for this line
 
     stop = threading.Event()

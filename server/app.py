@@ -9,9 +9,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto import vitserve_pb2, vitserve_pb2_grpc
+from server import kserve
 from server.auth import Security, log_mode
 from server.config import Settings
 from server.dataplane import DataPlane
+from server.observability import RpcObserver
 from server.servicer import VitServeServicer
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ def create_server(settings: Settings, plane: DataPlane | None = None,
                   security: Security | None = None) -> tuple[grpc.Server, int]:
     """Build and start a server on settings.host:settings.port (port 0 picks one); returns it and its port.
 
+    It serves vitserve.v1.VitServe, the KServe v2 inference.GRPCInferenceService, health and reflection on
+    that port, and Prometheus metrics over HTTP on settings.metrics_port (plane.metrics.port; -1: none).
     `security` (TLS credentials, tokens) defaults to Security.from_settings(settings); ConfigError when invalid.
     """
     security = security or Security.from_settings(settings)
@@ -30,13 +34,14 @@ def create_server(settings: Settings, plane: DataPlane | None = None,
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="vitserve"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        interceptors=security.interceptors(),
+        interceptors=[RpcObserver(plane.metrics), *security.interceptors()],  # outermost first: refusals count
     )
     vitserve_pb2_grpc.add_VitServeServicer_to_server(VitServeServicer(plane), server)
+    kserve.add_to_server(kserve.InferenceServicer(plane), server)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     reflection.enable_server_reflection(
@@ -49,7 +54,9 @@ def create_server(settings: Settings, plane: DataPlane | None = None,
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}")
+    if settings.metrics_port >= 0:
+        plane.metrics.serve(settings.host, settings.metrics_port)  # ConfigError when the port is taken
     server.start()
     log_mode(security, settings.host)
-    log.info("serving %s on %s:%d", SERVICE_NAME, settings.host, port)
+    log.info("serving %s and %s on %s:%d", SERVICE_NAME, kserve.SERVICE_NAME, settings.host, port)
     return server, port

@@ -4,7 +4,8 @@
   client certificates signed by tls_client_ca when that is set (mutual TLS); None means plaintext.
 * Tokens: `TokenAuth` is a grpc.ServerInterceptor. A VitServe call must carry `authorization: Bearer <token>`;
   read-only RPCs accept the read or the write token, everything else (unknown methods included) only the write
-  token. Health and reflection stay open for probes. Token values are never logged.
+  token; the KServe v2 inference methods need the read token. Health, reflection and v2 ServerLive/ServerReady
+  stay open for probes. Token values are never logged.
 """
 from __future__ import annotations
 
@@ -33,14 +34,25 @@ ROLES: dict[str, str] = {
 }
 """Full method name -> the role it needs. A VitServe method missing here needs the write token (fail closed)."""
 
+V2_PREFIX = "/inference.GRPCInferenceService/"
+V2_ROLES: dict[str, str | None] = {
+    V2_PREFIX + name: role for name, role in (
+        ("ServerLive", None), ("ServerReady", None),  # open like grpc.health.v1: probes carry no token
+        ("ModelReady", READ), ("ServerMetadata", READ), ("ModelMetadata", READ), ("ModelInfer", READ),
+    )
+}
+"""The KServe v2 methods (server/kserve.py): inference reads like Predict; others need the write token."""
+
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
 
 
 def required_role(method: str) -> str | None:
-    """The role `method` needs, or None for methods outside VitServe (health, reflection): open."""
-    if not method.startswith(SERVICE_PREFIX):
-        return None
-    return ROLES.get(method, WRITE)
+    """The role `method` needs, or None for open methods (health, reflection, v2 liveness/readiness)."""
+    if method.startswith(SERVICE_PREFIX):
+        return ROLES.get(method, WRITE)
+    if method.startswith(V2_PREFIX):
+        return V2_ROLES.get(method, WRITE)
+    return None
 
 
 # ---------------------------------------------------------------- loading secrets

@@ -22,8 +22,10 @@ Runner = Callable[[np.ndarray], tuple[int, np.ndarray]]
 
 
 class DynamicBatcher:
-    def __init__(self, run: Runner, max_batch: int, max_delay_s: float):
+    def __init__(self, run: Runner, max_batch: int, max_delay_s: float,
+                 on_batch: Callable[[int], None] | None = None):
         self._run = run
+        self._on_batch = on_batch  # called with the rows of every executed batch (metrics)
         self._max_batch = max_batch
         self._max_delay = max_delay_s
         self._queue: queue.SimpleQueue[tuple[np.ndarray, Future] | None] = queue.SimpleQueue()
@@ -36,6 +38,10 @@ class DynamicBatcher:
         future: Future = Future()
         self._queue.put((images, future))
         return future.result()
+
+    def pending(self) -> int:
+        """Requests waiting for a batch (not counting the batch running)."""
+        return self._queue.qsize()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -75,6 +81,8 @@ class DynamicBatcher:
                 future.set_exception(e)
             return
         self.batch_sizes[len(images)] += 1
+        if self._on_batch:
+            self._on_batch(len(images))
         start = 0
         for images, future in batch:
             future.set_result((version, logits[start:start + len(images)]))

@@ -76,6 +76,12 @@ class Settings:
     log_level: str = "INFO"
     """Python logging level."""
 
+    log_json: bool = False
+    """Write every log line as one JSON object (for log collectors) instead of plain text."""
+
+    metrics_port: int = 8002
+    """HTTP port of the Prometheus endpoint (/metrics) on the same host as gRPC; 0 picks a free one, -1 turns it off."""
+
     tls_cert: str = ""
     """PEM file with the server's TLS certificate (chain); with tls_key it turns TLS on ('' = plaintext)."""
 

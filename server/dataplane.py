@@ -23,6 +23,7 @@ from server.explain import Explanation, GradientExplainer
 from server.fusion import optimize_inference_model
 from server.inference import InferenceEngine, top_k
 from server.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest
+from server.metrics import Metrics
 from server.runtime import providers_for, session_options
 from server.schedule import LinearSchedule
 from server.store import CheckpointInfo, CheckpointStore, ModelVersion, VersionStore, checkpoint_name
@@ -70,8 +71,9 @@ class DataPlane:
             raise ConfigError(f"cannot open the model on {settings.device}: {str(e).strip().splitlines()[0]}") from None
         if latest:
             log.info("resumed from checkpoint %s (step %d)", latest.name, latest.step)
-        self.batcher = DynamicBatcher(self._run_serving, settings.max_dynamic_batch,
-                                      settings.max_batch_delay_ms / 1000) if settings.dynamic_batching else None
+        self.metrics = Metrics()
+        self.batcher = DynamicBatcher(self._run_serving, settings.max_dynamic_batch, settings.max_batch_delay_ms / 1000,
+                                      on_batch=self.metrics.batch_size.observe) if settings.dynamic_batching else None
         log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
                  ", ".join(self.inference.providers), version)
 
@@ -84,6 +86,9 @@ class DataPlane:
         self._dirty = False  # training state changed since the last checkpoint
         self._last_checkpoint = time.monotonic()
         self._stop = threading.Event()
+        self.metrics.watch(batcher_queue=lambda: self.batcher.pending() if self.batcher else 0,
+                           train_queue=lambda: self._train_calls, step=lambda: self.training.step,
+                           learning_rate=lambda: self.training.learning_rate, model_version=lambda: self._serving[0])
         self._autosave = None
         if settings.checkpoint_every_seconds > 0:
             self._autosave = threading.Thread(target=self._autosave_loop, name="vitserve-autosave", daemon=True)
@@ -115,9 +120,23 @@ class DataPlane:
         version, engine = self._serving  # one read: a concurrent publish cannot mix versions
         return version, engine.logits(images)
 
+    @property
+    def ready(self) -> bool:
+        """Inference calls are taken (false once shutdown began)."""
+        return not self._closing
+
+    @property
+    def model_version(self) -> int:
+        """The published version being served (0: the exported model)."""
+        return self._serving[0]
+
+    def logits(self, images: np.ndarray) -> tuple[int, np.ndarray]:
+        """(model version, logits (b, classes)) through the dynamic batcher when it is on."""
+        return (self.batcher.submit if self.batcher else self._run_serving)(images)
+
     def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
         k = min(k or DEFAULT_TOP_K, self.manifest.num_classes)
-        version, logits = (self.batcher.submit if self.batcher else self._run_serving)(images)
+        version, logits = self.logits(images)
         indices, probs = top_k(logits, k)
         names = self.manifest.class_names
         return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
@@ -143,6 +162,8 @@ class DataPlane:
             with self._train_gate:
                 self._train_calls -= 1
                 self._train_gate.notify_all()
+        self.metrics.observe_step(result.loss, result.grad_norm, result.applied,
+                                  accumulated=not result.applied and not result.skipped_reason)
         if result.applied:
             self._dirty = True
             s = self.settings
@@ -211,9 +232,10 @@ class DataPlane:
         self._stop.set()
         if self._autosave:
             self._autosave.join()
-        if self._dirty:
-            return self.save_checkpoint("", reason="shutdown")
-        return None
+        try:
+            return self.save_checkpoint("", reason="shutdown") if self._dirty else None
+        finally:
+            self.metrics.close()
 
     # -- publishing -----------------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ def serve(exported, tmp_path):
     started = []
 
     def start(artifacts: Path | None = None, data_dir: Path | None = None, **overrides) -> RunningServer:
-        overrides = {"learning_rate": LEARNING_RATE, "max_batch_size": 32, **overrides}
+        overrides = {"learning_rate": LEARNING_RATE, "max_batch_size": 32, "metrics_port": -1, **overrides}
         settings = Settings.from_env(environ={}, artifacts=artifacts or exported[0], host="127.0.0.1", port=0,
                                      data_dir=data_dir or tmp_path / "data", **overrides)
         plane = DataPlane(settings)

@@ -23,6 +23,7 @@ START_TIMEOUT = 60.0  # seconds for a server to print its "listening" line
 STOP_TIMEOUT = 15.0  # seconds for a server to exit after SIGTERM
 CALL_TIMEOUT = 60.0  # seconds for one client process
 READY = "vitserve listening on "
+METRICS = "vitserve metrics on "
 NUM_BLOCKS, NUM_HEADS, NUM_PARAMS = 4, 4, 52  # the conftest model: 4 blocks, 4 heads, 52 parameter tensors
 
 
@@ -36,6 +37,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["VITSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="vitserve-data-")
+    env["VITSERVE_METRICS_PORT"] = "0"  # a free port: parallel servers never collide on the default 8002
     env.update(extra)
     return env
 
@@ -46,6 +48,7 @@ class Server:
     def __init__(self, proc: subprocess.Popen, address: str, stderr_file) -> None:
         self.proc = proc
         self.address = address
+        self.metrics_url = ""  # from the "vitserve metrics on URL" line, when the endpoint is on
         self._stderr = stderr_file
 
     def stderr(self) -> str:
@@ -96,6 +99,8 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
             code = proc.wait()
             pytest.fail(f"server exited with {code} before listening; stdout: {seen}; stderr:\n{server.stderr()}")
         seen.append(line)
+        if line.startswith(METRICS):
+            server.metrics_url = line[len(METRICS):].strip()
         if line.startswith(READY):
             server.address = line[len(READY):].strip()
             return server

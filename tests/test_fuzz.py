@@ -30,7 +30,7 @@ ITEM = {pb.FLOAT32: 4, pb.FLOAT64: 8, pb.FLOAT16: 2, pb.INT64: 8, pb.INT32: 4, p
 def server(artifacts: Path):
     with tempfile.TemporaryDirectory() as data:
         settings = Settings.from_env(environ={}, artifacts=artifacts, host="127.0.0.1", port=0, data_dir=Path(data),
-                                     max_batch_size=16, max_message_mb=1)
+                                     max_batch_size=16, max_message_mb=1, metrics_port=-1)
         plane = DataPlane(settings)
         grpc_server, port = create_server(settings, plane)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

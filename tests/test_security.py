@@ -19,7 +19,8 @@ import pytest
 from client.client import ClientError, ViTClient
 from proto import vitserve_pb2
 from server import __main__ as server_main
-from server.auth import ROLES, SERVICE_PREFIX, WRITE, Security, TokenAuth, is_loopback, required_role
+from server.auth import (READ, ROLES, SERVICE_PREFIX, V2_PREFIX, V2_ROLES, WRITE, Security, TokenAuth, is_loopback,
+                         required_role)
 from server.config import Settings
 from server.errors import ConfigError
 from tests.conftest import batch
@@ -125,6 +126,16 @@ def test_every_rpc_has_a_role():
     assert required_role(SERVICE_PREFIX + "SomethingNew") == WRITE
     assert required_role("/grpc.health.v1.Health/Check") is None
     assert required_role("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") is None
+
+
+def test_every_v2_method_served_has_a_role():
+    """The KServe v2 methods: probes open, inference and metadata read, anything else write (fail closed)."""
+    from server.kserve import METHODS
+    assert sorted(METHODS) == sorted(m[len(V2_PREFIX):] for m in V2_ROLES)
+    assert required_role(V2_PREFIX + "ServerLive") is None and required_role(V2_PREFIX + "ServerReady") is None
+    for name in ("ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata"):
+        assert required_role(V2_PREFIX + name) == READ
+    assert required_role(V2_PREFIX + "RepositoryModelLoad") == WRITE
 
 
 def test_token_roles(serve, tokens):
