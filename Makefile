@@ -10,15 +10,16 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export serve demo test bench loadtest fuzz proto clean help
+.PHONY: install export export-triton serve demo test bench loadtest fuzz proto clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
 	@echo "make test     install and run the test suite"
 	@echo "make demo     install, export digits, fine-tune it over gRPC on scikit-learn's digits, report test accuracy"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
+	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
 	@echo "make bench    benchmark vs PyTorch eager and raw ONNX Runtime (BENCH_FLAGS=--quick: ~2 min)"
-	@echo "make proto    regenerate proto/vitserve_pb2*.py from proto/vitserve.proto"
+	@echo "make proto    regenerate the stubs proto/*_pb2*.py from proto/vitserve.proto and proto/open_inference.proto"
 
 # The virtual environment, rebuilt when a requirements file changes.
 $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt pyproject.toml
@@ -28,6 +29,7 @@ $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt py
 	# vit-pytorch 0.40.2 is the PreNorm layout; its own requirement on torchvision is not
 	# needed for vit_pytorch.vit and PyPI's torchvision does not import beside torch 2.13.0.
 	$(BIN)/python -m pip install -q --no-deps vit-pytorch==0.40.2
+	# The project itself (pyproject.toml), editable; its console scripts vitserve-server and vitserve go to $(BIN).
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -37,6 +39,13 @@ $(ARTIFACTS)/manifest.json: $(STAMP) model/vit.py model/export.py model/verify.p
 	$(BIN)/python -m model.export --preset $(PRESET) --out $(OUT)
 
 export: $(ARTIFACTS)/manifest.json
+
+# A Triton Inference Server / KServe model repository of $(ARTIFACTS): $(REPO)/<name>/{config.pbtxt,labels.txt,1/model.onnx}.
+# It replaces that model's folder (--force); TRITON_FLAGS adds e.g. --gpu, --max-batch-size N, --model PATH.
+REPO ?= model_repository
+TRITON_FLAGS ?=
+export-triton: export
+	$(BIN)/python -m model.triton --artifacts $(ARTIFACTS) --out $(REPO) --force $(TRITON_FLAGS)
 
 serve: export
 	$(BIN)/python -m server --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --device $(DEVICE)
@@ -63,8 +72,10 @@ loadtest: export
 bench: install
 	$(BIN)/python -m bench $(BENCH_FLAGS)
 
+# open_inference.proto: the v2 protocol's messages only (server/kserve.py serves them as inference.GRPCInferenceService).
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/vitserve.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. proto/open_inference.proto
 
 clean:
 	rm -rf $(OUT) .pytest_cache

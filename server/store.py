@@ -31,7 +31,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TMP, _OLD = ".tmp-", ".old-"
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable once its folder is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,13 +71,13 @@ class AtomicDirs:
             meta["size_bytes"] = sum(p.stat().st_size for p in files)
             (tmp / META).write_text(json.dumps(meta))
             for f in [*files, tmp / META]:
-                _fsync(f)
+                fsync_path(f)
             final = self.root / name
             old = self.root / f"{_OLD}{name}-{uuid.uuid4().hex[:8]}"
             if final.exists():
                 final.rename(old)
             tmp.rename(final)
-            _fsync(self.root)
+            fsync_path(self.root)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
