@@ -3,15 +3,18 @@
 #   make export                                    # artifacts/digits (the context must hold the model)
 #   docker build -t vitserve:cpu .                 # or: make docker
 #   docker run -d --name vitserve -p 50051:50051 -v vitserve-data:/data vitserve:cpu
-#   python -m client --address 127.0.0.1:50051 info
+#   vitserve --address 127.0.0.1:50051 info          # or python -m client (pip install .: see the README)
 #   docker stop vitserve                           # SIGTERM: drain, final checkpoint in /data, exit 0
 #
 # Build arguments:
-#   BASE_IMAGE  any Debian-like image with python3 >= 3.10 and its venv module
+#   BASE_IMAGE  any Debian-like image with python3 >= 3.11 and its venv module
 #               (default python:3.11-slim-bookworm; tests/docker/run.sh uses a local debootstrapped bookworm)
 #   MODEL       the model's name: artifacts go to /models/$MODEL (default digits)
 #   ARTIFACTS   the exported folder in the build context to bake in (default artifacts/$MODEL)
-# Run time: every server flag is also an environment variable VITSERVE_<FLAG> (python -m server --help);
+# The project is installed into /opt/venv as a package (pyproject.toml, without model/: no torch), so the
+# entrypoint is its console script vitserve-server and the health check runs vitserve; `python -m server`
+# and `python -m client` work too (docker run --entrypoint python IMAGE -m server ...).
+# Run time: every server flag is also an environment variable VITSERVE_<FLAG> (vitserve-server --help);
 # mount other artifacts read-only over /models/<name> and point VITSERVE_ARTIFACTS at them.
 # /data (checkpoints and published model versions) is a volume owned by uid 10001: a host directory
 # mounted there must be writable by that uid.
@@ -33,16 +36,22 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/venv
 COPY requirements/serve.txt /tmp/serve.txt
 RUN /opt/venv/bin/python -m pip install -r /tmp/serve.txt \
-    && /opt/venv/bin/python -c "import onnxruntime, grpc, numpy, PIL, onnx" \
-    && /opt/venv/bin/python -m pip uninstall -y pip setuptools
+    && /opt/venv/bin/python -c "import onnxruntime, grpc, numpy, PIL, onnx"
 
-# The code: three packages on PYTHONPATH, compiled ahead (the runtime user cannot write __pycache__).
-COPY proto/ /opt/vitserve/proto/
-COPY server/ /opt/vitserve/server/
-COPY client/ /opt/vitserve/client/
+# The code: the project as a package, without dependencies (the layer above installed them, pinned; pip
+# check fails the build if pyproject.toml asks for anything else). It brings the console scripts
+# vitserve-server and vitserve; pip compiles it ahead (the runtime user cannot write __pycache__). model/
+# (torch) is not in the build context (.dockerignore), so the package is built without it.
+COPY pyproject.toml README.md /tmp/src/
+COPY proto/ /tmp/src/proto/
+COPY server/ /tmp/src/server/
+COPY client/ /tmp/src/client/
+RUN /opt/venv/bin/python -m pip install --no-deps /tmp/src \
+    && /opt/venv/bin/python -m pip check \
+    && /opt/venv/bin/python -c "import server.__main__, client.__main__" \
+    && /opt/venv/bin/python -m pip uninstall -y pip setuptools
 COPY ${ARTIFACTS}/ /models/${MODEL}/
-RUN /opt/venv/bin/python -m compileall -q /opt/vitserve \
-    && chmod -R a+rX,go-w /opt/vitserve /models
+RUN chmod -R a+rX,go-w /models
 
 # ---- runtime -----------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
@@ -58,11 +67,9 @@ RUN groupadd --system --gid 10001 vitserve \
     && chown vitserve:vitserve /data
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/vitserve /opt/vitserve
 COPY --from=builder /models /models
 
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/opt/vitserve \
     PYTHONUNBUFFERED=1 \
     VITSERVE_ARTIFACTS=/models/${MODEL} \
     VITSERVE_HOST=0.0.0.0 \
@@ -73,13 +80,15 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001
-EXPOSE 50051
+# gRPC (vitserve.v1, KServe v2, health, reflection) and Prometheus /metrics over HTTP (VITSERVE_METRICS_PORT).
+EXPOSE 50051 8002
 
 # The standard grpc.health.v1 service, asked for "vitserve.v1.VitServe"; through sh so that it follows
 # VITSERVE_PORT when the port is changed at run time.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["/bin/sh", "-c", "exec python -m client --address \"127.0.0.1:${VITSERVE_PORT:-50051}\" --timeout 5 health"]
+    CMD ["/bin/sh", "-c", "exec vitserve --address \"127.0.0.1:${VITSERVE_PORT:-50051}\" --timeout 5 health"]
 
-# Exec form: python is PID 1 and gets SIGTERM itself (graceful drain, then the final checkpoint).
-ENTRYPOINT ["/opt/venv/bin/python", "-m", "server"]
+# Exec form: the console script's interpreter (#!/opt/venv/bin/python) is PID 1 and gets SIGTERM itself
+# (graceful drain, then the final checkpoint).
+ENTRYPOINT ["/opt/venv/bin/vitserve-server"]
 CMD []

@@ -47,8 +47,14 @@ class UsageError(Exception):
     """A problem with the command's inputs, found before anything is sent."""
 
 
+def program_name(module_form: str) -> str:
+    """How the user started us: the console script's name (vitserve), else `python -m client`."""
+    name = os.path.basename(sys.argv[0])
+    return module_form if name in ("__main__.py", "-c", "") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description="Talk to a vitserve server (proto/vitserve.proto).",
+    parser = argparse.ArgumentParser(prog=program_name("python -m client"), description="Talk to a vitserve server (proto/vitserve.proto).",
                                      allow_abbrev=False)
     parser.add_argument("--address", help="server HOST:PORT (default: $VITSERVE_ADDRESS or localhost:50051)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call; 0 = none (default 30)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,8 +18,15 @@ from server.observability import setup_logging
 log = logging.getLogger("server")
 
 
+def program_name(module_form: str) -> str:
+    """How the user started us: the console script's name (vitserve-server), else `python -m ...`."""
+    name = os.path.basename(sys.argv[0])
+    return module_form if name in ("__main__.py", "-c", "") else name
+
+
 def parse_args(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m server", description=__doc__, allow_abbrev=False)  # no --read-token for --read-token-file
+    p = argparse.ArgumentParser(prog=program_name("python -m server"), description=__doc__,
+                                allow_abbrev=False)  # no --read-token for --read-token-file
     defaults = Settings()
     for name, doc in FIELD_DOCS.items():
         if name in SECRET_FIELDS:  # secrets never go on the command line (ps, shell history): env or *_file only

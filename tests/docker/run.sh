@@ -10,9 +10,12 @@
 # When the build or a run cannot happen, it prints why and exits 1: it never skips.
 #
 # Checks: the image builds; torch is not importable in it; it runs as a non-root user; its size is under
-# 700 MB (printed); a container with a data volume comes up and its HEALTHCHECK (`python -m client health`)
-# passes; from the host, Predict (CLI, image files) and 3 TrainSteps (client library) work and equal an
-# in-process reference (server.dataplane.DataPlane on the same artifacts and batches); SIGTERM (`stop`) makes
+# 700 MB (printed); the project is installed in it as the package vitserve (pyproject.toml's version), its
+# entrypoint is the console script vitserve-server, and `python -m server --help` works too; a container
+# with a data volume comes up and its HEALTHCHECK (`vitserve health`) passes; from the host, Predict (CLI, image
+# files) and 3 TrainSteps (client library) work and equal an in-process reference (server.dataplane.DataPlane on
+# the same artifacts and batches), KServe v2 ModelInfer works with tritonclient, and the Prometheus endpoint
+# (VITSERVE_METRICS_PORT, a free port: the host network is shared) counts those calls; SIGTERM (`stop`) makes
 # it exit 0 after writing the final checkpoint step-00000003 (reason "shutdown") into the volume; a new
 # container on the same volume resumes at step 3 with the same weights (EvalStep loss unchanged) and its
 # 4th TrainStep gives the reference's 4th loss. Last line on success: "docker test: N passed, 0 failed".
@@ -186,10 +189,25 @@ size=$(eng image inspect --format '{{.Size}}' "$IMAGE")
 size_mb=$(( size / 1000000 ))
 echo "image size: $size_mb MB ($size bytes, base ${BASE_IMAGE:-python:3.11-slim-bookworm})"
 if [ "$size_mb" -le "$MAX_MB" ]; then pass "the image is at most $MAX_MB MB ($size_mb MB)"; else fail "the image is at most $MAX_MB MB ($size_mb MB)"; fi
+version=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+entrypoint=$(eng image inspect --format '{{json .Config.Entrypoint}}' "$IMAGE")
+installed=$(in_image --entrypoint /opt/venv/bin/python "$IMAGE" -c \
+    "import importlib.metadata as m; d = m.distribution('vitserve'); print(d.version, *sorted(e.name for e in d.entry_points if e.group == 'console_scripts'))" 2>&1 || true)
+if [ "$installed" = "$version vitserve vitserve-server" ] && [ "$entrypoint" = '["/opt/venv/bin/vitserve-server"]' ]; then
+    pass "the image holds the package vitserve $version; its entrypoint is the console script vitserve-server"
+else
+    fail "the image holds the package vitserve $version with its console scripts (got: $installed), entrypoint vitserve-server (got: $entrypoint)"
+fi
+if out=$(in_image --entrypoint /opt/venv/bin/python "$IMAGE" -m server --help 2>&1) && grep -q -- "--artifacts" <<<"$out"; then
+    pass "python -m server still works in the image (--help)"
+else
+    fail "python -m server still works in the image (--help said: $(tail -5 <<<"$out"))"
+fi
 
 # ---- (2) run with a volume, wait for health ---------------------------------------------------------
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 ADDRESS=127.0.0.1:$PORT
+METRICS_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 eng volume create "$VOLUME" >/dev/null
 
 start_container() {  # start_container NAME
@@ -197,10 +215,11 @@ start_container() {  # start_container NAME
     local health=()
     # docker runs the first health check only after --interval (30 s in the image): check often here.
     [ "$ENGINE" = docker ] && health=(--health-interval 2s)
-    eng run -d --name "$1" "${RUN_FLAGS[@]}" "${health[@]}" -v "$VOLUME:/data" -e "VITSERVE_PORT=$PORT" "$IMAGE" >/dev/null
+    eng run -d --name "$1" "${RUN_FLAGS[@]}" "${health[@]}" -v "$VOLUME:/data" -e "VITSERVE_PORT=$PORT" \
+        -e "VITSERVE_METRICS_PORT=$METRICS_PORT" "$IMAGE" >/dev/null
 }
 
-# The image's own HEALTHCHECK (python -m client health inside the container) until it passes.
+# The image's own HEALTHCHECK (vitserve health inside the container) until it passes.
 wait_healthy() {  # wait_healthy NAME -> 0 when healthy within 120 s
     local deadline=$(( $(date +%s) + 120 )) state
     while [ "$(date +%s)" -lt "$deadline" ]; do
@@ -284,7 +303,7 @@ FIRST=$RUN_ID-1
 note "starting $FIRST on $ADDRESS with volume $VOLUME"
 start_container "$FIRST" || abort "the container starts"
 if wait_healthy "$FIRST"; then
-    pass "the container's HEALTHCHECK passes (python -m client health, $(( $(date +%s) - START )) s so far)"
+    pass "the container's HEALTHCHECK passes (vitserve health, $(( $(date +%s) - START )) s so far)"
 else
     abort "the container's HEALTHCHECK passes"
 fi
@@ -305,6 +324,33 @@ if [ "$(field "$ONE" step_before)" = 0 ] && [ "$(field "$ONE" step)" = 3 ] \
     pass "3 TrainSteps from the host: steps 1-3, losses equal the in-process reference's"
 else
     fail "3 TrainSteps from the host: steps 1-3, losses equal the in-process reference's"
+fi
+
+# KServe v2 from the host with tritonclient, and the Prometheus endpoint after those calls.
+if out=$("$PY" - "$ADDRESS" "$MODEL" 2>&1 <<'PYEOF'
+import sys
+import numpy as np
+import tritonclient.grpc as tc
+client = tc.InferenceServerClient(sys.argv[1])
+assert client.is_server_live() and client.is_model_ready(sys.argv[2]), "not ready"
+images = tc.InferInput("images", [2, 1, 8, 8], "FP32")
+images.set_data_from_numpy(np.zeros((2, 1, 8, 8), np.float32))
+result = client.infer(sys.argv[2], [images])
+print(result.as_numpy("logits").shape, result.get_response().model_version)
+PYEOF
+) && [ "$out" = "(2, 10) 0" ]; then
+    pass "KServe v2 from the host (tritonclient): model ready, ModelInfer gives logits (2, 10) of version 0"
+else
+    fail "KServe v2 from the host (tritonclient) (output: $out)"
+fi
+if metrics=$("$PY" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+        "http://127.0.0.1:$METRICS_PORT/metrics" 2>&1) \
+    && grep -qx 'vitserve_train_step 3.0' <<<"$metrics" \
+    && grep -qx 'vitserve_requests_total{code="OK",method="TrainStep"} 3.0' <<<"$metrics" \
+    && grep -qx 'vitserve_requests_total{code="OK",method="ModelInfer"} 1.0' <<<"$metrics"; then
+    pass "the metrics endpoint (VITSERVE_METRICS_PORT=$METRICS_PORT) counts the 3 TrainSteps and the ModelInfer"
+else
+    fail "the metrics endpoint counts the calls (got: $(grep -E '^vitserve_(train_step|requests_total)' <<<"$metrics" | head -20))"
 fi
 
 # ---- (4) SIGTERM: clean exit, final checkpoint in the volume --------------------------------------------
