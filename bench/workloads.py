@@ -28,6 +28,8 @@ from bench.stats import Row, pair_ratios, rotated, time_calls
 RAW_ORT, GRPC, EAGER, COMPILED, ENGINE = "raw ORT in-process", "Predict over gRPC", "PyTorch eager", "torch.compile", \
     "engine in-process"
 TRAIN_GRPC = "TrainStep over gRPC"
+GRPC_V2 = "ModelInfer over gRPC (KServe v2, tritonclient)"
+SERVED = (GRPC, GRPC_V2)  # the server's own variants: compared with raw ORT too
 
 
 @dataclass
@@ -262,8 +264,12 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
 
     plan = ctx.plan
     folder = ctx.cache.ensure(preset)
+    import tritonclient.grpc as tc
+
     served = Served(ctx, folder)
     client = served.client()
+    v2 = tc.InferenceServerClient(served.address)
+    model_name = served.plane.manifest.name
     settings = served.settings
     served_note = "server defaults" + (f": dynamic batching {'on' if settings.dynamic_batching else 'off'}, "
                                        f"delay {getattr(settings, 'max_batch_delay_ms', '?')} ms"
@@ -277,6 +283,8 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
 
         def variants(x):
             xt = torch.from_numpy(x)
+            v2_input = tc.InferInput("images", list(x.shape), "FP32")
+            v2_input.set_data_from_numpy(x)
 
             def eager():
                 with torch.inference_mode():
@@ -284,6 +292,7 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
 
             return {RAW_ORT: lambda: session.run(["logits"], {"images": x})[0],
                     GRPC: lambda: client.predict(x, return_logits=False),
+                    GRPC_V2: lambda: v2.infer(model_name, [v2_input]).as_numpy("logits"),
                     EAGER: eager}
 
         # batch 1: latency
@@ -302,10 +311,10 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
             for name in fns:
                 rows.append(Row(
                     "2", workload, name, f"ms {label}", per[name], value=pooled[name],
-                    note=(served_note + "; " if name == GRPC else "") +
+                    note=(served_note + "; " if name in SERVED else "") +
                     f"{label} of {sum(map(len, calls[name]))} calls; spread: per-repeat {label}",
                     vs_torch=None if name == EAGER else pair_ratios(per[name], per[EAGER], higher_is_better=False),
-                    vs_ort=pair_ratios(per[name], per[RAW_ORT], higher_is_better=False) if name == GRPC else None,
+                    vs_ort=pair_ratios(per[name], per[RAW_ORT], higher_is_better=False) if name in SERVED else None,
                     key=f"latency/{preset}/{label}/{name}"))
 
         for size in batches:
@@ -321,12 +330,13 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
                     ips[name].append(len(times) * size / sum(times))
             for name in fns:
                 rows.append(Row(
-                    "2", f"predict {preset} b{size}", name, "images/s", ips[name], note=served_note if name == GRPC else "",
+                    "2", f"predict {preset} b{size}", name, "images/s", ips[name], note=served_note if name in SERVED else "",
                     vs_torch=None if name == EAGER else pair_ratios(ips[name], ips[EAGER]),
-                    vs_ort=pair_ratios(ips[name], ips[RAW_ORT]) if name == GRPC else None,
+                    vs_ort=pair_ratios(ips[name], ips[RAW_ORT]) if name in SERVED else None,
                     key=f"predict/{preset}/b{size}/{name}"))
     finally:
         client.close()
+        v2.close()
         served.close()
     return rows
 
