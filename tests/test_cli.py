@@ -71,10 +71,13 @@ class Server:
             self._stderr.close()
 
 
-def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
-    """Start `python -m server ARGS` and wait (up to START_TIMEOUT) for "vitserve listening on HOST:PORT"."""
+def start_server(*args: str, env: dict[str, str] | None = None, command: list[str] | None = None,
+                 cwd: Path = REPO) -> Server:
+    """Start `python -m server ARGS` (or `command ARGS`, e.g. an installed vitserve-server) and wait (up to
+    START_TIMEOUT) for "vitserve listening on HOST:PORT"."""
     stderr_file = tempfile.TemporaryFile()  # a file, not a pipe: the server's logs can never block it
-    proc = subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO, env=env or clean_env(),
+    command = command or [sys.executable, "-m", "server"]
+    proc = subprocess.Popen([*command, *args], cwd=cwd, env=env or clean_env(),
                             stdout=subprocess.PIPE, stderr=stderr_file, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
 

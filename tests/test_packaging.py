@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import queue
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import tomllib
 from pathlib import Path
@@ -25,7 +21,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from test_cli import CALL_TIMEOUT, READY, START_TIMEOUT, Server, clean_env, ok
+from tests.test_cli import CALL_TIMEOUT, clean_env, ok, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -179,32 +175,6 @@ def run(cmd: list, env: dict[str, str], cwd: Path, timeout: float = CALL_TIMEOUT
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_console_server(cmd: list, env: dict[str, str], cwd: Path) -> Server:
-    """Start a server command (here: the venv's `vitserve-server`) and wait for "vitserve listening on HOST:PORT"
-    (test_cli.start_server does the same for `python -m server` in this checkout)."""
-    stderr_file = tempfile.TemporaryFile()  # a file, not a pipe: logs never block the server
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr_file,
-                            text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=lambda: ([lines.put(line) for line in proc.stdout], lines.put(None)), daemon=True).start()
-    server, seen = Server(proc, "", stderr_file), []
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-        except queue.Empty:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"{cmd[0]} printed no '{READY}' line within {START_TIMEOUT:g}s; stdout: {seen}; "
-                        f"stderr:\n{server.stderr()}")
-        if line is None:
-            pytest.fail(f"{cmd[0]} exited with {proc.wait()} before listening; stdout: {seen}; stderr:\n{server.stderr()}")
-        seen.append(line)
-        if line.startswith(READY):
-            server.address = line[len(READY):].strip()
-            return server
-
-
 @pytest.fixture(scope="module")
 def serve_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment with `pip install <copy of this repository>[serve]` (not editable)."""
@@ -268,9 +238,9 @@ def test_serve_install_console_scripts_serve_and_call(serve_venv, exported, tmp_
     client_help = ok(run([bin_ / "vitserve", "--help"], env, tmp_path)).stdout
     assert "health" in client_help and "train-step" in client_help, client_help
 
-    server = start_console_server([bin_ / "vitserve-server", "--artifacts", exported[0], "--host", "127.0.0.1",
-                                  "--port", "0", "--data-dir", tmp_path / "data", "--metrics-port", "-1"],
-                                 env, tmp_path)
+    server = start_server("--artifacts", str(exported[0]), "--host", "127.0.0.1", "--port", "0",
+                          "--data-dir", str(tmp_path / "data"), "--metrics-port", "-1",
+                          env=env, command=[str(bin_ / "vitserve-server")], cwd=tmp_path)
     try:
         health = ok(run([bin_ / "vitserve", "--address", server.address, "health"], env, tmp_path))
         assert health.stdout.strip() == "SERVING"
