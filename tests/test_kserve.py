@@ -226,3 +226,13 @@ def test_v2_with_bearer_tokens(serve):
     assert result.as_numpy("logits").shape == (2, CONFIG.num_classes)
     assert client.is_model_ready(MODEL, headers={"authorization": "Bearer read-secret"}) is True
     client.close()
+
+
+def test_not_ready_once_shutdown_began(v2):
+    """ServerReady/ModelReady turn false when the data plane closes (SIGTERM), while ServerLive stays true."""
+    running, client = v2
+    assert client.is_server_ready() is True
+    running.plane.close()
+    assert client.is_server_live() is True
+    assert client.is_server_ready() is False
+    assert client.is_model_ready(MODEL) is False
