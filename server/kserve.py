@@ -41,9 +41,6 @@ class InferenceServicer:
         self._output = v2.ModelMetadataResponse.TensorMetadata(name=m.output_name, datatype=FP32,
                                                                shape=[-1, m.num_classes])
 
-    def _serves(self, name: str, version: str) -> bool:
-        return name == self.plane.manifest.name and version in ("", str(self.plane.model_version))
-
     def _check_model(self, name: str, version: str) -> str:
         """The version string being served, or NotFound naming what is served instead."""
         served = str(self.plane.model_version)
@@ -64,7 +61,11 @@ class InferenceServicer:
 
     @grpc_errors
     def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
-        return v2.ModelReadyResponse(ready=self.plane.ready and self._serves(request.name, request.version))
+        try:
+            self._check_model(request.name, request.version)
+        except NotFound:  # readiness is a question, not an error: another model or version is just not ready
+            return v2.ModelReadyResponse(ready=False)
+        return v2.ModelReadyResponse(ready=self.plane.ready)
 
     @grpc_errors
     def ServerMetadata(self, request: v2.ServerMetadataRequest, context) -> v2.ServerMetadataResponse:
