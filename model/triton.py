@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from server.config import Settings
 from server.errors import ConfigError
 from server.manifest import INFERENCE_MODEL, Manifest, sha256
-from server.store import NAME, fsync_path
+from server.store import NAME, AtomicDirs
 
 VERSION = "1"
 MODEL_FILE = "model.onnx"
@@ -106,24 +104,6 @@ def model_config(manifest: Manifest, max_batch_size: int, gpu: bool, instances: 
     )
 
 
-def _recover(out: Path, name: str) -> None:
-    """After a crash: put back a model folder moved aside but not replaced, drop unfinished temporaries."""
-    if not out.is_dir():
-        return
-
-    def ours(kind: str) -> list[Path]:  # .<kind>-<name>-<random suffix without '-'>, this model's only
-        prefix = f".{kind}-{name}-"
-        return sorted(p for p in out.iterdir() if p.name.startswith(prefix) and "-" not in p.name[len(prefix):])
-
-    for path in ours("old"):
-        if (out / name).exists():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.rename(out / name)
-    for path in ours("tmp"):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, max_batch_size: int | None = None,
                      gpu: bool = False, instances: int = 1, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
                      force: bool = False) -> Written:
@@ -158,39 +138,19 @@ def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, m
     if out.exists() and not out.is_dir():
         raise RepositoryError(f"--out {out} exists and is not a folder")
     final = out / manifest.name
-    _recover(out, manifest.name)
+    folders = AtomicDirs(out)  # also finishes or drops what a crashed run left (.tmp-*, .old-*)
     if final.exists() and not force:
         raise RepositoryError(f"{final} already exists: pass --force to replace it ({CONFIG_FILE}, {LABELS_FILE}, "
                               f"version {VERSION})")
-    out.mkdir(parents=True, exist_ok=True)
 
     config = model_config(manifest, max_batch_size, gpu, instances, queue_delay_us)
     header = (f"# Triton model configuration written by `python -m model.triton` from {artifacts}\n"
               f"# {VERSION}/{MODEL_FILE}: {source} (sha256 {sha256(source)})\n")
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{manifest.name}-", dir=out))
-    old = None
-    try:
+    with folders.write(manifest.name, meta_file=False) as (staging, _):  # built aside, renamed into place
         (staging / VERSION).mkdir()
         shutil.copyfile(source, staging / VERSION / MODEL_FILE)
         (staging / CONFIG_FILE).write_text(header + text_format.MessageToString(config))
         (staging / LABELS_FILE).write_text("".join(f"{n}\n" for n in manifest.class_names))
-        for path in (staging / VERSION / MODEL_FILE, staging / CONFIG_FILE, staging / LABELS_FILE,
-                     staging / VERSION, staging):
-            fsync_path(path)
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; Triton may run as another user
-        if final.exists():
-            old = out / f".old-{manifest.name}-{staging.name.rsplit('-', 1)[-1]}"
-            final.rename(old)
-        staging.rename(final)
-        fsync_path(out)
-    except BaseException:
-        if old is not None and old.exists() and not final.exists():
-            old.rename(final)  # put the previous repository back
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and final.exists():
-            shutil.rmtree(old, ignore_errors=True)
     return Written(final, source, contrib_ops(graph))
 
 

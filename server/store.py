@@ -60,18 +60,20 @@ class AtomicDirs:
                 shutil.rmtree(path)
 
     @contextlib.contextmanager
-    def write(self, name: str) -> Iterator[tuple[Path, dict]]:
-        """Yield (empty folder, meta dict) to fill; on success the folder becomes `root/name`."""
+    def write(self, name: str, meta_file: bool = True) -> Iterator[tuple[Path, dict]]:
+        """Yield (empty folder, meta dict) to fill; on success the folder becomes `root/name`, replacing any
+        entry of that name. With meta_file=False no meta.json is added (folders laid out for another tool)."""
         tmp = self.root / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             meta: dict = {}
             yield tmp, meta
-            files = [p for p in tmp.iterdir() if p.is_file()]
-            meta["size_bytes"] = sum(p.stat().st_size for p in files)
-            (tmp / META).write_text(json.dumps(meta))
-            for f in [*files, tmp / META]:
-                fsync_path(f)
+            if meta_file:
+                meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+                (tmp / META).write_text(json.dumps(meta))
+            for path in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):  # files and subfolders, deepest first
+                fsync_path(path)
+            fsync_path(tmp)
             final = self.root / name
             old = self.root / f"{_OLD}{name}-{uuid.uuid4().hex[:8]}"
             if final.exists():
