@@ -88,7 +88,7 @@ class DataPlane:
         self._stop = threading.Event()
         self.metrics.watch(batcher_queue=lambda: self.batcher.pending() if self.batcher else 0,
                            train_queue=lambda: self._train_calls, step=lambda: self.training.step,
-                           learning_rate=lambda: self.training.learning_rate, model_version=lambda: self._serving[0])
+                           learning_rate=lambda: self.training.learning_rate, model_version=lambda: self.model_version)
         self._autosave = None
         if settings.checkpoint_every_seconds > 0:
             self._autosave = threading.Thread(target=self._autosave_loop, name="vitserve-autosave", daemon=True)
@@ -273,7 +273,7 @@ class DataPlane:
             optimizer=m.raw["optimizer"]["name"], step=self.training.step,
             learning_rate=self.training.learning_rate, max_batch_size=s.max_batch_size,
             export_versions=m.raw["versions"], loss_node=m.raw["loss"]["name"], loss_op_type=m.raw["loss"]["op_type"],
-            model_version=self._serving[0], versions=self.model_versions(),
+            model_version=self.model_version, versions=self.model_versions(),
             checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
             publish_every_steps=s.publish_every_steps,
         )
