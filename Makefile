@@ -45,7 +45,7 @@ export: $(ARTIFACTS)/manifest.json
 REPO ?= model_repository
 TRITON_FLAGS ?=
 export-triton: export
-	$(BIN)/python -m model.triton --artifacts $(ARTIFACTS) --out $(REPO) --force $(TRITON_FLAGS)
+	$(BIN)/python -m engine.triton --artifacts $(ARTIFACTS) --out $(REPO) --force $(TRITON_FLAGS)
 
 serve: export
 	$(BIN)/python -m server --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --device $(DEVICE)

@@ -60,8 +60,8 @@ class ArtifactCache:
         return self.root / f"{preset}-{self.key}" / preset
 
     def has(self, preset: str) -> bool:
-        from server.errors import ConfigError
-        from server.manifest import Manifest
+        from engine.errors import ConfigError
+        from engine.manifest import Manifest
 
         try:
             Manifest.load(self.folder(preset))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import importlib
 import importlib.util
@@ -21,7 +22,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -36,14 +36,28 @@ import torch
 from onnxruntime.training import artifacts as ort_artifacts
 from onnxruntime.training.onnxblock import optim as ort_optim
 
+from engine.fusion import optimize_inference_model
+from engine.manifest import (
+    ARTIFACT_FILES,
+    INFERENCE_MODEL,
+    TRAINING_MODEL,
+    LossNode,
+    Manifest,
+    Parameter,
+    Preprocessing,
+    QkvLayout,
+    TensorSpec,
+    sha256,
+)
+from engine.runtime import quiet_default_logger
 from model import verify
+from model.errors import ExportCheckError, ExportError
+from model.layout import parameter_place, qkv_layouts
 from model.vit import DEFAULT_PRESET, PRESETS, build
-from server.fusion import optimize_inference_model
-from server.manifest import ARTIFACT_FILES, INFERENCE_MODEL, MANIFEST, TRAINING_MODEL, Manifest, sha256
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Opset 17 exports LayerNormalization as one node whose gradient ORT 1.19.2 cannot build;
-# at 16 it is decomposed (and fused back by ORT). See DESIGN.md.
+# at 16 it is decomposed (and fused back by ORT). See docs/design.md.
 DEFAULT_OPSET = 16
 ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # torch.optim.AdamW's defaults
 
@@ -74,14 +88,14 @@ def load_class(spec: str):
     """
     module_name, _, class_name = spec.partition(":")
     if not class_name:
-        raise SystemExit(f"--model must look like module:Class, got {spec!r}")
+        raise ExportError(f"--model must look like module:Class, got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         top, *middle = module_name.split(".")
         found = importlib.util.find_spec(top)  # finds a top-level package without running it
         if found is None or not found.submodule_search_locations or not middle:
-            raise SystemExit(f"cannot import {module_name}: {error}") from None
+            raise ExportError(f"cannot import {module_name}: {error}") from None
         path = Path(list(found.submodule_search_locations)[0]).joinpath(*middle[:-1], middle[-1] + ".py")
         leaf = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(leaf)
@@ -89,24 +103,11 @@ def load_class(spec: str):
     return getattr(module, class_name)
 
 
-def qkv_layouts(model: torch.nn.Module) -> list[dict]:
-    """Every fused qkv projection: modules with a `to_qkv` Linear and a `heads` count (the lucidrains layout)."""
-    layouts = []
-    for prefix, module in model.named_modules():
-        qkv = getattr(module, "to_qkv", None)
-        if isinstance(qkv, torch.nn.Linear) and isinstance(getattr(module, "heads", None), int):
-            heads = module.heads
-            block = re.search(r"layers\.(\d+)\.", prefix + ".")
-            layouts.append(dict(name=f"{prefix}.to_qkv.weight", block=int(block.group(1)) if block else -1,
-                                heads=heads, dim_head=qkv.out_features // 3 // heads))
-    return layouts
-
-
-def loss_node(training_model: onnx.ModelProto) -> dict:
+def loss_node(training_model: onnx.ModelProto) -> LossNode:
     """The node that produces the training graph's first output (the loss)."""
     loss_output = training_model.graph.output[0].name
     node = next(n for n in training_model.graph.node if loss_output in n.output)
-    return dict(name=node.name, op_type=node.op_type, inputs=list(node.input), output=loss_output)
+    return LossNode(name=node.name, op_type=node.op_type, inputs=tuple(node.input), output=loss_output)
 
 
 @contextlib.contextmanager
@@ -148,7 +149,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, train
         torch.onnx.export(
             model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
-            dynamo=False,  # the dynamo exporter renames parameters and breaks generate_artifacts (DESIGN.md)
+            dynamo=False,  # the dynamo exporter renames parameters and breaks generate_artifacts (docs/design.md)
             training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
             do_constant_folding=not training, export_params=True,
         )
@@ -196,7 +197,7 @@ def write_training_artifacts(model, example, folder: Path, opset: int, trainable
     initializers = {i.name for i in proto.graph.initializer}
     missing = [n for n in trainable + frozen if n not in initializers]
     if missing:
-        raise SystemExit(f"parameters missing from the exported graph (unused by forward?): {missing[:5]}")
+        raise ExportError(f"parameters missing from the exported graph (unused by forward?): {missing[:5]}")
     block = torch_adamw(**ADAMW) if optimizer == "adamw" else ort_artifacts.OptimType.SGD
     with native_stderr_captured():
         ort_artifacts.generate_artifacts(
@@ -209,16 +210,16 @@ def write_training_artifacts(model, example, folder: Path, opset: int, trainable
 
 def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, channels: int, mean, std,
            class_names: list[str], source: dict, freeze: list[str], optimizer: str, opset: int) -> Path:
-    """Write and check one model folder; returns its path. Raises verify.ExportCheckError on a mismatch."""
+    """Write and check one model folder; returns its path. Raises ExportError (ExportCheckError on a mismatch)."""
     started = time.perf_counter()
     names = [n for n, _ in model.named_parameters()]
     frozen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in freeze)]
     unmatched = [g for g in freeze if not any(fnmatch.fnmatchcase(n, g) for n in names)]
     if unmatched:
-        raise SystemExit(f"--freeze patterns match no parameter: {unmatched}")
+        raise ExportError(f"--freeze patterns match no parameter: {unmatched}")
     trainable = [n for n in names if n not in frozen]
     if not trainable:
-        raise SystemExit("every parameter is frozen: nothing to train")
+        raise ExportError("every parameter is frozen: nothing to train")
     example = torch.randn(2, channels, image_size, image_size)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -235,47 +236,40 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
         # does not know; loading them in ORT's training session (the check below) validates them.
 
         params = dict(model.named_parameters())
-        manifest = {
-            "name": name,
-            "source": source,
-            "input": {"name": INPUT_NAME, "shape": [-1, channels, image_size, image_size], "dtype": "float32"},
-            "output": {"name": OUTPUT_NAME, "shape": [-1, len(class_names)], "dtype": "float32"},
-            "preprocessing": {"height": image_size, "width": image_size, "channels": channels,
-                              "mean": list(mean), "std": list(std)},
-            "class_names": class_names,
-            "parameters": [{"name": n, "shape": list(params[n].shape), "trainable": n in trainable} for n in names],
-            "attention": attention,
-            "inference_fused_attention_blocks": fused,  # MultiHeadAttention nodes (server/fusion.py)
-            "loss": loss_node(training_model),
-            "opset": opset,
-            "optimizer": {"name": optimizer, **(ADAMW if optimizer == "adamw" else {})},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-            "files": {f: sha256(staging / f) for f in ARTIFACT_FILES},
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        manifest = Manifest(
+            name=name, source=source,
+            input=TensorSpec(INPUT_NAME, (-1, channels, image_size, image_size)),
+            output=TensorSpec(OUTPUT_NAME, (-1, len(class_names))),
+            preprocessing=Preprocessing(image_size, image_size, channels, tuple(mean), tuple(std)),
+            class_names=tuple(class_names),
+            parameters=tuple(Parameter(n, tuple(params[n].shape), n in trainable, *parameter_place(n)) for n in names),
+            attention=tuple(QkvLayout(**a) for a in attention),
+            inference_fused_attention_blocks=fused,
+            loss=loss_node(training_model), opset=opset,
+            optimizer={"name": optimizer, **(ADAMW if optimizer == "adamw" else {})},
+            versions={"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                      "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+            files={f: sha256(staging / f) for f in ARTIFACT_FILES},
+        )
+        manifest.write(staging)
 
         report = verify.CheckReport()
         verify.check_inference(Manifest.load(staging), model, report)
         if has_dropout(model):  # the shipped graph drops out at random: check a dropout-free twin instead
             with tempfile.TemporaryDirectory(dir=out) as twin:
                 twin = Path(twin)
-                shutil.copy(staging / MANIFEST, twin / MANIFEST)
                 twin_model = without_dropout(model)
                 shutil.copy(staging / INFERENCE_MODEL, twin / INFERENCE_MODEL)
                 write_training_artifacts(twin_model, example, twin, opset, trainable, frozen, optimizer)
-                twin_manifest = json.loads((twin / MANIFEST).read_text())
-                twin_manifest["files"] = {f: sha256(twin / f) for f in ARTIFACT_FILES}
-                (twin / MANIFEST).write_text(json.dumps(twin_manifest))
+                dataclasses.replace(manifest, files={f: sha256(twin / f) for f in ARTIFACT_FILES}).write(twin)
                 verify.check_training(Manifest.load(twin), twin_model, report)
         else:
             verify.check_training(Manifest.load(staging), model, report)
         if report.failures:
-            raise verify.ExportCheckError("export check failed:\n  " + "\n  ".join(report.failures))
+            raise ExportCheckError("export check failed:\n  " + "\n  ".join(report.failures))
 
-        manifest["export_check"] = report.as_dict()
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        dataclasses.replace(manifest, export_check=report.as_dict(),
+                            export_seconds=round(time.perf_counter() - started, 2)).write(staging)
         final = out / name
         if final.exists():
             shutil.rmtree(final)
@@ -311,14 +305,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_default_logger()
+    try:
+        return run(args)
+    except ExportError as e:
+        print(f"EXPORT FAILED: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """The export the command line asks for; ExportError when it cannot be done."""
     torch.manual_seed(args.seed)
     if args.model:
-        kwargs = json.loads(args.kwargs)
+        try:
+            kwargs = json.loads(args.kwargs)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"--kwargs is not valid JSON: {e}") from None
         model = load_class(args.model)(**kwargs)
         image_size = args.image_size or kwargs.get("image_size")
         channels = args.channels or kwargs.get("channels", 3)
         if not isinstance(image_size, int):
-            raise SystemExit("--model needs a square --image-size (or an int image_size in --kwargs)")
+            raise ExportError("--model needs a square --image-size (or an int image_size in --kwargs)")
         name = args.name or args.model.rpartition(":")[2].lower()
         source = {"model": args.model, "kwargs": kwargs}
         mean, std = args.mean or [0.5] * channels, args.std or [0.5] * channels
@@ -341,17 +348,13 @@ def main(argv=None) -> int:
     else:
         class_names = [f"class_{i}" for i in range(num_classes)]
     if len(class_names) != num_classes or len(mean) != channels or len(std) != channels:
-        raise SystemExit(f"need {num_classes} class names and {channels} mean/std values")
+        raise ExportError(f"need {num_classes} class names and {channels} mean/std values")
 
     started = time.perf_counter()
-    try:
-        folder = export(model=model, name=name, out=args.out, image_size=image_size, channels=channels, mean=mean,
-                        std=std, class_names=class_names, source=source, freeze=args.freeze,
-                        optimizer=args.optimizer, opset=args.opset)
-    except verify.ExportCheckError as e:
-        print(f"EXPORT FAILED: {e}", file=sys.stderr)
-        return 1
-    check = json.loads((folder / MANIFEST).read_text())["export_check"]
+    folder = export(model=model, name=name, out=args.out, image_size=image_size, channels=channels, mean=mean,
+                    std=std, class_names=class_names, source=source, freeze=args.freeze,
+                    optimizer=args.optimizer, opset=args.opset)
+    check = Manifest.load(folder).export_check
     print(f"exported {name} to {folder} in {time.perf_counter() - started:.1f}s")
     print(f"  check vs PyTorch: logits max rel err {check['logits_max_rel_err']:.2e}; "
           f"loss ORT {check['loss_ort']:.6f} vs torch {check['loss_torch']:.6f}; "

@@ -12,18 +12,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from server.inference import InferenceEngine
-from server.manifest import INFERENCE_MODEL, Manifest
-from server.runtime import session_options
-from server.training import TrainingEngine
+from engine.inference import InferenceEngine
+from engine.manifest import INFERENCE_MODEL, Manifest
+from engine.runtime import session_options
+from engine.training import TrainingEngine
 
 LOGITS_TOL = 1e-4  # relative to the largest |logit|
 LOSS_TOL = 1e-4  # relative to max(1, |loss|)
 GRAD_TOL = 1e-3  # max |g_ort - g_torch| relative to max |g_torch| of that parameter
-
-
-class ExportCheckError(RuntimeError):
-    """ONNX Runtime and PyTorch disagree: the artifacts must not be used."""
 
 
 @dataclass

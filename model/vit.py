@@ -61,7 +61,7 @@ PRESETS: dict[str, ViTConfig] = {
     # ViT-Ti/16 of "How to train your ViT" (DeiT-tiny sizes).
     "vit-tiny": ViTConfig(image_size=224, patch_size=16, channels=3, num_classes=1000, dim=192, depth=12,
                           heads=3, dim_head=64, mlp_dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    # The benchmark size of DESIGN.md: 64x64, patch 8, 6 blocks.
+    # The benchmark size of docs/design.md: 64x64, patch 8, 6 blocks.
     "vit-small64": ViTConfig(image_size=64, patch_size=8, channels=3, num_classes=10, dim=192, depth=6,
                              heads=3, dim_head=64, mlp_dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }

@@ -97,7 +97,7 @@ class TrainStepRequest(_message.Message):
     def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., omit_gradient_summaries: _Optional[bool] = ..., accumulate_only: _Optional[bool] = ...) -> None: ...
 
 class GradientSummary(_message.Message):
-    __slots__ = ("name", "shape", "l2_norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nonfinite_count", "param_norm", "update_ratio")
+    __slots__ = ("name", "shape", "l2_norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nonfinite_count", "param_norm", "update_ratio", "block", "sublayer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     L2_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,8 @@ class GradientSummary(_message.Message):
     NONFINITE_COUNT_FIELD_NUMBER: _ClassVar[int]
     PARAM_NORM_FIELD_NUMBER: _ClassVar[int]
     UPDATE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SUBLAYER_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     l2_norm: float
@@ -122,7 +124,9 @@ class GradientSummary(_message.Message):
     nonfinite_count: int
     param_norm: float
     update_ratio: float
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., l2_norm: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_abs: _Optional[float] = ..., zero_fraction: _Optional[float] = ..., nonfinite_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_ratio: _Optional[float] = ...) -> None: ...
+    block: int
+    sublayer: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., l2_norm: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_abs: _Optional[float] = ..., zero_fraction: _Optional[float] = ..., nonfinite_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_ratio: _Optional[float] = ..., block: _Optional[int] = ..., sublayer: _Optional[str] = ...) -> None: ...
 
 class QkvGradient(_message.Message):
     __slots__ = ("name", "block", "heads", "dim_head", "q_norm", "k_norm", "v_norm", "q_head_norms", "k_head_norms", "v_head_norms")
@@ -377,14 +381,18 @@ class Preprocessing(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ParameterInfo(_message.Message):
-    __slots__ = ("name", "shape", "trainable")
+    __slots__ = ("name", "shape", "trainable", "block", "sublayer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SUBLAYER_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     trainable: bool
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., trainable: _Optional[bool] = ...) -> None: ...
+    block: int
+    sublayer: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., trainable: _Optional[bool] = ..., block: _Optional[int] = ..., sublayer: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type", "model_version", "versions", "checkpoint_every_steps", "checkpoint_every_seconds", "publish_every_steps")

@@ -8,11 +8,11 @@ import signal
 import sys
 import threading
 
+from engine.errors import ConfigError
 from server.app import create_server
 from server.auth import Security
 from server.config import FIELD_DOCS, SECRET_FIELDS, Settings
 from server.dataplane import DataPlane
-from server.errors import ConfigError
 from server.observability import setup_logging
 
 log = logging.getLogger("server")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import grpc
 
+from engine.errors import ConfigError
 from server.config import Settings
-from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-from server.errors import ConfigError
+from engine.errors import ConfigError
 
 ENV_PREFIX = "VITSERVE_"
 SECRET_FIELDS = frozenset({"read_token", "write_token"})

@@ -9,6 +9,7 @@ latest checkpoint, automatic and final checkpoints, publishing versions.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,22 +17,50 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
+from engine.explain import Explanation, GradientExplainer
+from engine.fusion import optimize_inference_model
+from engine.inference import InferenceEngine, top_k
+from engine.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter, Preprocessing
+from engine.runtime import providers_for, quiet_default_logger, session_options
+from engine.schedule import LinearSchedule
+from engine.store import CheckpointInfo, CheckpointList, CheckpointStore, ModelVersion, VersionStore
+from engine.training import EvalResult, OptimizerState, StepResult, TrainingEngine
 from server.batching import DynamicBatcher
 from server.config import Settings
-from server.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
-from server.explain import Explanation, GradientExplainer
-from server.fusion import optimize_inference_model
-from server.inference import InferenceEngine, top_k
-from server.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest
+from server.decode import BatchValidator
 from server.metrics import Metrics
-from server.runtime import providers_for, session_options
-from server.schedule import LinearSchedule
-from server.store import CheckpointInfo, CheckpointStore, ModelVersion, VersionStore, checkpoint_name
-from server.training import EvalResult, OptimizerSettings, StepResult, TrainingEngine
-from server.validation import BatchValidator
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """GetModelInfo's answer (proto: ModelInfo): the model, how to feed it, the training state and settings."""
+    name: str
+    config_json: str  # the export's source: preset and config, or module:Class and kwargs
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: str  # a DataType name
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...]
+    parameters: tuple[Parameter, ...]
+    execution_providers: list[str]
+    device: str
+    opset: int
+    optimizer: str
+    step: int
+    learning_rate: float
+    max_batch_size: int
+    export_versions: dict[str, str]
+    loss_node: str
+    loss_op_type: str
+    model_version: int
+    versions: list[ModelVersion]
+    checkpoint_every_steps: int
+    checkpoint_every_seconds: float
+    publish_every_steps: int
 
 
 @dataclass(frozen=True)
@@ -47,18 +76,19 @@ class DataPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.manifest = m = Manifest.load(settings.artifacts)
-        self.validator = BatchValidator(m.input_shape, m.num_classes, settings.max_batch_size, m.preprocessing)
+        self.decoder = BatchValidator(m.input_shape, m.num_classes, settings.max_batch_size, m.preprocessing)
+        quiet_default_logger()
         self._providers = providers_for(settings.device)
         self._options = session_options(settings.intra_op_threads, training=True)
         self._inference_options = session_options(settings.intra_op_threads, training=False)
         folder = settings.data_dir / m.name
-        self.checkpoints = CheckpointStore(folder / "checkpoints", m.raw["files"][TRAINING_MODEL],
+        self.checkpoints = CheckpointStore(folder / "checkpoints", m.files[TRAINING_MODEL],
                                            settings.keep_checkpoints)
         self.versions = VersionStore(folder / "models")
 
         latest = self.checkpoints.latest()
         try:
-            resume = self.checkpoints.path(latest.name) if latest else None
+            resume = self.checkpoints.path(latest) if latest else None
         except InvalidArgument as e:
             raise ConfigError(f"{e}: use another --data-dir for these artifacts") from None
         published = self.versions.versions()
@@ -102,17 +132,6 @@ class DataPlane:
     @property
     def inference(self) -> InferenceEngine:
         return self._serving[1]
-
-    # -- inputs (validated by self.validator; see server/validation.py) -------------------------------
-
-    def images_from_tensor(self, dtype_name: str, shape, data: bytes) -> np.ndarray:
-        return self.validator.images_from_tensor(dtype_name, shape, data)
-
-    def images_from_files(self, encoded: list[bytes]) -> np.ndarray:
-        return self.validator.images_from_files(encoded)
-
-    def labels_from_tensor(self, dtype_name: str, shape, data: bytes, batch: int) -> np.ndarray:
-        return self.validator.labels_from_tensor(dtype_name, shape, data, batch)
 
     # -- inference ------------------------------------------------------------------------------------
 
@@ -176,22 +195,19 @@ class DataPlane:
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> EvalResult:
         return self.training.eval_step(images, labels)
 
-    def optimizer(self) -> OptimizerSettings:
-        return self.training.optimizer_settings()
+    def optimizer(self) -> OptimizerState:
+        return self.training.optimizer_state()
 
-    def set_optimizer(self, learning_rate: float | None, schedule: dict | None,
-                      clip_grad_norm: float | None) -> OptimizerSettings:
-        settings = self.training.set_optimizer(learning_rate, LinearSchedule(**schedule) if schedule else None,
-                                               clip_grad_norm)
+    def set_optimizer(self, learning_rate: float | None, schedule: LinearSchedule | None,
+                      clip_grad_norm: float | None) -> OptimizerState:
+        state = self.training.set_optimizer(learning_rate, schedule, clip_grad_norm)
         self._dirty = True
-        return settings
+        return state
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def save_checkpoint(self, name: str = "", reason: str = "manual") -> CheckpointInfo:
         """Atomically write the training state. Empty name: manual-<step> or step-<step> (automatic)."""
-        if name:
-            checkpoint_name(name)
         with self._checkpoint_lock, self.training.lock:  # no step between naming and writing
             step = self.training.step
             name = name or (f"manual-{step:08d}" if reason == "manual" else f"step-{step:08d}")
@@ -200,13 +216,13 @@ class DataPlane:
         log.info("checkpoint %s written (step %d, %s)", info.name, info.step, reason)
         return info
 
-    def list_checkpoints(self) -> list[CheckpointInfo]:
-        return self.checkpoints.list()
+    def list_checkpoints(self) -> CheckpointList:
+        return CheckpointList(tuple(self.checkpoints.list()))
 
     def restore_checkpoint(self, name: str) -> CheckpointInfo:
         with self._checkpoint_lock:
             info = self.checkpoints.get(name)
-            self.training.restore_checkpoint(self.checkpoints.path(name))
+            self.training.restore_checkpoint(self.checkpoints.path(info))
             self._dirty = True  # a restart must resume from this state, not from a newer checkpoint
         log.info("restored checkpoint %s (step %d)", info.name, info.step)
         return info
@@ -264,16 +280,15 @@ class DataPlane:
             self._explainer = GradientExplainer(self.manifest.path(TRAINING_MODEL), self.manifest)
         return self._explainer.explain(parameter)
 
-    def model_info(self) -> dict:
+    def model_info(self) -> ModelInfo:
         m, s = self.manifest, self.settings
-        return dict(
-            name=m.name, config=m.raw["source"], input_name=m.input_name, input_shape=m.input_shape,
-            preprocessing=m.preprocessing, class_names=m.class_names, parameters=m.parameters,
-            execution_providers=self.inference.providers, device=s.device, opset=m.raw["opset"],
-            optimizer=m.raw["optimizer"]["name"], step=self.training.step,
-            learning_rate=self.training.learning_rate, max_batch_size=s.max_batch_size,
-            export_versions=m.raw["versions"], loss_node=m.raw["loss"]["name"], loss_op_type=m.raw["loss"]["op_type"],
-            model_version=self.model_version, versions=self.model_versions(),
+        return ModelInfo(
+            name=m.name, config_json=json.dumps(m.source), input_name=m.input_name, input_shape=m.input_shape,
+            input_dtype="FLOAT32", preprocessing=m.preprocessing, class_names=m.class_names, parameters=m.parameters,
+            execution_providers=self.inference.providers, device=s.device, opset=m.opset,
+            optimizer=m.optimizer["name"], step=self.training.step, learning_rate=self.training.learning_rate,
+            max_batch_size=s.max_batch_size, export_versions=m.versions, loss_node=m.loss.name,
+            loss_op_type=m.loss.op_type, model_version=self.model_version, versions=self.model_versions(),
             checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
             publish_every_steps=s.publish_every_steps,
         )

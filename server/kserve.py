@@ -13,14 +13,14 @@ from importlib import metadata
 import grpc
 import numpy as np
 
+from engine.errors import InvalidArgument, NotFound
 from proto import open_inference_pb2 as v2
 from server.dataplane import DataPlane
-from server.errors import InvalidArgument, NotFound
-from server.servicer import grpc_errors
+from server.decode import FP32
+from server.grpc_errors import grpc_errors
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model run by ONNX Runtime
-FP32 = "FP32"
 
 
 def server_version() -> str:
@@ -80,7 +80,7 @@ class InferenceServicer:
     @grpc_errors
     def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
         self._check_model(request.model_name, request.model_version)
-        images = self._images(request)
+        images = self.plane.decoder.v2_images(request, self._input.name)
         for wanted in request.outputs:
             if wanted.name != self._output.name:
                 raise InvalidArgument(f"outputs: unknown output '{wanted.name}'; the model's output is "
@@ -91,33 +91,6 @@ class InferenceServicer:
             outputs=[v2.ModelInferResponse.InferOutputTensor(name=self._output.name, datatype=FP32,
                                                              shape=list(logits.shape))],
             raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
-
-    def _images(self, request: v2.ModelInferRequest) -> np.ndarray:
-        """The one FP32 input, from raw_input_contents or contents.fp32_contents, validated like Predict's."""
-        name = self._input.name
-        if len(request.inputs) != 1:
-            raise InvalidArgument(f"inputs: the model takes exactly 1 input ('{name}'), got {len(request.inputs)}")
-        tensor = request.inputs[0]
-        if tensor.name != name:
-            raise InvalidArgument(f"inputs: unknown input '{tensor.name}'; the model's input is '{name}'")
-        if tensor.datatype != FP32:
-            raise InvalidArgument(f"input '{name}': datatype must be FP32 (normalized pixels), got '{tensor.datatype}'")
-        typed = tensor.contents
-        others = [f.name for f, _ in typed.ListFields() if f.name != "fp32_contents"]
-        if others:
-            raise InvalidArgument(f"input '{name}': FP32 data goes in contents.fp32_contents, not {others[0]}")
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != len(request.inputs):
-                raise InvalidArgument(f"raw_input_contents: {len(request.raw_input_contents)} entries for "
-                                      f"{len(request.inputs)} input")
-            if typed.fp32_contents:
-                raise InvalidArgument(f"input '{name}': data given both in raw_input_contents and in contents")
-            data = request.raw_input_contents[0]
-        elif typed.fp32_contents:
-            data = np.asarray(typed.fp32_contents, dtype="<f4").tobytes()
-        else:
-            raise InvalidArgument(f"input '{name}': no data (set raw_input_contents or contents.fp32_contents)")
-        return self.plane.images_from_tensor("FLOAT32", list(tensor.shape), data)
 
 
 METHODS = {  # served method -> (request, response) message types

@@ -11,7 +11,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from server.errors import ConfigError
+from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ def test_the_flag_switches_batching(flag, expected):
 
 def test_environment_switches_batching():
     from server.config import Settings
-    from server.errors import ConfigError
+    from engine.errors import ConfigError
 
     assert Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": "off"}).dynamic_batching is False
     assert Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": "1"}).dynamic_batching is True

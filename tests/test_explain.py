@@ -1,4 +1,4 @@
-"""server/explain.py against real exported training graphs: the loss, every gradient's node and path, q/k/v."""
+"""engine/explain.py against real exported training graphs: the loss, every gradient's node and path, q/k/v."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,10 @@ import pytest
 from onnx import numpy_helper
 
 from model import export as exporter
-from server.errors import FailedPrecondition, NotFound
-from server.explain import GradientExplainer, parameter_place
-from server.manifest import TRAINING_MODEL, Manifest
+from engine.errors import FailedPrecondition, NotFound
+from engine.explain import GradientExplainer
+from model.layout import parameter_place
+from engine.manifest import TRAINING_MODEL, Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 QKV0, QKV3 = "transformer.layers.0.0.fn.to_qkv.weight", "transformer.layers.3.0.fn.to_qkv.weight"
@@ -44,8 +45,8 @@ def test_loss_and_where_backpropagation_starts(explained):
     explanation = explainer.explain()
     assert explanation.loss.op_type == "SoftmaxCrossEntropyLoss"
     assert explanation.loss.inputs == ("logits", "labels")
-    assert explanation.loss.outputs[0] == graph.output[0].name == manifest.raw["loss"]["output"]
-    assert explanation.loss.name == manifest.raw["loss"]["name"]
+    assert explanation.loss.outputs[0] == graph.output[0].name == manifest.loss.output
+    assert explanation.loss.name == manifest.loss.name
     # ORT's own op: the op type is domain-qualified, as vitserve.proto's GraphNode says.
     assert explanation.loss_gradient.op_type == "com.microsoft.SoftmaxCrossEntropyLossGrad"
     assert explanation.loss_gradient.inputs[0] == explanation.loss.outputs[0] + "_grad"
@@ -59,7 +60,7 @@ def test_every_trainable_parameter_has_a_connected_path_from_the_loss(explained)
     explanation = explainer.explain()
     assert [p.name for p in explanation.parameters] == manifest.trainable
     assert len(explanation.parameters) == 52
-    shapes = {p["name"]: tuple(p["shape"]) for p in manifest.parameters}
+    shapes = {p.name: p.shape for p in manifest.parameters}
     graph_outputs = {o.name for o in graph.output}
     for p in explanation.parameters:
         assert p.shape == shapes[p.name]
@@ -164,5 +165,5 @@ def test_vit_pytorch_export_has_qkv_parts_in_both_blocks(tmp_path):
 
 
 def test_explain_module_does_not_import_torch():
-    code = "import sys, server.explain; sys.exit('torch' in sys.modules)"
+    code = "import sys, engine.explain; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

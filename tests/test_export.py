@@ -12,10 +12,10 @@ import torch
 from model import export as exporter
 from model import verify
 from model.vit import PRESETS, build
-from server.inference import InferenceEngine
-from server.manifest import ARTIFACT_FILES, Manifest, sha256
-from server.runtime import session_options
-from server.training import TrainingEngine
+from engine.inference import InferenceEngine
+from engine.manifest import ARTIFACT_FILES, Manifest, sha256
+from engine.runtime import session_options
+from engine.training import TrainingEngine
 
 
 def test_manifest_describes_every_artifact(exported):
@@ -45,7 +45,7 @@ def test_a_tampered_artifact_is_refused(exported, tmp_path):
     shutil.copytree(exported[0], copy)
     with open(copy / "inference.onnx", "ab") as f:
         f.write(b"\0")
-    from server.errors import ConfigError
+    from engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not match the sha256"):
         Manifest.load(copy)
@@ -74,7 +74,7 @@ def test_four_block_export_matches_pytorch_on_a_new_batch(exported, torch_model)
 
 
 def test_six_block_vit_loss_and_gradients_match_pytorch(tmp_path):
-    """The configuration where DESIGN.md saw a garbage loss (6 blocks, 64x64, patch 8, batch 32)."""
+    """The configuration where docs/design.md saw a garbage loss (6 blocks, 64x64, patch 8, batch 32)."""
     torch.manual_seed(1)
     config = PRESETS["vit-small64"]
     model = build(config)
@@ -89,9 +89,9 @@ def test_cli_export_with_freeze_and_sgd(tmp_path, capsys):
                           "--freeze", "to_patch_embedding.*", "pos_embedding"]) == 0
     assert "exported frozen" in capsys.readouterr().out
     manifest = Manifest.load(tmp_path / "frozen")
-    frozen = [p["name"] for p in manifest.parameters if not p["trainable"]]
+    frozen = [p.name for p in manifest.parameters if not p.trainable]
     assert frozen == ["pos_embedding", "to_patch_embedding.1.weight", "to_patch_embedding.1.bias"]
-    assert manifest.raw["optimizer"] == {"name": "sgd"}
+    assert manifest.optimizer == {"name": "sgd"}
     engine = TrainingEngine(manifest, "cpu", session_options(), learning_rate=0.1)
     before = engine.parameters()
     images, labels = verify.sample_batch(manifest.input_shape, 10, batch=8)
@@ -113,9 +113,9 @@ def test_cli_exports_vit_pytorchs_own_vit(tmp_path, capsys):
     assert exporter.main(["--model", "vit_pytorch.vit:ViT", "--kwargs", json.dumps(kwargs), "--out", str(tmp_path)]) == 0
     manifest = Manifest.load(tmp_path / "vit")
     assert manifest.input_shape == (-1, 3, 16, 16) and manifest.num_classes == 5
-    assert manifest.raw["source"] == {"model": "vit_pytorch.vit:ViT", "kwargs": kwargs}
+    assert manifest.source == {"model": "vit_pytorch.vit:ViT", "kwargs": kwargs}
     assert [q.name for q in manifest.qkv] == [f"transformer.layers.{i}.0.fn.to_qkv.weight" for i in range(2)]
-    assert manifest.raw["export_check"]["grad_max_rel_err"] < verify.GRAD_TOL
+    assert manifest.export_check["grad_max_rel_err"] < verify.GRAD_TOL
 
 
 def test_a_mismatch_fails_the_export_loudly_and_writes_nothing(tmp_path, capsys, monkeypatch):

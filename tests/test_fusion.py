@@ -1,4 +1,4 @@
-"""The inference graph's attention fusion (server/fusion.py): same logits as the unfused graph, fewer nodes."""
+"""The inference graph's attention fusion (engine/fusion.py): same logits as the unfused graph, fewer nodes."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ import torch
 from model.export import export_onnx, load_class, qkv_layouts
 from model.vit import ViTConfig, build
 from proto import vitserve_pb2 as pb
-from server.fusion import fuse_attention, optimize_inference_model
+from engine.fusion import fuse_attention, optimize_inference_model
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

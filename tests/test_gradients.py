@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from server.gradients import global_norm, qkv_breakdown, summarize, summarize_all
-from server.manifest import QkvLayout
+from engine.gradients import global_norm, qkv_breakdown, summarize, summarize_all
+from engine.manifest import Parameter, QkvLayout
 
 finite = st.floats(-1e3, 1e3, width=32)
 anything = st.one_of(finite, st.sampled_from([0.0, np.nan, np.inf, -np.inf]))
@@ -79,7 +79,7 @@ def test_vectorized_summaries_equal_the_per_parameter_ones(shapes, seed, constan
     before = rng.standard_normal(grads.size).astype(np.float32)
     after = before + rng.standard_normal(grads.size).astype(np.float32) * 1e-3
     names = [f"p{i}" for i in range(len(shapes))]
-    vectorized = summarize_all(names, shapes, grads, before, after)
+    vectorized = summarize_all([Parameter(n, s, True) for n, s in zip(names, shapes)], grads, before, after)
     offsets = np.cumsum([0] + sizes)
     for s, name, shape, a, b in zip(vectorized, names, shapes, offsets[:-1], offsets[1:]):
         ref = summarize(name, grads[a:b].reshape(shape), before[a:b], after[a:b])

@@ -310,7 +310,7 @@ def test_a_crash_between_the_renames_is_recovered(running):
     root = running.plane.checkpoints._dirs.root
     (root / "keep").rename(root / ".old-keep-1234abcd")  # the state such a crash leaves
     (root / ".tmp-keep-99999999").mkdir()  # and an unfinished new one
-    from server.store import AtomicDirs
+    from engine.store import AtomicDirs
 
     AtomicDirs(root)  # what a restart does
     assert sorted(p.name for p in root.iterdir()) == ["keep"]
@@ -325,7 +325,7 @@ def test_a_restart_resumes_from_the_latest_checkpoint_exactly(serve, tmp_path):
     train(first.stub, *batch(8, seed=3), omit_gradient_summaries=True)
     at_stop = weights(first)
     first.stop()  # what SIGTERM does: the final checkpoint
-    listing = [(c.name, c.reason, c.step) for c in first.plane.list_checkpoints()]
+    listing = [(c.name, c.reason, c.step) for c in first.plane.list_checkpoints().checkpoints]
     assert listing == [("step-00000004", "shutdown", 4)]
 
     second = serve(data_dir=data)
@@ -354,7 +354,7 @@ def test_a_restart_resumes_from_the_latest_checkpoint_exactly(serve, tmp_path):
 def test_a_checkpoint_holds_weights_and_optimizer_state(running):
     train(running.stub, *batch(8))
     running.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="inspect"))
-    state = C.load_checkpoint(str(running.plane.checkpoints.path("inspect")))
+    state = C.load_checkpoint(str(running.plane.checkpoints.path(running.plane.checkpoints.get("inspect"))))
     for name, value in weights(running).items():
         assert np.array_equal(state.get_parameter(name).data.numpy(), value), name
     assert '"step": 1' in state.get_property("vitserve_state")

@@ -22,7 +22,7 @@ from server import __main__ as server_main
 from server.auth import (READ, ROLES, SERVICE_PREFIX, V2_PREFIX, V2_ROLES, WRITE, Security, TokenAuth, is_loopback,
                          required_role)
 from server.config import Settings
-from server.errors import ConfigError
+from engine.errors import ConfigError
 from tests.conftest import batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,12 +165,12 @@ def test_token_roles(serve, tokens):
         for call in (lambda: reader.set_optimizer(learning_rate=0.1), reader.save_checkpoint,
                      lambda: reader.restore_checkpoint("x"), reader.publish):
             assert codes(call) == "PERMISSION_DENIED"
-    assert server.plane.model_info()["step"] == 0  # nothing the read token sent was applied
+    assert server.plane.model_info().step == 0  # nothing the read token sent was applied
     with ViTClient(server.address, timeout=60, token=write) as writer:
         assert len(writer.predict(images).predictions) == 4  # the write token also reads
         assert writer.train_step(images, labels).step == 1
         assert writer.save_checkpoint("after-one").step == 1
-    assert server.plane.model_info()["step"] == 1
+    assert server.plane.model_info().step == 1
 
 
 def test_only_a_write_token_protects_reads_too(serve, tokens):

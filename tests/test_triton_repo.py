@@ -1,4 +1,4 @@
-"""`python -m model.triton`: the Triton model repository it writes, run as the CLI (no Triton server here)."""
+"""`python -m engine.triton`: the Triton model repository it writes, run as the CLI (no Triton server here)."""
 from __future__ import annotations
 
 import subprocess
@@ -14,13 +14,13 @@ from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
 from server.config import Settings
-from server.manifest import INFERENCE_MODEL, Manifest, sha256
+from engine.manifest import INFERENCE_MODEL, Manifest, sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model.triton", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "engine.triton", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -95,7 +95,7 @@ def test_config_matches_manifest_and_graph(repo, exported):
 def test_contrib_ops_are_named(repo, exported):
     graph = onnx.load(str(repo[0] / "digits4/1/model.onnx")).graph
     fused = sum(n.domain == "com.microsoft" and n.op_type == "MultiHeadAttention" for n in graph.node)
-    assert fused == 4  # the export fuses each block's attention (server/fusion.py)
+    assert fused == 4  # the export fuses each block's attention (engine/fusion.py)
     assert "com.microsoft.MultiHeadAttention x4" in repo[1].stdout
     assert "Triton's onnxruntime backend runs them" in repo[1].stdout
 
@@ -185,5 +185,5 @@ def test_model_without_dynamic_batch_or_with_other_names_is_refused(exported, tm
 
 
 def test_no_torch():
-    code = "import sys, model.triton; sys.exit('torch' in sys.modules)"
+    code = "import sys, engine.triton; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzz target (atheris) for request decoding and validation (server/validation.py, server/codec.py).
+"""Coverage-guided fuzz target (atheris) for request decoding and validation (server/decode.py).
 
     make fuzz                       # = python tests/fuzz/fuzz_validation.py tests/fuzz/corpus -max_total_time=60
 
@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 
-from server.errors import InvalidArgument
-from server.manifest import Preprocessing
-from server.validation import BatchValidator
+from engine.errors import InvalidArgument
+from engine.manifest import Preprocessing
+from server.decode import BatchValidator
 
 DTYPE_NAMES = ["FLOAT32", "FLOAT64", "FLOAT16", "INT64", "INT32", "UINT8", "DATA_TYPE_UNSPECIFIED", "99"]
 GRAY = BatchValidator((-1, 1, 8, 8), 10, 16, Preprocessing(8, 8, 1, (0.5,), (0.5,)))

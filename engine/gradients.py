@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.manifest import QkvLayout
+from engine.manifest import Parameter, QkvLayout
 
 
 @dataclass(frozen=True)
 class GradientSummary:
+    """One trainable parameter's gradient in one step (proto: GradientSummary)."""
     name: str
     shape: tuple[int, ...]
     l2_norm: float
@@ -25,10 +26,13 @@ class GradientSummary:
     nonfinite_count: int
     param_norm: float
     update_ratio: float
+    block: int = -1  # where the parameter sits (the manifest's placement)
+    sublayer: str = "other"
 
 
 @dataclass(frozen=True)
 class QkvGradient:
+    """A fused qkv projection's gradient split into q, k, v and heads (proto: QkvGradient)."""
     name: str
     block: int
     heads: int
@@ -53,7 +57,8 @@ def update_ratio(before: np.ndarray, after: np.ndarray) -> float:
     return delta / norm if norm > 0 else (float("inf") if delta > 0 else 0.0)
 
 
-def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray) -> GradientSummary:
+def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray, block: int = -1,
+              sublayer: str = "other") -> GradientSummary:
     g = grad.astype(np.float64, copy=False).reshape(-1)
     finite = np.isfinite(g)
     nonfinite = int(g.size - np.count_nonzero(finite))
@@ -72,11 +77,13 @@ def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray
         nonfinite_count=nonfinite,
         param_norm=param_norm,
         update_ratio=update_ratio(before, after),
+        block=block,
+        sublayer=sublayer,
         **stats,
     )
 
 
-def summarize_all(names: list[str], shapes: list[tuple[int, ...]], grads: np.ndarray, before: np.ndarray,
+def summarize_all(params: list[Parameter], grads: np.ndarray, before: np.ndarray,
                   after: np.ndarray) -> list[GradientSummary]:
     """`summarize` for every parameter at once, over flat float32 vectors holding the parameters back to back.
 
@@ -84,11 +91,11 @@ def summarize_all(names: list[str], shapes: list[tuple[int, ...]], grads: np.nda
     parameters: this is what keeps the summaries cheap next to the train step. Parameters with
     NaN/Inf gradients (rare: the guard refuses to apply such a step) go through `summarize`.
     """
-    sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
+    sizes = np.array([int(np.prod(p.shape)) for p in params], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     if not np.isfinite(grads).all():
-        return [summarize(n, grads[a:a + k].reshape(s), before[a:a + k], after[a:a + k])
-                for n, s, a, k in zip(names, shapes, starts, sizes)]
+        return [summarize(p.name, grads[a:a + k].reshape(p.shape), before[a:a + k], after[a:a + k], p.block,
+                          p.sublayer) for p, a, k in zip(params, starts, sizes)]
     def segment_sum(x: np.ndarray) -> np.ndarray:  # float32 data, float64 sums
         return np.add.reduceat(x, starts, dtype=np.float64)
 
@@ -105,10 +112,10 @@ def summarize_all(names: list[str], shapes: list[tuple[int, ...]], grads: np.nda
     delta = after - before  # exact in float32 for nearby values
     delta_sq = segment_sum(delta * delta)
     out = []
-    for i, name in enumerate(names):
+    for i, p in enumerate(params):
         norm, moved = float(np.sqrt(param_sq[i])), float(np.sqrt(delta_sq[i]))
         out.append(GradientSummary(
-            name=name, shape=tuple(shapes[i]), l2_norm=float(np.sqrt(sq[i])), mean=float(mean[i]),
+            name=p.name, shape=tuple(p.shape), block=p.block, sublayer=p.sublayer, l2_norm=float(np.sqrt(sq[i])), mean=float(mean[i]),
             std=float(np.sqrt(var[i])), min=float(lo[i]), max=float(hi[i]), max_abs=float(max(-lo[i], hi[i])),
             zero_fraction=float(zeros[i] / sizes[i]), nonfinite_count=0, param_norm=norm,
             update_ratio=moved / norm if norm > 0 else (float("inf") if moved > 0 else 0.0),

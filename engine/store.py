@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from server.errors import InvalidArgument, NotFound
+from engine.errors import InvalidArgument, NotFound
 
 META = "meta.json"
 CHECKPOINT_FILE = "checkpoint"
@@ -107,6 +107,16 @@ class CheckpointInfo:
     reason: str  # manual | auto | shutdown
 
 
+@dataclass(frozen=True)
+class CheckpointList:
+    """The complete checkpoints, oldest first, and the newest one's name ("" when there is none)."""
+    checkpoints: tuple[CheckpointInfo, ...]
+
+    @property
+    def latest(self) -> str:
+        return self.checkpoints[-1].name if self.checkpoints else ""
+
+
 def checkpoint_name(name: str) -> str:
     """Client-given names are names, never paths."""
     if not NAME.fullmatch(name):
@@ -152,13 +162,12 @@ class CheckpointStore:
         entries = self.list()
         return entries[-1] if entries else None
 
-    def path(self, name: str) -> Path:
-        """The checkpoint file of a complete entry made from these artifacts."""
-        self.get(name)
-        meta = json.loads((self._dirs.root / name / META).read_text())
+    def path(self, info: CheckpointInfo) -> Path:
+        """The checkpoint file of a complete entry (from `get` or `list`) made from these artifacts."""
+        meta = json.loads((self._dirs.root / info.name / META).read_text())
         if meta["artifacts_sha"] != self._artifacts_sha:
-            raise InvalidArgument(f"checkpoint {name!r} was made from other training artifacts")
-        return self._dirs.root / name / CHECKPOINT_FILE
+            raise InvalidArgument(f"checkpoint {info.name!r} was made from other training artifacts")
+        return self._dirs.root / info.name / CHECKPOINT_FILE
 
     @staticmethod
     def _info(meta: dict) -> CheckpointInfo:

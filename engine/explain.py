@@ -16,7 +16,6 @@ Pure graph analysis of `training_model.onnx` (onnx + the manifest; no grpc, no t
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from server.errors import ConfigError, FailedPrecondition, NotFound
-from server.manifest import Manifest
+from engine.errors import ConfigError, FailedPrecondition, NotFound
+from engine.manifest import Manifest, Parameter
 
 GRAD = "_grad"  # ORT's gradient tensor suffix
 GRAD_NODE = "_Grad/"  # ORT's gradient node name infix
@@ -35,67 +34,47 @@ PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cas
 
 
 @dataclass(frozen=True)
-class GraphNodeInfo:
+class GraphNode:
     name: str
     op_type: str  # domain-qualified when not the default domain, e.g. "com.microsoft.SoftmaxCrossEntropyLossGrad"
     inputs: tuple
     outputs: tuple
 
     @classmethod
-    def of(cls, node: onnx.NodeProto) -> "GraphNodeInfo":
+    def of(cls, node: onnx.NodeProto) -> "GraphNode":
         domain = node.domain if node.domain not in ("", "ai.onnx") else ""
         op_type = f"{domain}.{node.op_type}" if domain else node.op_type
         return cls(node.name, op_type, tuple(node.input), tuple(node.output))
 
 
 @dataclass(frozen=True)
-class QkvPart:
+class QkvPartGradient:
     part: str  # "q", "k" or "v"
     tensor: str  # the forward Slice/Split output
     gradient_tensor: str
-    gradient_node: GraphNodeInfo
+    gradient_node: GraphNode
 
 
 @dataclass(frozen=True)
-class ParameterPath:
+class ParameterGradientPath:
     name: str
     shape: tuple
     block: int
     sublayer: str
     gradient_tensor: str
-    gradient_node: GraphNodeInfo
+    gradient_node: GraphNode
     ops_from_loss: int
-    path: tuple  # tuple[GraphNodeInfo, ...], loss gradient first
-    qkv_parts: tuple  # tuple[QkvPart, ...], q, k, v (empty unless a fused qkv projection)
+    path: tuple  # tuple[GraphNode, ...], loss gradient first
+    qkv_parts: tuple  # tuple[QkvPartGradient, ...], q, k, v (empty unless a fused qkv projection)
 
 
 @dataclass(frozen=True)
 class Explanation:
-    loss: GraphNodeInfo
-    loss_gradient: GraphNodeInfo
-    parameters: tuple  # tuple[ParameterPath, ...] in manifest order
+    loss: GraphNode
+    loss_gradient: GraphNode
+    parameters: tuple  # tuple[ParameterGradientPath, ...] in manifest order
     forward_nodes: int
     backward_nodes: int
-
-
-def parameter_place(name: str) -> tuple[int, str]:
-    """(block, sublayer) from a lucidrains-layout name; both the PreNorm era and vit-pytorch >= 1.x."""
-    m = re.search(r"layers\.(\d+)\.([01])\.(.+)$", name)
-    if m:
-        block, rest = int(m.group(1)), m.group(3)
-        if m.group(2) == "0":  # attention: PreNorm(norm, fn=Attention) or Attention(norm, to_qkv, to_out)
-            for key, sublayer in (("to_qkv", "attention.qkv"), ("to_out", "attention.out"), ("norm", "attention.norm")):
-                if re.search(rf"(^|\.){key}\.", rest):
-                    return block, sublayer
-            return block, "other"
-        return block, "feedforward.norm" if re.match(r"norm\.", rest) else "feedforward"
-    if re.match(r"(to_patch_embedding\.|pos_embedding$|cls_token$)", name):
-        return -1, "embedding"
-    if name.startswith("mlp_head.0.") and name.count(".") == 2:
-        return -1, "head.norm"
-    if name.startswith("mlp_head."):
-        return -1, "head"
-    return -1, "other"
 
 
 class GradientExplainer:
@@ -118,10 +97,9 @@ class GradientExplainer:
         downstream = self._downstream(self._loss_grad)
         self._backward = set(downstream) | {i for i, n in enumerate(self._nodes) if GRAD_NODE in n.name}
         self._parent = downstream  # BFS tree: node -> its predecessor on a shortest path from the loss gradient
-        self._frozen = {p["name"] for p in manifest.parameters if not p["trainable"]}
+        self._frozen = {p.name for p in manifest.parameters if not p.trainable}
         self._qkv = {layout.name for layout in manifest.qkv}
-        shapes = {p["name"]: tuple(p["shape"]) for p in manifest.parameters}
-        self._paths = {name: self._parameter_path(name, shapes[name]) for name in manifest.trainable}
+        self._paths = {p.name: self._parameter_path(p) for p in manifest.parameters if p.trainable}
 
     def explain(self, parameter: str = "") -> Explanation:
         if parameter and parameter not in self._paths:
@@ -136,8 +114,8 @@ class GradientExplainer:
 
     # -- graph walking ---------------------------------------------------------------------------
 
-    def _info(self, index: int) -> GraphNodeInfo:
-        return GraphNodeInfo.of(self._nodes[index])
+    def _info(self, index: int) -> GraphNode:
+        return GraphNode.of(self._nodes[index])
 
     def _downstream(self, start: int) -> dict[int, int | None]:
         """Breadth-first over producer -> consumer edges (consumers in graph order): node -> parent."""
@@ -162,13 +140,14 @@ class GradientExplainer:
         node = self._producer.get(tensor + GRAD)
         return node if node in self._parent else None
 
-    def _parameter_path(self, name: str, shape: tuple) -> ParameterPath:
+    def _parameter_path(self, parameter: Parameter) -> ParameterGradientPath:
+        name = parameter.name
         node = self._gradient_producer(name)
         if node is None:
             raise ConfigError(f"training graph has no gradient {name + GRAD!r} reached from the loss: re-run the export")
         path = tuple(self._info(i) for i in self._path_to(node))
-        block, sublayer = parameter_place(name)
-        return ParameterPath(name=name, shape=shape, block=block, sublayer=sublayer, gradient_tensor=name + GRAD,
+        return ParameterGradientPath(name=name, shape=parameter.shape, block=parameter.block,
+                                     sublayer=parameter.sublayer, gradient_tensor=name + GRAD,
                              gradient_node=self._info(node), ops_from_loss=len(path), path=path,
                              qkv_parts=self._qkv_parts(name) if name in self._qkv else ())
 
@@ -191,7 +170,7 @@ class GradientExplainer:
                     queue.append(node.output[0])
         return None
 
-    def _qkv_parts(self, weight: str) -> tuple[QkvPart, ...]:
+    def _qkv_parts(self, weight: str) -> tuple[QkvPartGradient, ...]:
         found = self._first_matmul(weight, {"Transpose", "Identity", "Cast"})  # W -> (W^T) -> x @ W^T
         if found is None:
             return ()
@@ -206,7 +185,7 @@ class GradientExplainer:
             node = self._gradient_producer(tensor)
             if node is None:
                 return ()
-            result.append(QkvPart(role, tensor, tensor + GRAD, self._info(node)))
+            result.append(QkvPartGradient(role, tensor, tensor + GRAD, self._info(node)))
         return tuple(result)
 
     def _order_by_attention(self, parts: list[str]) -> list[str] | None:

@@ -1,7 +1,7 @@
-"""One error hierarchy for the whole server.
+"""One error hierarchy for the engine and the server.
 
-Engines and the data plane raise these (they never import grpc); the servicer's
-`grpc_errors` decorator maps each one to its gRPC status code, by name, in one place.
+Engines and the data plane raise these (they never import grpc); server/grpc_errors.py
+maps each one to its gRPC status code, by name, in one place.
 """
 
 

@@ -1,7 +1,7 @@
 """Write a Triton Inference Server model repository from an exported model, so inference can move to Triton or KServe.
 
-    python -m model.triton --artifacts artifacts/digits --out model_repository
-    python -m model.triton --artifacts artifacts/digits --out model_repository --force \\
+    python -m engine.triton --artifacts artifacts/digits --out model_repository
+    python -m engine.triton --artifacts artifacts/digits --out model_repository --force \\
         --model data/digits/models/v000003/inference.onnx      # a published, fine-tuned version
     tritonserver --model-repository=model_repository
 
@@ -31,10 +31,10 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server.config import Settings
-from server.errors import ConfigError
-from server.manifest import INFERENCE_MODEL, Manifest, sha256
-from server.store import NAME, AtomicDirs
+from engine.errors import ConfigError
+from engine.inference import DEFAULT_MAX_BATCH_SIZE
+from engine.manifest import INFERENCE_MODEL, Manifest, sha256
+from engine.store import NAME, AtomicDirs
 
 VERSION = "1"
 MODEL_FILE = "model.onnx"
@@ -114,7 +114,7 @@ def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, m
         raise RepositoryError(str(e)) from None
     if not NAME.fullmatch(manifest.name):
         raise RepositoryError(f"model name {manifest.name!r} cannot name a repository folder")
-    max_batch_size = Settings().max_batch_size if max_batch_size is None else max_batch_size
+    max_batch_size = DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size
     if max_batch_size < 1:
         raise RepositoryError(f"--max-batch-size must be at least 1, got {max_batch_size}")
     if instances < 1:
@@ -144,7 +144,7 @@ def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, m
                               f"version {VERSION})")
 
     config = model_config(manifest, max_batch_size, gpu, instances, queue_delay_us)
-    header = (f"# Triton model configuration written by `python -m model.triton` from {artifacts}\n"
+    header = (f"# Triton model configuration written by `python -m engine.triton` from {artifacts}\n"
               f"# {VERSION}/{MODEL_FILE}: {source} (sha256 {sha256(source)})\n")
     with folders.write(manifest.name, meta_file=False) as (staging, _):  # built aside, renamed into place
         (staging / VERSION).mkdir()
@@ -155,7 +155,7 @@ def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, m
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.triton", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m engine.triton", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/digits"), help="folder written by make export")
@@ -163,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="another inference ONNX file with the same inputs and outputs, "
                    "e.g. a published data/<name>/models/v000001/inference.onnx (default: the export's)")
     p.add_argument("--max-batch-size", type=int, default=None,
-                   help=f"Triton's max_batch_size (default: the server's, {Settings().max_batch_size})")
+                   help=f"Triton's max_batch_size (default: the server's, {DEFAULT_MAX_BATCH_SIZE})")
     p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
                    help="dynamic batching: how long Triton waits for more requests to fill a batch")
     p.add_argument("--gpu", action="store_true", help="instance_group KIND_GPU (default KIND_CPU)")

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-from server.errors import ConfigError
+from engine.errors import ConfigError
 
-# ORT's default logger (not a session's) reports graph clean-ups as warnings, e.g. 17 lines per
-# Publish ("Removing initializer ... not used by any node"): keep errors only.
-ort.set_default_logger_severity(3)
+
+def quiet_default_logger() -> None:
+    """Keep ORT's process-wide default logger to errors only. Called by the programs (server, export), never on import.
+
+    That logger (not a session's) reports graph clean-ups as warnings, e.g. 17 lines per Publish
+    ("Removing initializer ... not used by any node").
+    """
+    ort.set_default_logger_severity(3)
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -37,7 +42,7 @@ def session_options(intra_op_threads: int = 0, *, training: bool = True) -> ort.
 
     Training sessions run with enable_mem_pattern off: with it on, ORT 1.19.2's training
     session was seen to return a garbage loss (1e-5 instead of 2.47) for a 6-block ViT
-    while its gradients were right (DESIGN.md). The loss parity tests guard this.
+    while its gradients were right (docs/design.md). The loss parity tests guard this.
     Inference sessions keep ORT's defaults (memory patterns on).
     """
     options = ort.SessionOptions()

@@ -23,11 +23,11 @@ import onnxruntime as ort
 from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
 
-from server import gradients
-from server.errors import DeadlineExceeded, InvalidArgument
-from server.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
-from server.runtime import parse_device
-from server.schedule import LinearSchedule, LrPolicy, check_learning_rate
+from engine import gradients
+from engine.errors import DeadlineExceeded, InvalidArgument
+from engine.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
+from engine.runtime import parse_device
+from engine.schedule import LinearSchedule, LrPolicy, check_learning_rate
 
 STATE_PROPERTY = "vitserve_state"  # JSON: step counter and learning-rate policy, saved inside the checkpoint
 
@@ -60,7 +60,7 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
-class OptimizerSettings:
+class OptimizerState:
     optimizer: str
     learning_rate: float  # the next step's
     schedule: LinearSchedule | None
@@ -79,8 +79,9 @@ class TrainingEngine:
         self._options = options
         self._manifest = manifest
         self._trainable = manifest.trainable
-        shapes = {p["name"]: tuple(p["shape"]) for p in manifest.parameters}
-        self._shapes = [shapes[n] for n in self._trainable]
+        params = {p.name: p for p in manifest.parameters}
+        self._placed = [params[n] for n in self._trainable]  # name, shape, block, sublayer
+        self._shapes = [params[n].shape for n in self._trainable]
         sizes = [int(np.prod(s)) for s in self._shapes]
         self._spans = list(zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes))  # (offset, size) in model order
         self._size = sum(sizes)
@@ -154,18 +155,18 @@ class TrainingEngine:
         """Copies of every parameter (trainable and frozen)."""
         return {n: self.parameter(n) for n in self._state.parameter_names()}
 
-    def optimizer_settings(self) -> OptimizerSettings:
+    def optimizer_state(self) -> OptimizerState:
         with self._lock:
             return self._settings()
 
-    def _settings(self) -> OptimizerSettings:
-        return OptimizerSettings(self._manifest.raw["optimizer"]["name"], self.learning_rate, self._policy.schedule,
+    def _settings(self) -> OptimizerState:
+        return OptimizerState(self._manifest.optimizer["name"], self.learning_rate, self._policy.schedule,
                                  self._policy.position(self._step), self._clip, self._step, self._accumulated)
 
     # -- changing the optimizer -------------------------------------------------------------------------
 
     def set_optimizer(self, learning_rate: float | None = None, schedule: LinearSchedule | None = None,
-                      clip_grad_norm: float | None = None) -> OptimizerSettings:
+                      clip_grad_norm: float | None = None) -> OptimizerState:
         if learning_rate is not None and schedule is not None:
             raise InvalidArgument("give a constant learning_rate or a schedule, not both")
         if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm >= 0):
@@ -251,7 +252,7 @@ class TrainingEngine:
         summaries_out, attention = [], []
         if summaries:
             after = self._snapshot(1)
-            summaries_out = gradients.summarize_all(self._trainable, self._shapes, grads,
+            summaries_out = gradients.summarize_all(self._placed, grads,
                                                     before if applied else after, after)
             views = self._views(grads)
             attention = [gradients.qkv_breakdown(q, views[q.name]) for q in self._qkv]

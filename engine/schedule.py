@@ -5,10 +5,9 @@ Pure and serializable: the policy and its position go into every checkpoint.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
-from server.errors import InvalidArgument
+from engine.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

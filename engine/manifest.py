@@ -1,0 +1,184 @@
+"""manifest.json: what an export wrote and how to use it, as one typed record.
+
+`model/export.py` builds a `Manifest` and `write`s it; the server, the engines and the Triton
+writer `load` it. Nothing else reads or writes the JSON: every field has a name here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+
+MANIFEST = "manifest.json"
+INFERENCE_MODEL = "inference.onnx"
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+ARTIFACT_FILES = (INFERENCE_MODEL, TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an encoded image becomes model input: resize to height x width, then (pixel / 255 - mean) / std."""
+    height: int
+    width: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of the exported model and where it sits (placed once, at export)."""
+    name: str  # as in the PyTorch state_dict
+    shape: tuple[int, ...]
+    trainable: bool
+    block: int = -1  # transformer block index, -1 outside the blocks
+    sublayer: str = "other"  # attention.qkv, attention.out, attention.norm, feedforward, ..., embedding, head
+
+
+@dataclass(frozen=True)
+class QkvLayout:
+    """Where a fused qkv projection sits: rows [0, inner) are q, [inner, 2 inner) k, the rest v."""
+    name: str
+    block: int
+    heads: int
+    dim_head: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, shape (-1 is the dynamic batch axis) and element type."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class LossNode:
+    """The training graph's node that computes the loss (it produces the graph's first output)."""
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    source: dict[str, Any]  # {"preset", "config"} or {"model": "module:Class", "kwargs"}
+    input: TensorSpec
+    output: TensorSpec
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...]
+    parameters: tuple[Parameter, ...]  # model order
+    attention: tuple[QkvLayout, ...]  # block order
+    inference_fused_attention_blocks: int  # MultiHeadAttention nodes in inference.onnx (engine/fusion.py)
+    loss: LossNode
+    opset: int
+    optimizer: dict[str, Any]  # {"name": "adamw" | "sgd", hyperparameters...}
+    versions: dict[str, str]  # package versions the export ran with
+    files: dict[str, str]  # artifact file -> sha256
+    export_check: dict[str, Any] = field(default_factory=dict)  # model/verify.py's report
+    export_seconds: float = 0.0
+    folder: Path = field(default=Path("."), compare=False)  # where it was loaded from; not written
+
+    # -- reading and writing ----------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], folder: Path = Path(".")) -> "Manifest":
+        return cls(
+            name=raw["name"], source=raw["source"],
+            input=_tensor(raw["input"]), output=_tensor(raw["output"]),
+            preprocessing=Preprocessing(**{**raw["preprocessing"], "mean": tuple(raw["preprocessing"]["mean"]),
+                                           "std": tuple(raw["preprocessing"]["std"])}),
+            class_names=tuple(raw["class_names"]),
+            parameters=tuple(Parameter(**{**p, "shape": tuple(p["shape"])}) for p in raw["parameters"]),
+            attention=tuple(QkvLayout(**a) for a in raw["attention"]),
+            inference_fused_attention_blocks=raw["inference_fused_attention_blocks"],
+            loss=LossNode(**{**raw["loss"], "inputs": tuple(raw["loss"]["inputs"])}),
+            opset=raw["opset"], optimizer=raw["optimizer"], versions=raw["versions"], files=raw["files"],
+            export_check=raw.get("export_check", {}), export_seconds=raw.get("export_seconds", 0.0), folder=folder,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        del raw["folder"]
+        return raw
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        """Read `folder`/manifest.json and check every artifact against its sha256 (ConfigError on any problem)."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: run `make export` (or python -m model.export) first")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        manifest = cls.from_dict(raw, folder)
+        manifest.verify_files()
+        return manifest
+
+    def verify_files(self) -> None:
+        """Every artifact exists and has the sha256 the export recorded."""
+        for name in ARTIFACT_FILES:
+            path = self.folder / name
+            if not path.is_file():
+                raise ConfigError(f"artifact {path} is missing: re-run the export")
+            if sha256(path) != self.files[name]:
+                raise ConfigError(f"artifact {path} does not match the sha256 in {MANIFEST}: re-run the export")
+
+    # -- derived ----------------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    @property
+    def input_name(self) -> str:
+        return self.input.name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(-1, C, H, W): -1 is the dynamic batch axis."""
+        return self.input.shape
+
+    @property
+    def output_name(self) -> str:
+        return self.output.name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def trainable(self) -> list[str]:
+        return [p.name for p in self.parameters if p.trainable]
+
+    @property
+    def qkv(self) -> tuple[QkvLayout, ...]:
+        return self.attention
+
+
+def _tensor(raw: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(raw["name"], tuple(raw["shape"]), raw.get("dtype", "float32"))

@@ -1,0 +1,88 @@
+"""Records <-> vitserve.v1 messages: the one place where the server's records meet the wire schema.
+
+Each record (a frozen dataclass in engine/ or server/dataplane.py) is defined once and maps to one
+proto message, field by field and by name (RECORDS). Conversion is generic: nested records become
+nested messages, sequences repeated fields, str values of enum fields their numbers. A test checks
+every pair both ways, so a proto field without a counterpart fails the suite.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from google.protobuf.message import Message
+
+from engine.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
+from engine.gradients import GradientSummary, QkvGradient
+from engine.manifest import Parameter, Preprocessing
+from engine.schedule import LinearSchedule
+from engine.store import CheckpointInfo, CheckpointList, ModelVersion
+from engine.training import EvalResult, OptimizerState, StepResult
+from proto import vitserve_pb2 as pb
+from server.dataplane import ModelInfo, Prediction
+from server.decode import encode_tensor
+
+RECORDS: dict[type, type[Message]] = {
+    GradientSummary: pb.GradientSummary,
+    QkvGradient: pb.QkvGradient,
+    StepResult: pb.TrainStepResponse,
+    EvalResult: pb.EvalStepResponse,
+    LinearSchedule: pb.LinearSchedule,
+    OptimizerState: pb.OptimizerState,
+    CheckpointInfo: pb.CheckpointInfo,
+    CheckpointList: pb.ListCheckpointsResponse,
+    ModelVersion: pb.ModelVersion,
+    Preprocessing: pb.Preprocessing,
+    Parameter: pb.ParameterInfo,
+    GraphNode: pb.GraphNode,
+    QkvPartGradient: pb.QkvPartGradient,
+    ParameterGradientPath: pb.ParameterGradientPath,
+    Explanation: pb.ExplainGradientsResponse,
+    ModelInfo: pb.ModelInfo,
+}
+"""Record type -> its message. Every field of the message is an attribute of the record (a field or a property)."""
+
+
+def to_proto(record: Any) -> Message:
+    """The message of a record in RECORDS, filled from the record's same-named attributes."""
+    message = RECORDS[type(record)]()
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(record, f.name)
+        if value is None:  # an unset optional message (e.g. no schedule)
+            continue
+        target = getattr(message, f.name)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            target.update(value)
+        elif f.message_type is not None and f.is_repeated:
+            target.extend(to_proto(v) for v in value)
+        elif f.message_type is not None:
+            target.CopyFrom(to_proto(value))
+        elif f.is_repeated:
+            target.extend(value)
+        elif f.enum_type is not None and isinstance(value, str):
+            setattr(message, f.name, f.enum_type.values_by_name[value].number)
+        else:
+            setattr(message, f.name, value)
+    return message
+
+
+def from_proto(message: Message, record_type: type) -> Any:
+    """A record from its message (the inverse of to_proto for records whose fields are all on the wire)."""
+    values = {}
+    for f in dataclasses.fields(record_type):
+        value = getattr(message, f.name)
+        nested = next((r for r, m in RECORDS.items() if m.DESCRIPTOR is getattr(value, "DESCRIPTOR", None)), None)
+        values[f.name] = from_proto(value, nested) if nested else value
+    return record_type(**values)
+
+
+def prediction_proto(result: Prediction) -> pb.PredictResponse:
+    """Predict's answer: top-k (index, label, probability) per image, the logits when asked for."""
+    response = pb.PredictResponse(model_version=result.model_version, predictions=[
+        pb.Prediction(top=[pb.ClassScore(index=int(i), label=name, probability=float(p))
+                           for i, name, p in zip(idx, names, probs)])
+        for idx, names, probs in zip(result.indices, result.labels, result.probabilities)
+    ])
+    if result.logits is not None:
+        response.logits.CopyFrom(encode_tensor(result.logits))
+    return response

@@ -1,0 +1,167 @@
+"""Requests -> validated numpy batches: the one place a request's payload is decoded and checked.
+
+Raw tensor bytes, encoded images (Pillow) and KServe v2 input tensors are checked against the model
+(dtype, shape, byte count, finiteness, labels, batch limits) before anything runs, so the data plane
+only ever sees validated batches. Pure: numpy, Pillow and the proto messages, no grpc and no ONNX
+Runtime, so it can be fuzzed on its own (tests/fuzz). Every problem is an InvalidArgument naming it.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from engine.errors import InvalidArgument
+from engine.manifest import Preprocessing
+from proto import open_inference_pb2 as v2
+from proto import vitserve_pb2 as pb
+from proto.tensors import DTYPES, dtype_name
+
+DTYPES_BY_NAME = {pb.DataType.Name(enum): dtype for enum, dtype in DTYPES.items()}
+MAX_IMAGE_PIXELS = 4096 * 4096  # an encoded image larger than this is refused before decoding (decompression bombs)
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+FP32 = "FP32"  # the v2 protocol's name of float32
+
+
+def decode_tensor(what: str, dtype: str, shape, data: bytes) -> np.ndarray:
+    """A read-only view over `data` (no copy) with the given dtype name and shape.
+
+    `what` names the field in error messages ("images", "labels").
+    """
+    if dtype not in DTYPES_BY_NAME:
+        raise InvalidArgument(f"{what}: dtype {dtype} is not supported (use one of {', '.join(DTYPES_BY_NAME)})")
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
+    numpy_dtype = DTYPES_BY_NAME[dtype]
+    expected = int(np.prod(shape, dtype=np.float64)) * numpy_dtype.itemsize if shape else numpy_dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"{what}: {len(data)} bytes do not match shape {list(shape)} of {dtype} ({expected} bytes expected)")
+    return np.frombuffer(data, dtype=numpy_dtype).reshape(shape)
+
+
+def encode_tensor(array: np.ndarray) -> pb.Tensor:
+    """numpy -> Tensor (little-endian bytes)."""
+    little = array.dtype.newbyteorder("<")
+    enum = next(e for e, d in DTYPES.items() if d == little)
+    return pb.Tensor(dtype=enum, shape=list(array.shape), data=np.ascontiguousarray(array, dtype=little).tobytes())
+
+
+def decode_images(encoded: list[bytes], prep: Preprocessing) -> np.ndarray:
+    """Encoded files -> float32 (b, c, h, w): convert to L/RGB, resize (bilinear), scale to [0, 1], normalize."""
+    mode = {1: "L", 3: "RGB"}[prep.channels]
+    mean = np.asarray(prep.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(prep.std, dtype=np.float32).reshape(-1, 1, 1)
+    batch = np.empty((len(encoded), prep.channels, prep.height, prep.width), dtype=np.float32)
+    for i, blob in enumerate(encoded):
+        try:
+            with Image.open(io.BytesIO(blob)) as image:  # lazy: only the header is read here
+                if image.width * image.height > MAX_IMAGE_PIXELS:  # refuse before decoding (Pillow only warns
+                    raise Image.DecompressionBombError  # below twice its own limit: a memory DoS)
+                image = image.convert(mode)
+                if image.size != (prep.width, prep.height):
+                    image = image.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype=np.float32)
+        except Image.DecompressionBombError:
+            raise InvalidArgument(f"image {i}: larger than {MAX_IMAGE_PIXELS} pixels") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise InvalidArgument(f"image {i}: cannot be decoded as an image ({len(blob)} bytes): {e}") from None
+        pixels = pixels.reshape(prep.height, prep.width, prep.channels).transpose(2, 0, 1)  # (c, h, w)
+        batch[i] = (pixels / 255.0 - mean) / std
+    return batch
+
+
+@dataclass(frozen=True)
+class BatchValidator:
+    """Checks payloads against one model's input; the servicers' only way from a request to a batch."""
+    input_shape: tuple[int, ...]  # (-1, C, H, W)
+    num_classes: int
+    max_batch_size: int
+    preprocessing: Preprocessing
+
+    # -- whole requests ---------------------------------------------------------------------------
+
+    def images(self, images: pb.Images) -> np.ndarray:
+        """vitserve.v1 Images (a tensor or encoded files) -> float32 (b, c, h, w)."""
+        source = images.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument("images: none given (set images.tensor or images.encoded)")
+        if source == "encoded":
+            return self.images_from_files(list(images.encoded.images))
+        t = images.tensor
+        return self.images_from_tensor(dtype_name(t.dtype), list(t.shape), t.data)
+
+    def labelled(self, request: pb.TrainStepRequest | pb.EvalStepRequest) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of a TrainStep or EvalStep request."""
+        images = self.images(request.images)
+        if not request.HasField("labels"):
+            raise InvalidArgument("labels: none given (an INT64 tensor [batch])")
+        t = request.labels
+        return images, self.labels_from_tensor(dtype_name(t.dtype), list(t.shape), t.data, batch=len(images))
+
+    def v2_images(self, request: v2.ModelInferRequest, input_name: str) -> np.ndarray:
+        """The one FP32 input of a KServe v2 ModelInferRequest, from raw_input_contents or contents.fp32_contents."""
+        if len(request.inputs) != 1:
+            raise InvalidArgument(f"inputs: the model takes exactly 1 input ('{input_name}'), got {len(request.inputs)}")
+        tensor = request.inputs[0]
+        if tensor.name != input_name:
+            raise InvalidArgument(f"inputs: unknown input '{tensor.name}'; the model's input is '{input_name}'")
+        if tensor.datatype != FP32:
+            raise InvalidArgument(f"input '{input_name}': datatype must be FP32 (normalized pixels), "
+                                  f"got '{tensor.datatype}'")
+        typed = tensor.contents
+        others = [f.name for f, _ in typed.ListFields() if f.name != "fp32_contents"]
+        if others:
+            raise InvalidArgument(f"input '{input_name}': FP32 data goes in contents.fp32_contents, not {others[0]}")
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != len(request.inputs):
+                raise InvalidArgument(f"raw_input_contents: {len(request.raw_input_contents)} entries for "
+                                      f"{len(request.inputs)} input")
+            if typed.fp32_contents:
+                raise InvalidArgument(f"input '{input_name}': data given both in raw_input_contents and in contents")
+            data = request.raw_input_contents[0]
+        elif typed.fp32_contents:
+            data = np.asarray(typed.fp32_contents, dtype="<f4").tobytes()
+        else:
+            raise InvalidArgument(f"input '{input_name}': no data (set raw_input_contents or contents.fp32_contents)")
+        return self.images_from_tensor("FLOAT32", list(tensor.shape), data)
+
+    # -- payloads ---------------------------------------------------------------------------------
+
+    def images_from_tensor(self, dtype: str, shape, data: bytes) -> np.ndarray:
+        """A raw FLOAT32 (b, c, h, w) tensor, checked against the model's input (a view over `data`)."""
+        if dtype != "FLOAT32":
+            raise InvalidArgument(f"images: dtype must be FLOAT32 (normalized pixels), got {dtype}")
+        expected = self.input_shape[1:]
+        if len(shape) != 4 or tuple(shape[1:]) != expected:
+            raise InvalidArgument(f"images: shape must be [batch, {', '.join(map(str, expected))}], got {list(shape)}")
+        images = decode_tensor("images", dtype, shape, data)
+        self.check_batch(len(images))
+        if not np.isfinite(images).all():
+            bad = int(np.count_nonzero(~np.isfinite(images)))
+            raise InvalidArgument(f"images: {bad} pixel values are NaN or Inf")
+        return images
+
+    def images_from_files(self, encoded: list[bytes]) -> np.ndarray:
+        self.check_batch(len(encoded))
+        return decode_images(encoded, self.preprocessing)
+
+    def labels_from_tensor(self, dtype: str, shape, data: bytes, batch: int) -> np.ndarray:
+        if dtype != "INT64":
+            raise InvalidArgument(f"labels: dtype must be INT64, got {dtype}")
+        labels = decode_tensor("labels", dtype, shape, data)
+        if labels.shape != (batch,):
+            raise InvalidArgument(f"labels: shape must be [{batch}] (one per image), got {list(labels.shape)}")
+        out_of_range = labels[(labels < 0) | (labels >= self.num_classes)]
+        if out_of_range.size:
+            raise InvalidArgument(f"labels: must be in [0, {self.num_classes}), got {int(out_of_range[0])}")
+        return labels
+
+    def check_batch(self, size: int) -> None:
+        if size == 0:
+            raise InvalidArgument("images: the batch is empty")
+        if size > self.max_batch_size:
+            raise InvalidArgument(f"images: batch of {size} is over the maximum of {self.max_batch_size}")
