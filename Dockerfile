@@ -44,6 +44,7 @@ RUN /opt/venv/bin/python -m pip install -r /tmp/serve.txt \
 # (torch) is not in the build context (.dockerignore), so the package is built without it.
 COPY pyproject.toml README.md /tmp/src/
 COPY proto/ /tmp/src/proto/
+COPY engine/ /tmp/src/engine/
 COPY server/ /tmp/src/server/
 COPY client/ /tmp/src/client/
 RUN /opt/venv/bin/python -m pip install --no-deps /tmp/src \

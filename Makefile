@@ -35,7 +35,7 @@ $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt py
 
 install: $(STAMP)
 
-$(ARTIFACTS)/manifest.json: $(STAMP) model/vit.py model/export.py model/verify.py
+$(ARTIFACTS)/manifest.json: $(STAMP) $(wildcard model/*.py) $(wildcard engine/*.py)
 	$(BIN)/python -m model.export --preset $(PRESET) --out $(OUT)
 
 export: $(ARTIFACTS)/manifest.json

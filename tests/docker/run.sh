@@ -92,7 +92,7 @@ podman)
             || cannot_run "$why; 'apt-get install podman buildah debootstrap runc' failed"
     fi
     [ "$(id -u)" -eq 0 ] || cannot_run "$why; this script runs podman as root (debootstrap, runc, volumes): run it as root"
-    # runc, host ulimits and the host network: the recipe that works on these machines (see ../shared/DESIGN.md).
+    # runc, host ulimits and the host network: the recipe that works on these machines (see docs/deploy.md).
     E=(podman --runtime runc)
     nofile=$(ulimit -Hn)
     ULIMITS=(--ulimit "nofile=$nofile:$nofile" --ulimit nproc=32768:32768)
