@@ -10,7 +10,6 @@ vit-tiny export doubles as the export workload's measurement.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -57,9 +56,10 @@ def run_export(preset: str, out: Path) -> dict:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"export of {preset} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    from engine.manifest import Manifest
+
     folder = out / preset
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return {"wall_s": wall, "export_s": float(manifest.get("export_seconds", float("nan"))), "folder": folder}
+    return {"wall_s": wall, "export_s": Manifest.load(folder).export_seconds, "folder": folder}
 
 
 class ArtifactCache:
