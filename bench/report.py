@@ -135,7 +135,7 @@ def server_line(settings: dict | None) -> str:
         return "servers: in-process, 127.0.0.1, port 0, called through client.ViTClient;"
     keys = ("dynamic_batching", "max_batch_delay_ms", "max_dynamic_batch", "workers", "intra_op_threads", "device")
     return ("servers: in-process (create_server on 127.0.0.1, port 0), called through client.ViTClient, "
-            "server defaults: " + ", ".join(f"{k}={settings[k]}" for k in keys if k in settings) +
+            "server defaults: " + ", ".join(f"{k}={settings[k]}" for k in keys) +
             " (item 3 sets dynamic_batching per variant);")
 
 
