@@ -316,7 +316,7 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
         bars(ax, [f"{r.workload.replace('train ', '')}: {'full' if 'full' in r.variant else 'omitted'}"
                   for r in sum_rows], [summarize(r.samples) for r in sum_rows],
              ["tab:gray" if "full" in r.variant else "tab:cyan" for r in sum_rows])
-    ax.set_title(f"{Section.SUMMARIES_COST}: TrainStep over gRPC, ms/step, summaries full vs omitted", fontsize=8)
+    ax.set_title(f"{Section.SUMMARIES_COST}: TrainStep over gRPC, ms/step", fontsize=8)
 
     fig.suptitle(f"vitserve bench ({m['mode']}), {m['cpu']}, {m['cpu_count']} cores, {m['date']}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
