@@ -1,7 +1,9 @@
-"""python -m bench [--quick] [--out bench/results] [--only NAME ...]: issue 5's benchmark, one run.
+"""python -m bench [--quick] [--out bench/results] [--only NAME ...]: the whole benchmark, one run.
 
-Prints the table (with the machine and the issue's targets, met / not met) and writes
-<out>/results.json and <out>/bench.png. Exported models are cached in bench/.cache/.
+Prints the table (with the machine and the targets, met / not met), one section per kind of
+measurement (train-step, predict, dynamic-batching, summaries-cost, matmul-peak, achieved-flops,
+export), and writes <out>/results.txt, <out>/results.json and <out>/bench.png. Exported models
+are cached in bench/.cache/.
 --quick (~2 minutes, CI smoke test): fewer repeats, shorter windows, no torch.compile.
 """
 from __future__ import annotations
@@ -18,10 +20,12 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: ~2 minutes, fewer repeats, no torch.compile")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for results.json and bench.png")
+    p.add_argument("--out", type=Path, default=Path("bench/results"),
+                   help="folder for results.txt, results.json and bench.png")
     p.add_argument("--cache", type=Path, default=None, help="exported models (default bench/.cache)")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="run only the workloads whose name contains one of these words (e.g. train predict)")
+                   help="run only the workloads whose name contains one of these words (e.g. train-step predict); "
+                        "the matmul peak always runs")
     return p.parse_args(argv)
 
 
@@ -40,27 +44,27 @@ def main(argv=None) -> int:
     from bench import report, workloads as w
     from bench.artifacts import DEFAULT_CACHE, ArtifactCache
     from bench.cpu import CpuMonitor
-    from bench.stats import Row
+    from bench.stats import Row, Section
 
     plan = w.Plan.quick_plan() if args.quick else w.Plan()
     ctx = w.Context(plan, ArtifactCache(args.cache or DEFAULT_CACHE))
     torch.set_num_threads(ctx.threads)  # PyTorch gets the cores ONNX Runtime's default uses
 
     steps = [
-        ("matmul peak", lambda: w.matmul_peak(ctx)),
+        ("matmul-peak", lambda: w.matmul_peak(ctx)),
         ("export vit-tiny", lambda: w.export_time(ctx, "vit-tiny")),
-        ("train digits b64", lambda: w.train(ctx, "digits", 64)),
-        ("train vit-small64 b32", lambda: w.train(ctx, "vit-small64", 32)),
-        ("torch.compile train digits b64", lambda: w.train_compiled(ctx, "digits", 64)),
-        ("torch.compile train vit-small64 b32", lambda: w.train_compiled(ctx, "vit-small64", 32)),
+        ("train-step digits b64", lambda: w.train(ctx, "digits", 64)),  # and summaries-cost
+        ("train-step vit-small64 b32", lambda: w.train(ctx, "vit-small64", 32)),
+        ("train-step torch.compile digits b64", lambda: w.train_compiled(ctx, "digits", 64)),
+        ("train-step torch.compile vit-small64 b32", lambda: w.train_compiled(ctx, "vit-small64", 32)),
         ("predict digits", lambda: w.predict(ctx, "digits")),
         ("predict vit-tiny", lambda: w.predict(ctx, "vit-tiny")),
-        ("dynamic batching digits", lambda: w.dynamic_batching(ctx, "digits")),
-        ("dynamic batching vit-small64", lambda: w.dynamic_batching(ctx, "vit-small64")),
-        ("matmul peak (again)", lambda: w.matmul_peak(ctx)),
+        ("dynamic-batching digits", lambda: w.dynamic_batching(ctx, "digits")),
+        ("dynamic-batching vit-small64", lambda: w.dynamic_batching(ctx, "vit-small64")),
+        ("matmul-peak (again)", lambda: w.matmul_peak(ctx)),
     ]
     if args.only:
-        steps = [s for s in steps if any(word in s[0] for word in args.only) or s[0].startswith("matmul")]
+        steps = [s for s in steps if any(word in s[0] for word in args.only) or s[0].startswith("matmul-peak")]
 
     rows: list[Row] = []
     timings: dict[str, dict] = {}
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
             new = fn()
         except Exception as e:  # one broken workload must not lose the others' figures
             traceback.print_exc()
-            new = [Row("?", name, "error", "", note=f"n/a: {type(e).__name__}: {str(e)[:150]}", key=f"error/{name}")]
+            new = [Row(Section.FAILED, name, "error", "", note=f"n/a: {type(e).__name__}: {str(e)[:150]}",
+                       key=f"error/{name}")]
         end = time.perf_counter()
         load = monitor.between(t, end)
         for r in new:
@@ -97,14 +102,14 @@ def main(argv=None) -> int:
             peaks[r.key] = r
     numpy_peak = peaks.get("peak/numpy @ (OpenBLAS)")
     if numpy_peak is not None:
-        numpy_peak.note = f"best of {len(numpy_peak.samples)} (start and end of the run): the 100% of item 5"
+        numpy_peak.note = (f"best of {len(numpy_peak.samples)} (start and end of the run): "
+                           "the 100% of achieved-flops' % of peak")
         ctx.info["peak_gflops"] = numpy_peak.value
         rows += w.achieved_flops(rows, numpy_peak.value)
     for r in peaks.values():
         r.note = r.note.replace("(median shown in spread)", "").strip() if r is not numpy_peak else r.note
 
-    order = {"1": 1, "2": 2, "3": 3, "4": 4, "5": 5, "6": 6, "?": 7}
-    rows.sort(key=lambda r: order.get(r.item, 9))  # stable: measurement order within an item
+    rows.sort(key=report.section_order)  # stable: measurement order within a section
     ctx.close()
 
     elapsed = time.perf_counter() - started

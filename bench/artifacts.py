@@ -1,14 +1,15 @@
 """Exported models for the benchmark, cached under bench/.cache/ (git-ignored) and reused across runs.
 
-A cache entry is `<cache>/<preset>-<key>/<preset>/`, where the key hashes the export code
-(model/*.py, server/manifest.py) and the torch / onnx / onnxruntime versions: a change to
-any of them exports again. Exports run as `python -m model.export` (seed 0), the command
-users run, so the vit-tiny export doubles as item 6's measurement.
+A cache entry is `<cache>/<preset>-<key>/<preset>/`. The key hashes every file that shapes an
+export: each .py under model/ (the torch model and the exporter) and engine/ (the manifest, the
+graph fusion applied to the exported inference model, the engines the export check runs), by path
+and content, plus the torch / onnx / onnxruntime-training-cpu versions. A change to any of them
+exports again. Exports run as `python -m model.export` (seed 0), the command users run, so the
+vit-tiny export doubles as the export workload's measurement.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -21,19 +22,28 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "bench" / ".cache"
-KEY_FILES = ("model/vit.py", "model/export.py", "model/verify.py", "server/manifest.py")
+KEY_FOLDERS = ("model", "engine")  # every .py beneath them goes into the cache key
+KEY_PACKAGES = ("torch", "onnx", "onnxruntime-training-cpu")
+
+
+def key_files() -> list[Path]:
+    """The files the cache key hashes, sorted by path relative to the repository."""
+    return sorted((f for folder in KEY_FOLDERS for f in (ROOT / folder).rglob("*.py")),
+                  key=lambda f: f.relative_to(ROOT).as_posix())
 
 
 def cache_key() -> str:
-    from importlib.metadata import version
+    """12 hex digits of a SHA-256 over key_files() (path and bytes of each) and the KEY_PACKAGES versions."""
+    from importlib.metadata import PackageNotFoundError, version
 
     digest = hashlib.sha256()
-    for name in KEY_FILES:
-        digest.update((ROOT / name).read_bytes())
-    for package in ("torch", "onnx", "onnxruntime-training-cpu"):
+    for f in key_files():
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0")
+        digest.update(f.read_bytes())
+    for package in KEY_PACKAGES:
         try:
             digest.update(f"{package}={version(package)}".encode())
-        except Exception:  # another ORT build (the CUDA one): still part of the key by name
+        except PackageNotFoundError:  # another ORT build (the CUDA one): still part of the key by name
             digest.update(package.encode())
     return digest.hexdigest()[:12]
 
@@ -46,9 +56,10 @@ def run_export(preset: str, out: Path) -> dict:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"export of {preset} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    from engine.manifest import Manifest
+
     folder = out / preset
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return {"wall_s": wall, "export_s": float(manifest.get("export_seconds", float("nan"))), "folder": folder}
+    return {"wall_s": wall, "export_s": Manifest.load(folder).export_seconds, "folder": folder}
 
 
 class ArtifactCache:

@@ -1,4 +1,4 @@
-"""The run's outputs: the printed table, the issue's targets (met / not met), results.json and bench.png."""
+"""The run's outputs: the table (a block per section), the targets (met / not met), results.json, bench.png."""
 from __future__ import annotations
 
 import datetime
@@ -8,18 +8,23 @@ import platform
 import subprocess
 from pathlib import Path
 
-from bench.stats import Row, summarize
+from bench.stats import Row, Section, summarize
 
 NOISY_PCT = 10.0  # other processes' mean share of the cores above which a workload's figures are flagged
 
-ITEMS = {
-    "1": "Train step throughput",
-    "2": "Predict latency (batch 1) and throughput (batch 8 / 32)",
-    "3": "Dynamic batching",
-    "4": "Cost of gradient summaries",
-    "5": "Achieved GFLOP/s vs the matmul peak",
-    "6": "Export time",
+# The table's sections in print order, with their titles.
+SECTIONS = {
+    Section.TRAIN_STEP: "Train step throughput",
+    Section.PREDICT: "Predict latency (batch 1) and throughput (batch 8 / 32)",
+    Section.DYNAMIC_BATCHING: "Dynamic batching",
+    Section.SUMMARIES_COST: "Cost of gradient summaries",
+    Section.MATMUL_PEAK: "float32 matmul peak (the 100% of achieved-flops)",
+    Section.ACHIEVED_FLOPS: "Achieved GFLOP/s vs the matmul peak",
+    Section.EXPORT: "Export time",
+    Section.FAILED: "Workloads that raised",
 }
+# the sections whose table shows every row's note (the others: only "n/a: ..." ones)
+NOTED = (Section.TRAIN_STEP, Section.DYNAMIC_BATCHING, Section.MATMUL_PEAK, Section.ACHIEVED_FLOPS, Section.EXPORT)
 
 # (description, row key, which figure, comparison, threshold)
 TARGETS = [
@@ -135,8 +140,8 @@ def server_line(settings: dict | None) -> str:
         return "servers: in-process, 127.0.0.1, port 0, called through client.ViTClient;"
     keys = ("dynamic_batching", "max_batch_delay_ms", "max_dynamic_batch", "workers", "intra_op_threads", "device")
     return ("servers: in-process (create_server on 127.0.0.1, port 0), called through client.ViTClient, "
-            "server defaults: " + ", ".join(f"{k}={settings[k]}" for k in keys if k in settings) +
-            " (item 3 sets dynamic_batching per variant);")
+            "server defaults: " + ", ".join(f"{k}={settings[k]}" for k in keys) +
+            f" ({Section.DYNAMIC_BATCHING} sets dynamic_batching per variant);")
 
 
 def load_text(load: dict | None) -> str:
@@ -158,6 +163,11 @@ def timing_lines(timings: dict) -> list[str]:
     return lines
 
 
+def section_order(row: Row) -> int:
+    """Sort key: the row's section's place in SECTIONS (sorting is stable: measurement order within a section)."""
+    return list(SECTIONS).index(row.section)
+
+
 def table_lines(rows: list[Row]) -> list[str]:
     cols = ["workload", "variant", "median", "spread [min-max]", "unit", "vs PyTorch eager", "vs raw ORT",
             "% of peak", "other load", "note"]
@@ -166,12 +176,12 @@ def table_lines(rows: list[Row]) -> list[str]:
         s = r.summary
         spread = f"[{fmt(s['min'])}-{fmt(s['max'])}]" if s["n"] > 1 else ""
         pct = summarize(r.peak_pct)["median"] if r.peak_pct else None
-        note = r.note if r.note.startswith("n/a") or r.item in "1356" else ""
+        note = r.note if r.note.startswith("n/a") or r.section in NOTED else ""
         body.append([r.workload, r.variant, fmt(s.get("median")) if s["n"] else "n/a", spread, r.unit,
                      fmt_ratio(r.vs_torch), fmt_ratio(r.vs_ort), f"{pct:.0f}%" if pct is not None else "",
                      "" if r.other_load is None else
                      f"{r.other_load:.0f}%{'!' if r.other_load > NOISY_PCT else ''}",
-                     note[:110], r.item])
+                     note[:110], r.section])
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
     lines = []
 
@@ -179,11 +189,11 @@ def table_lines(rows: list[Row]) -> list[str]:
         return "  ".join(v.ljust(w) if i in (0, 1, 4, 9) else v.rjust(w)
                          for i, (v, w) in enumerate(zip(values, widths))).rstrip()
 
-    item = None
+    section = None
     for b in body:
-        if b[-1] != item:
-            item = b[-1]
-            lines += ["", f"{item}. {ITEMS[item]}", line(cols), line(["-" * w for w in widths])]
+        if b[-1] != section:
+            section = b[-1]
+            lines += ["", f"{section}: {SECTIONS[section]}", line(cols), line(["-" * w for w in widths])]
         lines.append(line(b[:-1]))
     return lines
 
@@ -212,7 +222,7 @@ def targets(rows: list[Row]) -> list[dict]:
 
 
 def target_lines(results: list[dict]) -> list[str]:
-    lines = ["", "Targets of issue 5 (median of the per-repeat figures [min-max]):"]
+    lines = ["", "Targets (median of the per-repeat figures [min-max]):"]
     for t in results:
         if t["measured"] is None:
             lines.append(f"  n/a      {t['target']}: {t['note']}")
@@ -243,15 +253,16 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
     def label(r):
         return f"{r.workload}{' ' + r.unit.split()[-1] if r.unit.startswith('ms') else ''}: {r.variant}"
 
-    ratio_rows = [(label(r), r.vs_torch, "vs PyTorch eager") for r in rows
-                  if r.vs_torch and r.item in "12" and r.unit in ("images/s", "ms p50")]
-    ratio_rows += [(label(r), r.vs_ort, "vs raw ORT / engine") for r in rows
-                   if r.vs_ort and r.item in "12" and r.unit in ("images/s", "ms p50")]
+    speeds = [r for r in rows
+              if r.section in (Section.TRAIN_STEP, Section.PREDICT) and r.unit in ("images/s", "ms p50")]
+    ratio_rows = [(label(r), r.vs_torch, "vs PyTorch eager") for r in speeds if r.vs_torch]
+    ratio_rows += [(label(r), r.vs_ort, "vs raw ORT / engine") for r in speeds if r.vs_ort]
     ratio_rows += [(f"{r.workload.split(',')[0]}: on/off", r.samples, "batching on vs off") for r in rows
                    if r.key.endswith("/speedup") and r.samples]
     peak_rows = [r for r in rows if r.peak_pct]
-    dyn_rows = [r for r in rows if r.item == "3" and r.unit == "images/s" and r.samples]
-    sum_rows = [r for r in rows if r.item == "4" and r.unit == "ms/step" and r.samples and "engine" not in r.key]
+    dyn_rows = [r for r in rows if r.section == Section.DYNAMIC_BATCHING and r.unit == "images/s" and r.samples]
+    sum_rows = [r for r in rows if r.section == Section.SUMMARIES_COST and r.unit == "ms/step" and r.samples
+                and "engine" not in r.key]
 
     heights = [max(3.0, 0.26 * len(ratio_rows) + 1), max(2.5, 0.26 * len(peak_rows) + 1),
                max(2.2, 0.3 * max(len(dyn_rows), len(sum_rows)) + 1.2)]
@@ -288,7 +299,8 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
         bars(ax, [f"{r.workload}: {r.variant}" for r in peak_rows], [summarize(r.peak_pct) for r in peak_rows],
              "tab:purple")
         ax.axvline(80, color="red", lw=0.6, ls="--")
-    ax.set_title("achieved GFLOP/s as % of the float32 matmul peak measured in the same run (target 80%)", fontsize=9)
+    ax.set_title(f"{Section.ACHIEVED_FLOPS}: GFLOP/s as % of the float32 matmul peak measured in the same run "
+                 "(target 80%)", fontsize=9)
 
     ax = axes[2]
     if dyn_rows:
@@ -297,14 +309,14 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
              ["tab:purple" if "ceiling" in r.variant else "tab:green" if r.variant == "batching on" else "tab:gray"
               for r in dyn_rows])
         ax.set_xscale("log")
-    ax.set_title("dynamic batching, 16 single-image clients: images/s", fontsize=8)
+    ax.set_title(f"{Section.DYNAMIC_BATCHING}, 16 single-image clients: images/s", fontsize=8)
 
     ax = axes[3]
     if sum_rows:
         bars(ax, [f"{r.workload.replace('train ', '')}: {'full' if 'full' in r.variant else 'omitted'}"
                   for r in sum_rows], [summarize(r.samples) for r in sum_rows],
              ["tab:gray" if "full" in r.variant else "tab:cyan" for r in sum_rows])
-    ax.set_title("TrainStep over gRPC, ms/step: summaries full vs omitted", fontsize=8)
+    ax.set_title(f"{Section.SUMMARIES_COST}: TrainStep over gRPC, ms/step", fontsize=8)
 
     fig.suptitle(f"vitserve bench ({m['mode']}), {m['cpu']}, {m['cpu_count']} cores, {m['date']}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))

@@ -1,4 +1,4 @@
-"""Summaries of repeated measurements and the timing loops every workload uses."""
+"""Table rows, summaries of repeated measurements and the timing loops every workload uses."""
 from __future__ import annotations
 
 import time
@@ -6,6 +6,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+
+class Section:
+    """What a row measures: the sections of the table, by name (bench.report.SECTIONS: their titles and order)."""
+    TRAIN_STEP = "train-step"  # images/s of train steps: engine, TrainStep over gRPC, PyTorch eager, torch.compile
+    PREDICT = "predict"  # Predict latency (batch 1) and throughput (batch 8 / 32)
+    DYNAMIC_BATCHING = "dynamic-batching"  # many single-image clients, server batching on vs off
+    SUMMARIES_COST = "summaries-cost"  # train steps with full vs omitted gradient summaries
+    MATMUL_PEAK = "matmul-peak"  # float32 matmul GFLOP/s: the 100% of achieved-flops
+    ACHIEVED_FLOPS = "achieved-flops"  # GFLOP/s of the train-step and predict throughputs, as % of the matmul peak
+    EXPORT = "export"  # python -m model.export
+    FAILED = "failed"  # a workload that raised: its error
 
 
 def summarize(samples: list[float]) -> dict:
@@ -26,7 +38,7 @@ class Row:
     `value` overrides the median shown (pooled percentiles of latencies); `note` says why a
     figure is missing ("n/a: ...") or how it was measured.
     """
-    item: str
+    section: str  # a Section name
     workload: str
     variant: str
     unit: str
@@ -36,7 +48,7 @@ class Row:
     value: float | None = None
     note: str = ""
     key: str = ""  # stable id for targets and the chart, e.g. "train/vit-small64/grpc"
-    peak_pct: list[float] | None = None  # item 5: each sample as % of the measured matmul peak
+    peak_pct: list[float] | None = None  # achieved-flops: each sample as % of the measured matmul peak
     other_load: float | None = None  # % of all cores other processes used while this row's workload ran
 
     @property
@@ -51,7 +63,7 @@ class Row:
         return self.summary.get("median")
 
     def as_dict(self) -> dict:
-        out = {"key": self.key, "item": self.item, "workload": self.workload, "variant": self.variant,
+        out = {"key": self.key, "section": self.section, "workload": self.workload, "variant": self.variant,
                "unit": self.unit, "note": self.note, "other_load_pct": self.other_load, "samples": self.samples,
                **self.summary}
         for name, ratios in (("vs_torch_eager", self.vs_torch), ("vs_raw_ort", self.vs_ort),

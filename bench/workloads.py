@@ -1,4 +1,8 @@
-"""The measurements of issue 5, items 1-6. Each workload returns table rows (bench.stats.Row).
+"""The benchmark's workloads: each function measures one thing and returns its table rows (bench.stats.Row).
+
+matmul_peak (section matmul-peak), export_time (export), train (train-step and summaries-cost),
+train_compiled (train-step: torch.compile), predict (predict), dynamic_batching (dynamic-batching);
+achieved_flops derives the achieved-flops rows from the measured throughputs and the matmul peak.
 
 All servers are in-process (`server.app.create_server` on 127.0.0.1, port 0, a fresh data
 directory) and are called through the real client (`client.ViTClient`) over real channels.
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.artifacts import ROOT, ArtifactCache, run_export, threads, torch_model
-from bench.stats import Row, pair_ratios, rotated, time_calls
+from bench.stats import Row, Section, pair_ratios, rotated, time_calls
 
 RAW_ORT, GRPC, EAGER, COMPILED, ENGINE = "raw ORT in-process", "Predict over gRPC", "PyTorch eager", "torch.compile", \
     "engine in-process"
@@ -111,11 +115,11 @@ def _warm(fn, seconds: float = 0.3, calls: int = 2):
     time_calls(fn, seconds, calls)
 
 
-def _na(item, workload, variants, unit, reason, key_prefix="") -> list[Row]:
-    return [Row(item, workload, v, unit, note=f"n/a: {reason}", key=f"{key_prefix}/{v}") for v in variants]
+def _na(section, workload, variants, unit, reason, key_prefix="") -> list[Row]:
+    return [Row(section, workload, v, unit, note=f"n/a: {reason}", key=f"{key_prefix}/{v}") for v in variants]
 
 
-# ---- 5: the machine's practical peak ------------------------------------------------------------------
+# ---- matmul-peak: the machine's practical peak -------------------------------------------------------------
 
 def matmul_peak(ctx: Context, n: int = 2048) -> list[Row]:
     """Best GFLOP/s of a float32 n x n matmul: numpy (the reference for % of peak) and torch.mm."""
@@ -131,12 +135,12 @@ def matmul_peak(ctx: Context, n: int = 2048) -> list[Row]:
         _warm(fn, 0.2, 2)
         times = time_calls(fn, 0.0, ctx.plan.peak_repeats)
         gflops = [flop / t / 1e9 for t in times]
-        rows.append(Row("5", f"matmul {n}x{n} f32 peak", variant, "GFLOP/s", gflops, value=max(gflops),
+        rows.append(Row(Section.MATMUL_PEAK, f"matmul {n}x{n} f32 peak", variant, "GFLOP/s", gflops, value=max(gflops),
                         note=f"best of {len(gflops)} (median shown in spread)", key=f"peak/{variant}"))
     return rows
 
 
-# ---- 1 + 4: train steps ---------------------------------------------------------------------------------
+# ---- train-step + summaries-cost: train steps --------------------------------------------------------------
 
 def train(ctx: Context, preset: str, batch: int) -> list[Row]:
     import torch
@@ -171,8 +175,8 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
             _warm(fn, 0.0, 2)
         steps = {name: [] for name in (*fns, "full", "off", "engine full", "engine off")}  # s/step, one per repeat
         for r in range(plan.repeats):
-            for name in rotated([*fns, "item 4"], r):
-                if name == "item 4":  # full vs omitted summaries, alternating step by step (order swapped per pair)
+            for name in rotated([*fns, Section.SUMMARIES_COST], r):
+                if name == Section.SUMMARIES_COST:  # full vs omitted summaries, step by step (order swaps per pair)
                     for where, full_fn, off_fn in (("", fns[TRAIN_GRPC], no_summaries),
                                                    ("engine ", fns[ENGINE], engine_off)):
                         full, off = _alternate(full_fn, off_fn, plan.train_window * 2, plan.train_min_steps)
@@ -188,12 +192,12 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
     ips = {name: [batch / s for s in v] for name, v in steps.items()}
     workload = f"train {preset} b{batch}"
     rows = [
-        Row("1", workload, ENGINE + " (summaries)", "images/s", ips[ENGINE], vs_torch=pair_ratios(ips[ENGINE], ips[EAGER]),
-            key=f"train/{preset}/engine"),
-        Row("1", workload, TRAIN_GRPC + " (summaries)", "images/s", ips[TRAIN_GRPC],
+        Row(Section.TRAIN_STEP, workload, ENGINE + " (summaries)", "images/s", ips[ENGINE],
+            vs_torch=pair_ratios(ips[ENGINE], ips[EAGER]), key=f"train/{preset}/engine"),
+        Row(Section.TRAIN_STEP, workload, TRAIN_GRPC + " (summaries)", "images/s", ips[TRAIN_GRPC],
             vs_torch=pair_ratios(ips[TRAIN_GRPC], ips[EAGER]), vs_ort=pair_ratios(ips[TRAIN_GRPC], ips[ENGINE]),
             note="vs raw ORT: vs the engine in-process", key=f"train/{preset}/grpc"),
-        Row("1", workload, EAGER + " + AdamW", "images/s", ips[EAGER], key=f"train/{preset}/eager"),
+        Row(Section.TRAIN_STEP, workload, EAGER + " + AdamW", "images/s", ips[EAGER], key=f"train/{preset}/eager"),
     ]
     rows += _summary_rows(workload, preset, "", TRAIN_GRPC, steps["full"], steps["off"])
     rows += _summary_rows(workload, preset, "engine-", ENGINE, steps["engine full"], steps["engine off"])
@@ -203,11 +207,12 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
 
 def _summary_rows(workload, preset, prefix, what, full, off) -> list[Row]:
     return [
-        Row("4", workload, what + ", full summaries", "ms/step", [s * 1e3 for s in full],
+        Row(Section.SUMMARIES_COST, workload, what + ", full summaries", "ms/step", [s * 1e3 for s in full],
             key=f"summaries/{preset}/{prefix}full"),
-        Row("4", workload, what + ", summaries omitted", "ms/step", [s * 1e3 for s in off],
+        Row(Section.SUMMARIES_COST, workload, what + ", summaries omitted", "ms/step", [s * 1e3 for s in off],
             key=f"summaries/{preset}/{prefix}off"),
-        Row("4", workload, what + ": summaries overhead", "%", [(f - o) / f * 100 for f, o in zip(full, off)],
+        Row(Section.SUMMARIES_COST, workload, what + ": summaries overhead", "%",
+            [(f - o) / f * 100 for f, o in zip(full, off)],
             note="(full - omitted) / full; steps alternate full / omitted; one figure per repeat",
             key=f"summaries/{preset}/{prefix}overhead"),
     ]
@@ -231,7 +236,8 @@ def train_compiled(ctx: Context, preset: str, batch: int) -> list[Row]:
     workload = f"train {preset} b{batch}"
     key = f"train/{preset}/compiled"
     if not plan.compile:
-        return [Row("1", workload, COMPILED + " + AdamW", "images/s", note="n/a: skipped with --quick", key=key)]
+        return [Row(Section.TRAIN_STEP, workload, COMPILED + " + AdamW", "images/s", note="n/a: skipped with --quick",
+                    key=key)]
     folder = ctx.cache.ensure(preset)
     cmd = [sys.executable, "-m", "bench.compile_worker", "--preset", preset, "--folder", str(folder),
            "--batch", str(batch), "--repeats", str(plan.repeats), "--window", str(plan.train_window),
@@ -240,23 +246,23 @@ def train_compiled(ctx: Context, preset: str, batch: int) -> list[Row]:
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=plan.compile_limit_s)
     except subprocess.TimeoutExpired:
-        return [Row("1", workload, COMPILED + " + AdamW", "images/s",
+        return [Row(Section.TRAIN_STEP, workload, COMPILED + " + AdamW", "images/s",
                     note=f"n/a: compile + measurement did not finish in {plan.compile_limit_s:.0f} s", key=key)]
     if proc.returncode != 0:
         lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()]
-        return [Row("1", workload, COMPILED + " + AdamW", "images/s",
+        return [Row(Section.TRAIN_STEP, workload, COMPILED + " + AdamW", "images/s",
                     note=f"n/a: torch.compile failed: {lines[-1][:160] if lines else proc.returncode}", key=key)]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ctx.info.setdefault("torch_compile", {})[preset] = {"compile_s": out["compile_s"],
                                                         "subprocess_s": time.perf_counter() - started,
                                                         "eager_in_worker": out["eager"]}
-    return [Row("1", workload, COMPILED + " + AdamW", "images/s", out["compiled"],
+    return [Row(Section.TRAIN_STEP, workload, COMPILED + " + AdamW", "images/s", out["compiled"],
                 vs_torch=pair_ratios(out["compiled"], out["eager"]),
                 note=f"first step (compile) {out['compile_s']:.0f} s; vs eager: eager measured in the same subprocess",
                 key=key)]
 
 
-# ---- 2: predict -----------------------------------------------------------------------------------------
+# ---- predict -----------------------------------------------------------------------------------------------
 
 def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
     import onnxruntime as ort
@@ -271,9 +277,8 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
     v2 = tc.InferenceServerClient(served.address)
     model_name = served.plane.manifest.name
     settings = served.settings
-    served_note = "server defaults" + (f": dynamic batching {'on' if settings.dynamic_batching else 'off'}, "
-                                       f"delay {getattr(settings, 'max_batch_delay_ms', '?')} ms"
-                                       if hasattr(settings, "dynamic_batching") else "")
+    served_note = (f"server defaults: dynamic batching {'on' if settings.dynamic_batching else 'off'}, "
+                   f"delay {settings.max_batch_delay_ms} ms")
     ctx.info["server_settings"] = {k: str(v) for k, v in dataclasses.asdict(settings).items()
                                    if k not in ("artifacts", "data_dir", "port")}
     rows = []
@@ -310,7 +315,7 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
             pooled = {name: float(np.percentile(np.concatenate(reps), q)) * 1e3 for name, reps in calls.items()}
             for name in fns:
                 rows.append(Row(
-                    "2", workload, name, f"ms {label}", per[name], value=pooled[name],
+                    Section.PREDICT, workload, name, f"ms {label}", per[name], value=pooled[name],
                     note=(served_note + "; " if name in SERVED else "") +
                     f"{label} of {sum(map(len, calls[name]))} calls; spread: per-repeat {label}",
                     vs_torch=None if name == EAGER else pair_ratios(per[name], per[EAGER], higher_is_better=False),
@@ -330,7 +335,8 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
                     ips[name].append(len(times) * size / sum(times))
             for name in fns:
                 rows.append(Row(
-                    "2", f"predict {preset} b{size}", name, "images/s", ips[name], note=served_note if name in SERVED else "",
+                    Section.PREDICT, f"predict {preset} b{size}", name, "images/s", ips[name],
+                    note=served_note if name in SERVED else "",
                     vs_torch=None if name == EAGER else pair_ratios(ips[name], ips[EAGER]),
                     vs_ort=pair_ratios(ips[name], ips[RAW_ORT]) if name in SERVED else None,
                     key=f"predict/{preset}/b{size}/{name}"))
@@ -341,9 +347,9 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
     return rows
 
 
-# ---- 3: dynamic batching --------------------------------------------------------------------------------
+# ---- dynamic-batching --------------------------------------------------------------------------------------
 
-DYNAMIC_FIELDS = ("dynamic_batching", "max_batch_delay_ms", "max_dynamic_batch")
+DYNAMIC_FIELDS = ("dynamic_batching", "max_batch_delay_ms", "max_dynamic_batch", "workers")
 
 
 def _load(clients, x, seconds: float) -> tuple[int, float, list[float], list[str]]:
@@ -392,11 +398,6 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
     workload = f"dynamic batching {preset}, {n} clients x 1 image"
     variants = ["batching off", "batching on"]
     ceiling = f"raw ORT in-process b{n} (ceiling)"
-    names = {f.name for f in dataclasses.fields(Settings)}
-    if "dynamic_batching" not in names:
-        return _na("3", workload, variants, "images/s", "server has no dynamic batching setting",
-                   f"dynamic/{preset}") + _na("3", workload, ["on/off speedup"], "x",
-                                              "server has no dynamic batching setting", f"dynamic/{preset}")
     folder = ctx.cache.ensure(preset)
     servers, clients = {}, {}
     try:
@@ -404,19 +405,15 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
             servers[v] = Served(ctx, folder, dynamic_batching=(v == "batching on"))
             clients[v] = [servers[v].client() for _ in range(n)]
         defaults = Settings()
-        ctx.info.setdefault("dynamic_batching_settings", {k: getattr(defaults, k) for k in DYNAMIC_FIELDS
-                                                          if hasattr(defaults, k)})
-        ctx.info["dynamic_batching_settings"]["workers"] = defaults.workers
+        ctx.info["dynamic_batching_settings"] = {k: getattr(defaults, k) for k in DYNAMIC_FIELDS}
         x, _ = ctx.batch(preset, 1, seed=3)
         session = ort.InferenceSession(str(folder / "inference.onnx"), providers=["CPUExecutionProvider"])
         xb = np.repeat(x, n, axis=0)
         _warm(lambda: session.run(["logits"], {"images": xb}), 0.2, 2)
         for v in variants:
             _load(clients[v], x, 0.5)  # warm-up: channels connected, sessions warm
-        batcher = getattr(servers["batching on"].plane, "batcher", None)
-        sizes = getattr(batcher, "batch_sizes", None)
-        if sizes is not None:
-            sizes.clear()
+        sizes = servers["batching on"].plane.batcher.batch_sizes  # rows per executed batch -> count
+        sizes.clear()
         thr = {v: [] for v in [*variants, ceiling]}
         p99 = {v: [] for v in variants}
         pooled = {v: [] for v in variants}
@@ -432,7 +429,7 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
                 thr[v].append(count / elapsed)
                 p99[v].append(float(np.percentile(lat, 99)) * 1e3 if lat else float("nan"))
                 pooled[v] += lat
-        batches = dict(sizes) if sizes else {}
+        batches = dict(sizes)
     finally:
         for v in clients:
             for c in clients[v]:
@@ -440,9 +437,10 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
         for s in servers.values():
             s.close()
     if errors:
-        return _na("3", workload, variants, "images/s", f"client errors: {errors[0][:160]}", f"dynamic/{preset}")
+        return _na(Section.DYNAMIC_BATCHING, workload, variants, "images/s", f"client errors: {errors[0][:160]}",
+                   f"dynamic/{preset}")
     d = ctx.info["dynamic_batching_settings"]
-    on_note = ", ".join(f"{k} {d[k]}" for k in ("max_batch_delay_ms", "max_dynamic_batch", "workers") if k in d)
+    on_note = ", ".join(f"{k} {d[k]}" for k in ("max_batch_delay_ms", "max_dynamic_batch", "workers"))
     if batches:
         count = sum(batches.values())
         mean = sum(k * v for k, v in batches.items()) / count
@@ -450,20 +448,23 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
         ctx.info.setdefault("dynamic_batch_sizes", {})[preset] = {str(k): v for k, v in sorted(batches.items())}
     rows = []
     for v in variants:
-        rows.append(Row("3", workload, v, "images/s", thr[v], vs_ort=pair_ratios(thr[v], thr[ceiling]),
-                        key=f"dynamic/{preset}/{v}",
+        rows.append(Row(Section.DYNAMIC_BATCHING, workload, v, "images/s", thr[v],
+                        vs_ort=pair_ratios(thr[v], thr[ceiling]), key=f"dynamic/{preset}/{v}",
                         note=f"{plan.dynamic_window:g} s windows" + (f"; {on_note}" if v == "batching on" else "")))
-    rows.append(Row("3", workload, ceiling, "images/s", thr[ceiling], key=f"dynamic/{preset}/ceiling",
+    rows.append(Row(Section.DYNAMIC_BATCHING, workload, ceiling, "images/s", thr[ceiling],
+                    key=f"dynamic/{preset}/ceiling",
                     note="the same images as one batch, no gRPC: the most batching could give"))
     for v in variants:
-        rows.append(Row("3", workload, v, "ms p99", p99[v], value=float(np.percentile(pooled[v], 99)) * 1e3,
+        rows.append(Row(Section.DYNAMIC_BATCHING, workload, v, "ms p99", p99[v],
+                        value=float(np.percentile(pooled[v], 99)) * 1e3,
                         note=f"p99 of {len(pooled[v])} calls; spread: per-window p99", key=f"dynamic/{preset}/p99/{v}"))
-    rows.append(Row("3", workload, "on/off speedup", "x", pair_ratios(thr["batching on"], thr["batching off"]),
+    rows.append(Row(Section.DYNAMIC_BATCHING, workload, "on/off speedup", "x",
+                    pair_ratios(thr["batching on"], thr["batching off"]),
                     note="throughput, per repeat pair", key=f"dynamic/{preset}/speedup"))
     return rows
 
 
-# ---- 6: export time -------------------------------------------------------------------------------------
+# ---- export: export time -----------------------------------------------------------------------------------
 
 def export_time(ctx: Context, preset: str = "vit-tiny") -> list[Row]:
     """`python -m model.export --preset vit-tiny` into a scratch folder; the first result fills the cache."""
@@ -477,28 +478,28 @@ def export_time(ctx: Context, preset: str = "vit-tiny") -> list[Row]:
             ctx.cache.adopt(preset, result["folder"])
         shutil.rmtree(out, ignore_errors=True)
     return [
-        Row("6", f"export {preset}", "python -m model.export (process)", "s", wall, key=f"export/{preset}/process",
-            note="wall clock: imports + export + check vs PyTorch"),
-        Row("6", f"export {preset}", "export() incl. parity check", "s", inner, key=f"export/{preset}/inner",
+        Row(Section.EXPORT, f"export {preset}", "python -m model.export (process)", "s", wall,
+            key=f"export/{preset}/process", note="wall clock: imports + export + check vs PyTorch"),
+        Row(Section.EXPORT, f"export {preset}", "export() incl. parity check", "s", inner, key=f"export/{preset}/inner",
             note="the manifest's export_seconds"),
     ]
 
 
-# ---- 5: achieved GFLOP/s (derived from the rows above) --------------------------------------------------
+# ---- achieved-flops: achieved GFLOP/s (derived from the rows above) ----------------------------------------
 
 def achieved_flops(rows: list[Row], peak: float) -> list[Row]:
-    """GFLOP/s and % of the matmul peak of every throughput row of items 1 and 2 (batch >= 8)."""
+    """GFLOP/s and % of the matmul peak of every train-step and predict throughput row (batch >= 8)."""
     from bench.flops import forward_flops, train_flops
     from model.vit import PRESETS
 
     out = []
     for row in rows:
-        if row.unit != "images/s" or row.item not in ("1", "2") or not row.samples:
+        if row.unit != "images/s" or row.section not in (Section.TRAIN_STEP, Section.PREDICT) or not row.samples:
             continue
         kind, preset, *_ = row.key.split("/")
         flop = train_flops(PRESETS[preset]) if kind == "train" else forward_flops(PRESETS[preset])
         gflops = [s * flop / 1e9 for s in row.samples]
-        out.append(Row("5", row.workload, row.variant, "GFLOP/s", gflops, key=f"flops/{row.key}",
+        out.append(Row(Section.ACHIEVED_FLOPS, row.workload, row.variant, "GFLOP/s", gflops, key=f"flops/{row.key}",
                        peak_pct=[g / peak * 100 for g in gflops], other_load=row.other_load,
                        note=f"{flop / 1e9:.3g} GFLOP/image ({'3x forward' if kind == 'train' else 'forward'})"))
     return out
