@@ -24,13 +24,16 @@ import onnx
 from onnx import numpy_helper
 
 from engine.errors import ConfigError, FailedPrecondition, NotFound
-from engine.manifest import Manifest, Parameter
+from engine.manifest import Manifest, Parameter, QkvLayout
 
 GRAD = "_grad"  # ORT's gradient tensor suffix
 GRAD_NODE = "_Grad/"  # ORT's gradient node name infix
 MATMULS = {"MatMul", "FusedMatMul", "Gemm"}
 # Ops that move or scale a q/k/v part on its way to the attention matmuls without mixing it with another part.
 PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Mul", "Div"}
+# Ops between a fused projection's output and the cut into q, k and v (timm: Add(bias), Reshape, Transpose, Split).
+RESHAPES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+CUTS = {"Slice", "Split", "Gather"}
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,9 @@ class GradientExplainer:
         self._backward = set(downstream) | {i for i, n in enumerate(self._nodes) if GRAD_NODE in n.name}
         self._parent = downstream  # BFS tree: node -> its predecessor on a shortest path from the loss gradient
         self._frozen = {p.name for p in manifest.parameters if not p.trainable}
-        self._qkv = {layout.name for layout in manifest.qkv}
+        self._parts: dict[str, tuple[QkvPartGradient, ...]] = {}  # q/k/v weight or bias -> where its parts' gradients are
+        for layout in manifest.qkv:
+            self._parts.update(self._layout_parts(layout))
         self._paths = {p.name: self._parameter_path(p) for p in manifest.parameters if p.trainable}
 
     def explain(self, parameter: str = "") -> Explanation:
@@ -149,7 +154,7 @@ class GradientExplainer:
         return ParameterGradientPath(name=name, shape=parameter.shape, block=parameter.block,
                                      sublayer=parameter.sublayer, gradient_tensor=name + GRAD,
                              gradient_node=self._info(node), ops_from_loss=len(path), path=path,
-                             qkv_parts=self._qkv_parts(name) if name in self._qkv else ())
+                             qkv_parts=self._parts.get(name, ()))
 
     # -- q, k and v ------------------------------------------------------------------------------
 
@@ -170,13 +175,39 @@ class GradientExplainer:
                     queue.append(node.output[0])
         return None
 
-    def _qkv_parts(self, weight: str) -> tuple[QkvPartGradient, ...]:
+    def _layout_parts(self, layout: QkvLayout) -> dict[str, tuple[QkvPartGradient, ...]]:
+        """Every q/k/v weight and bias of one attention module -> the q, k, v part gradients it feeds."""
+        if layout.fused:
+            parts = self._fused_parts(layout.weights[0])
+            return {n: parts for n in {*layout.weights, *layout.biases}} if parts else {}
+        found = {}
+        for i, (role, weight) in enumerate(zip("qkv", layout.weights)):
+            tensor = self._projection_output(weight)
+            node = self._gradient_producer(tensor) if tensor else None
+            if node is None:
+                continue
+            part = (QkvPartGradient(role, tensor, tensor + GRAD, self._info(node)),)
+            found[weight] = part
+            if layout.biases:
+                found[layout.biases[i]] = part
+        return found
+
+    def _projection_output(self, weight: str) -> str | None:
+        """x @ W^T, plus the bias when an Add follows: the tensor a projection weight makes."""
         found = self._first_matmul(weight, {"Transpose", "Identity", "Cast"})  # W -> (W^T) -> x @ W^T
         if found is None:
-            return ()
+            return None
         product = self._nodes[found[0]].output[0]
-        cuts = [i for i in self._forward_consumers(product) if self._nodes[i].op_type in ("Slice", "Split")]
-        parts = [out for i in cuts for out in self._nodes[i].output]
+        adds = [i for i in self._forward_consumers(product) if self._nodes[i].op_type == "Add"]
+        return self._nodes[adds[0]].output[0] if len(adds) == 1 else product
+
+    def _fused_parts(self, weight: str) -> tuple[QkvPartGradient, ...]:
+        """q, k and v of one fused projection: the three pieces its output is cut into (by Slice, Split or Gather),
+        after the bias add, reshapes and transposes, ordered by their roles in the attention."""
+        product = self._projection_output(weight)
+        if product is None:
+            return ()
+        cuts, parts = self._cut(product)
         if len(parts) != 3:
             return ()
         ordered = self._order_by_attention(parts) or self._order_by_offset(cuts, parts)
@@ -187,6 +218,23 @@ class GradientExplainer:
                 return ()
             result.append(QkvPartGradient(role, tensor, tensor + GRAD, self._info(node)))
         return tuple(result)
+
+    def _cut(self, tensor: str) -> tuple[list[int], list[str]]:
+        """(cutting nodes, their output tensors) of the first tensor downstream of `tensor`, through ops that only
+        reshape or move it, that is cut into pieces: by three Slices or Gathers, or by one Split."""
+        queue, seen = deque([tensor]), {tensor}
+        while queue:
+            current = queue.popleft()
+            consumers = [i for i in self._forward_consumers(current) if self._nodes[i].op_type != "Shape"]
+            cuts = [i for i in consumers if self._nodes[i].op_type in CUTS]
+            if cuts:
+                return cuts, [out for i in cuts for out in self._nodes[i].output]
+            for i in consumers:
+                node = self._nodes[i]
+                if node.op_type in RESHAPES and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    queue.append(node.output[0])
+        return [], []
 
     def _order_by_attention(self, parts: list[str]) -> list[str] | None:
         """q, k, v from their roles: q and k meet in one matmul (q @ k^T: q left, k right, k through a
@@ -205,12 +253,16 @@ class GradientExplainer:
         return [scores[0][0], scores[0][1], values[0][1]]
 
     def _order_by_offset(self, cuts: list[int], parts: list[str]) -> list[str] | None:
-        """Fallback: q, k, v by the constant start offsets of three Slices (or a Split's output order)."""
+        """Fallback: q, k, v by the constant starts of three Slices, the indices of three Gathers, or a Split's order."""
         if len(cuts) == 1:
             return parts
         starts = []
-        for i in cuts:
-            constant = self._constants.get(self._nodes[i].input[1])
+        for i in cuts:  # Slice's starts, Gather's index: an initializer or a Constant node
+            name = self._nodes[i].input[1]
+            constant = self._constants.get(name)
+            producer = self._producer.get(name)
+            if constant is None and producer is not None and self._nodes[producer].op_type == "Constant":
+                constant = self._nodes[producer].attribute[0].t
             if constant is None:
                 return None
             starts.append(int(numpy_helper.to_array(constant).reshape(-1)[0]))

@@ -4,6 +4,7 @@ Pure numpy; the training engine hands in the gradients and the weights before an
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,17 +33,26 @@ class GradientSummary:
 
 @dataclass(frozen=True)
 class QkvGradient:
-    """A fused qkv projection's gradient split into q, k, v and heads (proto: QkvGradient)."""
-    name: str
+    """One attention module's q, k and v gradients, whole and head by head, weights and biases (proto: QkvGradient)."""
+    name: str  # fused: the projection weight; separate: the attention module
     block: int
     heads: int
     dim_head: int
-    q_norm: float
+    q_norm: float  # L2 norm of the q part of the weight gradient
     k_norm: float
     v_norm: float
-    q_head_norms: tuple[float, ...]
+    q_head_norms: tuple[float, ...]  # each head's rows of the q part
     k_head_norms: tuple[float, ...]
     v_head_norms: tuple[float, ...]
+    module: str = ""
+    weights: tuple[str, ...] = ()  # the q, k and v weight parameters (one name three times when fused)
+    biases: tuple[str, ...] = ()  # the q, k and v bias parameters; () without biases (then the bias norms are 0)
+    q_bias_norm: float = 0.0
+    k_bias_norm: float = 0.0
+    v_bias_norm: float = 0.0
+    q_bias_head_norms: tuple[float, ...] = ()
+    k_bias_head_norms: tuple[float, ...] = ()
+    v_bias_head_norms: tuple[float, ...] = ()
 
 
 def _l2(x: np.ndarray) -> float:
@@ -123,20 +133,42 @@ def summarize_all(params: list[Parameter], grads: np.ndarray, before: np.ndarray
     return out
 
 
-def qkv_breakdown(layout: QkvLayout, grad: np.ndarray) -> QkvGradient:
-    """Split a fused (3 * heads * dim_head, dim) projection gradient into q, k, v and heads.
+def _qkv_parts(layout: QkvLayout, grads: Mapping[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """The q, k, v gradients as one float64 array (3, heads, dim_head, cols): row order (qkv, h, d).
 
-    Row order matches `to_qkv(x).chunk(3, dim=-1)` then 'b n (h d) -> b h n d':
-    rows are (qkv=3, h, d), so grad.reshape(3, heads, dim_head, -1) indexes [part, head].
+    Fused: one tensor whose rows are (3, h, d), as `to_qkv(x).chunk(3)` then 'b n (h d) -> b h n d', timm's
+    `qkv.reshape(B, N, 3, heads, head_dim)` and nn.MultiheadAttention's in_proj all cut it. Separate: three
+    tensors whose rows are (h, d). Biases are the same with one column.
     """
-    parts = grad.astype(np.float64, copy=False).reshape(3, layout.heads, layout.dim_head, -1)
-    head_norms = np.sqrt(np.einsum("phdi,phdi->ph", parts, parts))  # (3, heads)
-    part_norms = np.sqrt((head_norms ** 2).sum(axis=1))  # (3,)
+    h, d = layout.heads, layout.dim_head
+    if layout.fused:
+        return grads[names[0]].astype(np.float64, copy=False).reshape(3, h, d, -1)
+    return np.stack([grads[n].astype(np.float64, copy=False).reshape(h, d, -1) for n in names])
+
+
+def _norms(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-part norms (3,), per-head norms (3, heads)) of a (3, heads, dim_head, cols) array."""
+    head_norms = np.sqrt(np.einsum("phdi,phdi->ph", parts, parts))
+    return np.sqrt((head_norms ** 2).sum(axis=1)), head_norms
+
+
+def qkv_breakdown(layout: QkvLayout, grads: Mapping[str, np.ndarray]) -> QkvGradient:
+    """Split an attention module's q/k/v weight (and bias) gradients into q, k, v and heads.
+
+    `grads` maps parameter names to their gradients (at least the layout's weights and biases).
+    """
+    part, head = _norms(_qkv_parts(layout, grads, layout.weights))
+    bias_part, bias_head = (_norms(_qkv_parts(layout, grads, layout.biases)) if layout.biases
+                            else (np.zeros(3), np.zeros((3, 0))))
     return QkvGradient(
         name=layout.name, block=layout.block, heads=layout.heads, dim_head=layout.dim_head,
-        q_norm=float(part_norms[0]), k_norm=float(part_norms[1]), v_norm=float(part_norms[2]),
-        q_head_norms=tuple(map(float, head_norms[0])), k_head_norms=tuple(map(float, head_norms[1])),
-        v_head_norms=tuple(map(float, head_norms[2])),
+        q_norm=float(part[0]), k_norm=float(part[1]), v_norm=float(part[2]),
+        q_head_norms=tuple(map(float, head[0])), k_head_norms=tuple(map(float, head[1])),
+        v_head_norms=tuple(map(float, head[2])),
+        module=layout.module, weights=layout.weights, biases=layout.biases,
+        q_bias_norm=float(bias_part[0]), k_bias_norm=float(bias_part[1]), v_bias_norm=float(bias_part[2]),
+        q_bias_head_norms=tuple(map(float, bias_head[0])), k_bias_head_norms=tuple(map(float, bias_head[1])),
+        v_bias_head_norms=tuple(map(float, bias_head[2])),
     )
 
 

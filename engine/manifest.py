@@ -53,11 +53,39 @@ class Parameter:
 
 @dataclass(frozen=True)
 class QkvLayout:
-    """Where a fused qkv projection sits: rows [0, inner) are q, [inner, 2 inner) k, the rest v."""
-    name: str
+    """How one attention module makes q, k and v, from which parameters, with how many heads.
+
+    Fused (one weight named three times): its rows are (3, heads, dim_head), q first, then k, then v,
+    and so are its bias's. Separate: three weights (and biases) whose rows are (heads, dim_head).
+    """
+    name: str  # fused: the projection's weight; separate: the attention module
     block: int
     heads: int
     dim_head: int
+    weights: tuple[str, ...] = ()  # q, k and v weight parameters; () means (name, name, name)
+    biases: tuple[str, ...] = ()  # q, k and v bias parameters; () when the projections have none
+    module: str = ""  # the attention module's path in the model
+
+    def __post_init__(self):
+        if not self.weights:
+            object.__setattr__(self, "weights", (self.name,) * 3)
+        object.__setattr__(self, "weights", tuple(self.weights))
+        object.__setattr__(self, "biases", tuple(self.biases))
+
+    @property
+    def fused(self) -> bool:
+        return len(set(self.weights)) == 1
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.dim_head
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    """A parameter the export could not place in a block and sub-layer, and why."""
+    name: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,8 @@ class Manifest:
     optimizer: dict[str, Any]  # {"name": "adamw" | "sgd", hyperparameters...}
     versions: dict[str, str]  # package versions the export ran with
     files: dict[str, str]  # artifact file -> sha256
+    unplaced: tuple[Unplaced, ...] = ()  # parameters left in block -1, sub-layer "other", with the reason
+    frozen_batchnorm: tuple[str, ...] = ()  # BatchNorm modules trained on their frozen running statistics
     export_check: dict[str, Any] = field(default_factory=dict)  # model/verify.py's report
     export_seconds: float = 0.0
     folder: Path = field(default=Path("."), compare=False)  # where it was loaded from; not written
@@ -109,6 +139,8 @@ class Manifest:
             class_names=tuple(raw["class_names"]),
             parameters=tuple(Parameter(**{**p, "shape": tuple(p["shape"])}) for p in raw["parameters"]),
             attention=tuple(QkvLayout(**a) for a in raw["attention"]),
+            unplaced=tuple(Unplaced(**u) for u in raw.get("unplaced", ())),
+            frozen_batchnorm=tuple(raw.get("frozen_batchnorm", ())),
             inference_fused_attention_blocks=raw["inference_fused_attention_blocks"],
             loss=LossNode(**{**raw["loss"], "inputs": tuple(raw["loss"]["inputs"])}),
             opset=raw["opset"], optimizer=raw["optimizer"], versions=raw["versions"], files=raw["files"],

@@ -11,6 +11,7 @@ state and, as checkpoint properties, the step counter and the learning-rate poli
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -85,7 +86,9 @@ class TrainingEngine:
         sizes = [int(np.prod(s)) for s in self._shapes]
         self._spans = list(zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes))  # (offset, size) in model order
         self._size = sum(sizes)
-        self._qkv = [q for q in manifest.qkv if q.name in set(self._trainable)]
+        trainable = set(self._trainable)  # q/k/v of trainable weights; biases only when all three are trainable
+        self._qkv = [q if set(q.biases) <= trainable else dataclasses.replace(q, biases=())
+                     for q in manifest.qkv if set(q.weights) <= trainable]
         self._lock = threading.RLock()  # reentrant: `lock` lets callers hold it around several calls
         self._policy = LrPolicy(check_learning_rate(learning_rate))
         self._clip = 0.0
@@ -255,7 +258,7 @@ class TrainingEngine:
             summaries_out = gradients.summarize_all(self._placed, grads,
                                                     before if applied else after, after)
             views = self._views(grads)
-            attention = [gradients.qkv_breakdown(q, views[q.name]) for q in self._qkv]
+            attention = [gradients.qkv_breakdown(q, views) for q in self._qkv]
         return StepResult(
             loss=loss, step=self._step, learning_rate=lr if lr is not None else self.learning_rate,
             grad_norm=norm if norm is not None else gradients.global_norm(grads), gradients=summaries_out,

@@ -43,16 +43,14 @@ from engine.manifest import (
     TRAINING_MODEL,
     LossNode,
     Manifest,
-    Parameter,
     Preprocessing,
-    QkvLayout,
     TensorSpec,
     sha256,
 )
 from engine.runtime import quiet_default_logger
 from model import verify
 from model.errors import ExportCheckError, ExportError
-from model.layout import parameter_place, qkv_layouts
+from model.layout import place
 from model.vit import DEFAULT_PRESET, PRESETS, build
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -103,6 +101,26 @@ def load_class(spec: str):
     return getattr(module, class_name)
 
 
+CHANNEL_KWARGS = ("channels", "num_channels", "in_chans", "in_channels")  # vit-pytorch, Hugging Face, timm, ...
+
+
+def construct(cls, kwargs: dict) -> torch.nn.Module:
+    """An instance of `cls` from JSON kwargs. A Hugging Face model (it has a `config_class`) gets its config built
+    from them; a model whose forward returns an output object is made to return that object's `logits`."""
+    config_class = getattr(cls, "config_class", None)
+    try:
+        model = cls(config_class(**kwargs)) if config_class is not None else cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"cannot build {cls.__name__} from --kwargs: {e}") from None
+    model.register_forward_hook(logits_only)
+    return model
+
+
+def logits_only(module, inputs, output):
+    """Forward hook: the logits tensor of an output object (transformers' ImageClassifierOutput), else the output."""
+    return output.logits if not isinstance(output, torch.Tensor) and hasattr(output, "logits") else output
+
+
 def loss_node(training_model: onnx.ModelProto) -> LossNode:
     """The node that produces the training graph's first output (the loss)."""
     loss_output = training_model.graph.output[0].name
@@ -112,21 +130,47 @@ def loss_node(training_model: onnx.ModelProto) -> LossNode:
 
 @contextlib.contextmanager
 def native_stderr_captured():
-    """ORT's gradient builder logs every graph transform to fd 2; keep it, show it only on failure."""
+    """ORT's gradient builder logs every graph transform to fd 2: swallow it (a failure raises with its reason)."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    with open(os.devnull, "wb") as sink:
         os.dup2(sink.fileno(), 2)
         try:
             yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace")[-20000:])
-            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+class FrozenBatchNorm(torch.nn.Module):
+    """A BatchNorm on its running statistics, written in ops whose gradients ORT builds right.
+
+    ORT 1.19.2 differentiates BatchNormalization as if it used the batch's statistics, which gives
+    wrong gradients for a frozen one (the export check caught it). Same parameters and buffers under
+    the same names, so the state_dict, the checkpoint and the manifest do not change.
+    """
+
+    def __init__(self, norm: torch.nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.register_buffer("running_mean", norm.running_mean.detach().clone())
+        self.register_buffer("running_var", norm.running_var.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # per channel: (1, C, 1, 1) for images
+        y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.weight is not None else y
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose BatchNorm modules are FrozenBatchNorm (the graph the export writes); `model` itself
+    stays as it is, with verify.train_mode keeping its BatchNorms on their running statistics for the check."""
+    frozen = copy.deepcopy(model)
+    for name in verify.batch_norms(frozen):
+        parent, _, child = name.rpartition(".")
+        owner = frozen.get_submodule(parent) if parent else frozen
+        setattr(owner, child, FrozenBatchNorm(getattr(owner, child)))
+    return frozen
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -142,18 +186,28 @@ def has_dropout(model: torch.nn.Module) -> bool:
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, training: bool) -> onnx.ModelProto:
+    """The model as ONNX: in training mode (dropout on, see verify.train_mode for BatchNorm) or in eval mode."""
     buffer = io.BytesIO()
-    model.train(training)
+    verify.train_mode(model) if training else model.eval()
+    # TRAINING would switch BatchNorm back to batch statistics; PRESERVE keeps the modes just set.
+    mode = torch.onnx.TrainingMode.PRESERVE if training else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings():  # "legacy TorchScript exporter": chosen on purpose, see below
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
-            dynamo=False,  # the dynamo exporter renames parameters and breaks generate_artifacts (docs/design.md)
-            training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
-            do_constant_folding=not training, export_params=True,
-        )
+        try:
+            torch.onnx.export(
+                model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+                dynamo=False,  # the dynamo exporter renames parameters and breaks generate_artifacts (docs/design.md)
+                training=mode, do_constant_folding=not training, export_params=True,
+            )
+        except Exception as e:  # noqa: BLE001 - any exporter failure is one line for the user
+            raise ExportError(f"torch.onnx.export cannot export {type(model).__name__}: {first_line(e)}") from None
     return onnx.load_from_string(buffer.getvalue())
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def pin_static_shapes(proto: onnx.ModelProto, example_shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -192,20 +246,28 @@ def pin_static_shapes(proto: onnx.ModelProto, example_shape: tuple[int, ...]) ->
     return inferred
 
 
-def write_training_artifacts(model, example, folder: Path, opset: int, trainable, frozen, optimizer: str) -> onnx.ModelProto:
+def write_training_artifacts(model, example, folder: Path, opset: int, trainable, frozen,
+                             optimizer: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Export the training-mode forward graph and generate ORT's artifacts from it into `folder`.
+
+    Returns (the forward graph, nodes in execution order; the training graph ORT built from it,
+    whose node order ORT rearranges).
+    """
     proto = pin_static_shapes(export_onnx(model, example, opset, training=True), tuple(example.shape))
     initializers = {i.name for i in proto.graph.initializer}
     missing = [n for n in trainable + frozen if n not in initializers]
     if missing:
         raise ExportError(f"parameters missing from the exported graph (unused by forward?): {missing[:5]}")
     block = torch_adamw(**ADAMW) if optimizer == "adamw" else ort_artifacts.OptimType.SGD
-    with native_stderr_captured():
-        ort_artifacts.generate_artifacts(
-            proto, requires_grad=trainable, frozen_params=frozen, loss=ort_artifacts.LossType.CrossEntropyLoss,
-            optimizer=block, artifact_directory=folder, additional_output_names=[OUTPUT_NAME],
-        )
-    training_model = onnx.load(folder / TRAINING_MODEL)
-    return training_model
+    try:
+        with native_stderr_captured():
+            ort_artifacts.generate_artifacts(
+                proto, requires_grad=trainable, frozen_params=frozen, loss=ort_artifacts.LossType.CrossEntropyLoss,
+                optimizer=block, artifact_directory=folder, additional_output_names=[OUTPUT_NAME],
+            )
+    except Exception as e:  # noqa: BLE001 - ORT's gradient builder names the node and op it cannot handle
+        raise ExportError(f"ONNX Runtime cannot build the training artifacts: {first_line(e)}") from None
+    return proto, onnx.load(folder / TRAINING_MODEL)
 
 
 def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, channels: int, mean, std,
@@ -221,29 +283,31 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
     if not trainable:
         raise ExportError("every parameter is frozen: nothing to train")
     example = torch.randn(2, channels, image_size, image_size)
+    batch_norms = verify.batch_norms(model)  # trained on frozen running statistics, said in the manifest
+    graph_model = freeze_batchnorm(model) if batch_norms else model  # what goes into the graphs
 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:
-        inference = export_onnx(model, example, opset, training=False)
+        inference = export_onnx(graph_model, example, opset, training=False)
         onnx.checker.check_model(inference, full_check=True)
         onnx.save(inference, staging / INFERENCE_MODEL)
-        attention = qkv_layouts(model)
-        fused = optimize_inference_model(staging / INFERENCE_MODEL, [a["heads"] for a in attention], INPUT_NAME,
+        forward, training_model = write_training_artifacts(graph_model, example, staging, opset, trainable, frozen,
+                                                           optimizer)
+        placement = place(model, forward.graph, set(trainable))
+        fused = optimize_inference_model(staging / INFERENCE_MODEL, [a.heads for a in placement.attention], INPUT_NAME,
                                          tuple(example.shape))
-        training_model = write_training_artifacts(model, example, staging, opset, trainable, frozen, optimizer)
         # The training graphs hold ORT's own ops (fused LayerNorm, gradient ops) that onnx.checker
         # does not know; loading them in ORT's training session (the check below) validates them.
 
-        params = dict(model.named_parameters())
         manifest = Manifest(
             name=name, source=source,
             input=TensorSpec(INPUT_NAME, (-1, channels, image_size, image_size)),
             output=TensorSpec(OUTPUT_NAME, (-1, len(class_names))),
             preprocessing=Preprocessing(image_size, image_size, channels, tuple(mean), tuple(std)),
             class_names=tuple(class_names),
-            parameters=tuple(Parameter(n, tuple(params[n].shape), n in trainable, *parameter_place(n)) for n in names),
-            attention=tuple(QkvLayout(**a) for a in attention),
+            parameters=placement.parameters, attention=placement.attention, unplaced=placement.unplaced,
+            frozen_batchnorm=tuple(batch_norms),
             inference_fused_attention_blocks=fused,
             loss=loss_node(training_model), opset=opset,
             optimizer={"name": optimizer, **(ADAMW if optimizer == "adamw" else {})},
@@ -260,7 +324,8 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
                 twin = Path(twin)
                 twin_model = without_dropout(model)
                 shutil.copy(staging / INFERENCE_MODEL, twin / INFERENCE_MODEL)
-                write_training_artifacts(twin_model, example, twin, opset, trainable, frozen, optimizer)
+                write_training_artifacts(freeze_batchnorm(twin_model) if batch_norms else twin_model, example, twin,
+                                         opset, trainable, frozen, optimizer)
                 dataclasses.replace(manifest, files={f: sha256(twin / f) for f in ARTIFACT_FILES}).write(twin)
                 verify.check_training(Manifest.load(twin), twin_model, report)
         else:
@@ -321,9 +386,9 @@ def run(args: argparse.Namespace) -> int:
             kwargs = json.loads(args.kwargs)
         except json.JSONDecodeError as e:
             raise ExportError(f"--kwargs is not valid JSON: {e}") from None
-        model = load_class(args.model)(**kwargs)
-        image_size = args.image_size or kwargs.get("image_size")
-        channels = args.channels or kwargs.get("channels", 3)
+        model = construct(load_class(args.model), kwargs)
+        image_size = args.image_size or kwargs.get("image_size", kwargs.get("img_size"))
+        channels = args.channels or next((kwargs[k] for k in CHANNEL_KWARGS if k in kwargs), 3)
         if not isinstance(image_size, int):
             raise ExportError("--model needs a square --image-size (or an int image_size in --kwargs)")
         name = args.name or args.model.rpartition(":")[2].lower()
@@ -354,11 +419,18 @@ def run(args: argparse.Namespace) -> int:
     folder = export(model=model, name=name, out=args.out, image_size=image_size, channels=channels, mean=mean,
                     std=std, class_names=class_names, source=source, freeze=args.freeze,
                     optimizer=args.optimizer, opset=args.opset)
-    check = Manifest.load(folder).export_check
+    manifest = Manifest.load(folder)
+    check = manifest.export_check
     print(f"exported {name} to {folder} in {time.perf_counter() - started:.1f}s")
     print(f"  check vs PyTorch: logits max rel err {check['logits_max_rel_err']:.2e}; "
           f"loss ORT {check['loss_ort']:.6f} vs torch {check['loss_torch']:.6f}; "
           f"{check['parameters_checked']} gradients, max rel err {check['grad_max_rel_err']:.2e} ({check['worst_parameter']})")
+    if manifest.frozen_batchnorm:
+        print(f"  BatchNorm running statistics are frozen in training (as model.eval() keeps them): "
+              f"{', '.join(manifest.frozen_batchnorm)}")
+    if manifest.unplaced:
+        print(f"  {len(manifest.unplaced)} parameters have no block or sub-layer, e.g. {manifest.unplaced[0].name}: "
+              f"{manifest.unplaced[0].reason}")
     return 0
 
 

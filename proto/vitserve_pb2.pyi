@@ -129,7 +129,7 @@ class GradientSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., l2_norm: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_abs: _Optional[float] = ..., zero_fraction: _Optional[float] = ..., nonfinite_count: _Optional[int] = ..., param_norm: _Optional[float] = ..., update_ratio: _Optional[float] = ..., block: _Optional[int] = ..., sublayer: _Optional[str] = ...) -> None: ...
 
 class QkvGradient(_message.Message):
-    __slots__ = ("name", "block", "heads", "dim_head", "q_norm", "k_norm", "v_norm", "q_head_norms", "k_head_norms", "v_head_norms")
+    __slots__ = ("name", "block", "heads", "dim_head", "q_norm", "k_norm", "v_norm", "q_head_norms", "k_head_norms", "v_head_norms", "module", "weights", "biases", "q_bias_norm", "k_bias_norm", "v_bias_norm", "q_bias_head_norms", "k_bias_head_norms", "v_bias_head_norms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,15 @@ class QkvGradient(_message.Message):
     Q_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
     K_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
     V_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BIASES_FIELD_NUMBER: _ClassVar[int]
+    Q_BIAS_NORM_FIELD_NUMBER: _ClassVar[int]
+    K_BIAS_NORM_FIELD_NUMBER: _ClassVar[int]
+    V_BIAS_NORM_FIELD_NUMBER: _ClassVar[int]
+    Q_BIAS_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    K_BIAS_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    V_BIAS_HEAD_NORMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     block: int
     heads: int
@@ -150,7 +159,16 @@ class QkvGradient(_message.Message):
     q_head_norms: _containers.RepeatedScalarFieldContainer[float]
     k_head_norms: _containers.RepeatedScalarFieldContainer[float]
     v_head_norms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., heads: _Optional[int] = ..., dim_head: _Optional[int] = ..., q_norm: _Optional[float] = ..., k_norm: _Optional[float] = ..., v_norm: _Optional[float] = ..., q_head_norms: _Optional[_Iterable[float]] = ..., k_head_norms: _Optional[_Iterable[float]] = ..., v_head_norms: _Optional[_Iterable[float]] = ...) -> None: ...
+    module: str
+    weights: _containers.RepeatedScalarFieldContainer[str]
+    biases: _containers.RepeatedScalarFieldContainer[str]
+    q_bias_norm: float
+    k_bias_norm: float
+    v_bias_norm: float
+    q_bias_head_norms: _containers.RepeatedScalarFieldContainer[float]
+    k_bias_head_norms: _containers.RepeatedScalarFieldContainer[float]
+    v_bias_head_norms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., heads: _Optional[int] = ..., dim_head: _Optional[int] = ..., q_norm: _Optional[float] = ..., k_norm: _Optional[float] = ..., v_norm: _Optional[float] = ..., q_head_norms: _Optional[_Iterable[float]] = ..., k_head_norms: _Optional[_Iterable[float]] = ..., v_head_norms: _Optional[_Iterable[float]] = ..., module: _Optional[str] = ..., weights: _Optional[_Iterable[str]] = ..., biases: _Optional[_Iterable[str]] = ..., q_bias_norm: _Optional[float] = ..., k_bias_norm: _Optional[float] = ..., v_bias_norm: _Optional[float] = ..., q_bias_head_norms: _Optional[_Iterable[float]] = ..., k_bias_head_norms: _Optional[_Iterable[float]] = ..., v_bias_head_norms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("loss", "step", "learning_rate", "grad_norm", "gradients", "attention", "step_seconds", "applied", "skipped_reason", "accumulated_batches", "clip_coefficient")
@@ -394,8 +412,36 @@ class ParameterInfo(_message.Message):
     sublayer: str
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., trainable: _Optional[bool] = ..., block: _Optional[int] = ..., sublayer: _Optional[str] = ...) -> None: ...
 
+class AttentionModule(_message.Message):
+    __slots__ = ("name", "block", "heads", "dim_head", "weights", "biases", "module", "fused")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    DIM_HEAD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BIASES_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    FUSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    block: int
+    heads: int
+    dim_head: int
+    weights: _containers.RepeatedScalarFieldContainer[str]
+    biases: _containers.RepeatedScalarFieldContainer[str]
+    module: str
+    fused: bool
+    def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., heads: _Optional[int] = ..., dim_head: _Optional[int] = ..., weights: _Optional[_Iterable[str]] = ..., biases: _Optional[_Iterable[str]] = ..., module: _Optional[str] = ..., fused: _Optional[bool] = ...) -> None: ...
+
+class UnplacedParameter(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type", "model_version", "versions", "checkpoint_every_steps", "checkpoint_every_seconds", "publish_every_steps")
+    __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type", "model_version", "versions", "checkpoint_every_steps", "checkpoint_every_seconds", "publish_every_steps", "attention", "unplaced")
     class ExportVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +472,8 @@ class ModelInfo(_message.Message):
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PUBLISH_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    UNPLACED_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_json: str
     input_name: str
@@ -449,4 +497,6 @@ class ModelInfo(_message.Message):
     checkpoint_every_steps: int
     checkpoint_every_seconds: float
     publish_every_steps: int
-    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ..., model_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_every_seconds: _Optional[float] = ..., publish_every_steps: _Optional[int] = ...) -> None: ...
+    attention: _containers.RepeatedCompositeFieldContainer[AttentionModule]
+    unplaced: _containers.RepeatedCompositeFieldContainer[UnplacedParameter]
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ..., model_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_every_seconds: _Optional[float] = ..., publish_every_steps: _Optional[int] = ..., attention: _Optional[_Iterable[_Union[AttentionModule, _Mapping]]] = ..., unplaced: _Optional[_Iterable[_Union[UnplacedParameter, _Mapping]]] = ...) -> None: ...

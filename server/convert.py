@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from engine.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
 from engine.gradients import GradientSummary, QkvGradient
-from engine.manifest import Parameter, Preprocessing
+from engine.manifest import Parameter, Preprocessing, QkvLayout, Unplaced
 from engine.schedule import LinearSchedule
 from engine.store import CheckpointInfo, CheckpointList, ModelVersion
 from engine.training import EvalResult, OptimizerState, StepResult
@@ -34,6 +34,8 @@ RECORDS: dict[type, type[Message]] = {
     ModelVersion: pb.ModelVersion,
     Preprocessing: pb.Preprocessing,
     Parameter: pb.ParameterInfo,
+    QkvLayout: pb.AttentionModule,
+    Unplaced: pb.UnplacedParameter,
     GraphNode: pb.GraphNode,
     QkvPartGradient: pb.QkvPartGradient,
     ParameterGradientPath: pb.ParameterGradientPath,

@@ -21,7 +21,7 @@ from engine.errors import ConfigError, InvalidArgument, ResourceExhausted, Unava
 from engine.explain import Explanation, GradientExplainer
 from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine, top_k
-from engine.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter, Preprocessing
+from engine.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter, Preprocessing, QkvLayout, Unplaced
 from engine.runtime import providers_for, quiet_default_logger, session_options
 from engine.schedule import LinearSchedule
 from engine.store import CheckpointInfo, CheckpointList, CheckpointStore, ModelVersion, VersionStore
@@ -61,6 +61,8 @@ class ModelInfo:
     checkpoint_every_steps: int
     checkpoint_every_seconds: float
     publish_every_steps: int
+    attention: tuple[QkvLayout, ...]
+    unplaced: tuple[Unplaced, ...]
 
 
 @dataclass(frozen=True)
@@ -290,5 +292,5 @@ class DataPlane:
             max_batch_size=s.max_batch_size, export_versions=m.versions, loss_node=m.loss.name,
             loss_op_type=m.loss.op_type, model_version=self.model_version, versions=self.model_versions(),
             checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
-            publish_every_steps=s.publish_every_steps,
+            publish_every_steps=s.publish_every_steps, attention=m.attention, unplaced=m.unplaced,
         )

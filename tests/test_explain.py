@@ -13,7 +13,6 @@ from onnx import numpy_helper
 from model import export as exporter
 from engine.errors import FailedPrecondition, NotFound
 from engine.explain import GradientExplainer
-from model.layout import parameter_place
 from engine.manifest import TRAINING_MODEL, Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,19 +87,6 @@ def test_every_trainable_parameter_has_a_connected_path_from_the_loss(explained)
 def test_block_and_sublayer(explained, name, block, sublayer):
     entry = explained[0].explain(name).parameters[0]
     assert (entry.block, entry.sublayer) == (block, sublayer)
-
-
-@pytest.mark.parametrize("name, place", [  # vit-pytorch >= 1.x (no PreNorm) and names outside the layout
-    ("transformer.layers.5.0.to_qkv.weight", (5, "attention.qkv")),
-    ("transformer.layers.5.0.norm.weight", (5, "attention.norm")),
-    ("transformer.layers.5.0.to_out.0.weight", (5, "attention.out")),
-    ("transformer.layers.5.1.net.1.weight", (5, "feedforward")),
-    ("transformer.norm.weight", (-1, "other")),
-    ("mlp_head.weight", (-1, "head")),
-    ("something.else", (-1, "other")),
-])
-def test_parameter_place_of_other_layouts(name, place):
-    assert parameter_place(name) == place
 
 
 def test_distance_from_the_loss(explained):

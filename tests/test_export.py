@@ -27,7 +27,10 @@ def test_manifest_describes_every_artifact(exported):
     assert manifest["preprocessing"] == {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.5]}
     assert manifest["class_names"] == [str(i) for i in range(10)]
     assert [(p["name"], tuple(p["shape"])) for p in manifest["parameters"]] == [(n, tuple(t.shape)) for n, t in state.items()]
-    assert manifest["attention"][2] == {"name": "transformer.layers.2.0.fn.to_qkv.weight", "block": 2, "heads": 4, "dim_head": 16}
+    qkv2 = "transformer.layers.2.0.fn.to_qkv.weight"
+    assert manifest["attention"][2] == {"name": qkv2, "block": 2, "heads": 4, "dim_head": 16, "weights": [qkv2] * 3,
+                                        "biases": [], "module": "transformer.layers.2.0.fn"}
+    assert manifest["unplaced"] == []  # the seed's layout: every parameter has its block and sub-layer
     assert manifest["loss"]["op_type"] == "SoftmaxCrossEntropyLoss" and "logits" in manifest["loss"]["inputs"]
     assert manifest["opset"] == 16
     assert manifest["optimizer"] == {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}

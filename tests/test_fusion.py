@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model.export import export_onnx, load_class, qkv_layouts
+from model.export import export_onnx, load_class
+from model.layout import place
 from model.vit import ViTConfig, build
 from proto import vitserve_pb2 as pb
 from engine.fusion import fuse_attention, optimize_inference_model
@@ -35,8 +36,8 @@ def test_fused_logits_equal_unfused(make, channels, size):
     model = make().eval()
     example = torch.randn(2, channels, size, size)
     unfused = export_onnx(model, example, 16, training=False)
-    layouts = qkv_layouts(model)
-    fused, count = fuse_attention(unfused, [a["heads"] for a in layouts])
+    layouts = place(model, export_onnx(model, example, 16, training=True).graph, set()).attention
+    fused, count = fuse_attention(unfused, [a.heads for a in layouts])
     assert count == len(layouts) == ops(fused, "MultiHeadAttention")
     assert ops(fused, "Softmax") == 0 and len(fused.graph.node) < len(unfused.graph.node)
     x = np.random.default_rng(1).standard_normal((5, channels, size, size), dtype=np.float32)

@@ -47,7 +47,7 @@ def test_summary_statistics(grad, w):
 @given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31 - 1))
 def test_qkv_split_matches_hand_slicing(heads, dim_head, dim, seed):
     grad = np.random.default_rng(seed).standard_normal((3 * heads * dim_head, dim)).astype(np.float32)
-    q = qkv_breakdown(QkvLayout("blk.to_qkv.weight", 0, heads, dim_head), grad)
+    q = qkv_breakdown(QkvLayout("blk.to_qkv.weight", 0, heads, dim_head), {"blk.to_qkv.weight": grad})
     inner = heads * dim_head
     for part, (norm, per_head) in enumerate([(q.q_norm, q.q_head_norms), (q.k_norm, q.k_head_norms),
                                              (q.v_norm, q.v_head_norms)]):
