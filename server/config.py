@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict)
 from pydantic_settings.sources.utils import parse_env_vars
 
 from engine.errors import ConfigError
@@ -113,12 +114,12 @@ class Settings(BaseSettings):
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Defaults <- VITSERVE_<FIELD> variables of `environ` (os.environ when None) <- keyword overrides
         (None means 'not given'). A value that does not validate raises ConfigError naming its variable."""
-        from_environ = _EnvironSource(cls, os.environ if environ is None else environ)()
         given = {name: value for name, value in overrides.items() if value is not None}
+        sources = (InitSettingsSource(cls, init_kwargs=given), _EnvironSource(cls, os.environ if environ is None else environ))
         try:
-            return cls.model_validate({**from_environ, **given})
+            return cls(_build_sources=(sources, given))
         except ValidationError as e:
-            raise _config_error(e, from_environ) from None
+            raise _config_error(e, given) from None
 
 
 class _EnvironSource(EnvSettingsSource):
@@ -132,15 +133,16 @@ class _EnvironSource(EnvSettingsSource):
         return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
 
 
-def _config_error(error: ValidationError, from_environ: Mapping[str, Any]) -> ConfigError:
-    """One line for all that failed: `VITSERVE_PORT='x' is not a valid int` for a variable, `port=...` for an override."""
+def _config_error(error: ValidationError, given: Mapping[str, Any]) -> ConfigError:
+    """One line for all that failed: `VITSERVE_PORT='x' is not a valid int` for a variable, `port='x' ...` for an
+    override (a name in `given`)."""
     problems = []
     for e in error.errors():
         name = str(e["loc"][0]) if e["loc"] else ""
         if name not in Settings.model_fields:
             problems.append(f"{name!r} is not a setting")
             continue
-        where = f"{env_var(name)}={e['input']!r}" if name in from_environ else f"{name}={e['input']!r}"
+        where = f"{name}={e['input']!r}" if name in given else f"{env_var(name)}={e['input']!r}"
         if e["type"].endswith(("_parsing", "_type", "_from_float")):
             problems.append(f"{where} is not a valid {type_name(name)}")
         else:
