@@ -105,8 +105,10 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Keyword arguments, then environment variables: no .env file and no secrets directory."""
         return init_settings, env_settings
 
@@ -115,7 +117,8 @@ class Settings(BaseSettings):
         """Defaults <- VITSERVE_<FIELD> variables of `environ` (os.environ when None) <- keyword overrides
         (None means 'not given'). A value that does not validate raises ConfigError naming its variable."""
         given = {name: value for name, value in overrides.items() if value is not None}
-        sources = (InitSettingsSource(cls, init_kwargs=given), _EnvironSource(cls, os.environ if environ is None else environ))
+        environ = os.environ if environ is None else environ
+        sources = (InitSettingsSource(cls, init_kwargs=given), _EnvironSource(cls, environ))  # first one wins
         try:
             return cls(_build_sources=(sources, given))
         except ValidationError as e:

@@ -35,7 +35,8 @@ def settings_from(argv: list[str], environ: dict[str, str]) -> Settings:
 
 def test_docs_match_the_code():
     assert DOCS.is_file(), f"docs/settings.md is missing; write it with {REGENERATE}"
-    assert DOCS.read_text() == render_markdown(), f"docs/settings.md is out of date with server/config.py; run {REGENERATE}"
+    assert DOCS.read_text() == render_markdown(), \
+        f"docs/settings.md is out of date with server/config.py; run {REGENERATE}"
 
 
 def test_docs_have_one_row_per_setting():
@@ -128,7 +129,8 @@ def test_every_bad_value_is_named_on_one_line():
         Settings.from_env({"VITSERVE_PORT": "x", "VITSERVE_LOG_JSON": "perhaps"})
     message = str(e.value)
     assert "\n" not in message
-    assert "VITSERVE_PORT='x' is not a valid int" in message and "VITSERVE_LOG_JSON='perhaps' is not a valid bool" in message
+    assert "VITSERVE_PORT='x' is not a valid int" in message
+    assert "VITSERVE_LOG_JSON='perhaps' is not a valid bool" in message
 
 
 def test_a_bad_override_and_an_unknown_one_are_config_errors():
