@@ -10,7 +10,7 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export export-triton serve demo test bench loadtest fuzz proto clean help
+.PHONY: install export export-triton serve demo test bench loadtest fuzz proto docs clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
@@ -20,6 +20,7 @@ help:
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
 	@echo "make bench    benchmark vs PyTorch eager and raw ONNX Runtime (BENCH_FLAGS=--quick: ~2 min)"
 	@echo "make proto    regenerate the stubs proto/*_pb2*.py from proto/vitserve.proto and proto/open_inference.proto"
+	@echo "make docs     regenerate docs/settings.md (the settings table) from server/config.py"
 
 # The virtual environment, rebuilt when a requirements file changes.
 $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt pyproject.toml
@@ -76,6 +77,11 @@ bench: install
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/vitserve.proto
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. proto/open_inference.proto
+
+# docs/settings.md is generated from the Settings fields; tests/test_settings.py fails when it is stale.
+docs: install
+	$(BIN)/python -m server.config --markdown > docs/settings.md.tmp
+	mv docs/settings.md.tmp docs/settings.md
 
 clean:
 	rm -rf $(OUT) .pytest_cache

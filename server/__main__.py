@@ -11,7 +11,7 @@ import threading
 from engine.errors import ConfigError
 from server.app import create_server
 from server.auth import Security
-from server.config import FIELD_DOCS, SECRET_FIELDS, Settings
+from server.config import SECRET_FIELDS, Settings, env_var, flag, format_default
 from server.dataplane import DataPlane
 from server.observability import setup_logging
 
@@ -24,19 +24,25 @@ def program_name(module_form: str) -> str:
     return module_form if name in ("__main__.py", "-c", "") else name
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error: ...` line (exit 2), like every other start-up error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog=program_name("python -m server"), description=__doc__,
-                                allow_abbrev=False)  # no --read-token for --read-token-file
-    defaults = Settings()
-    for name, doc in FIELD_DOCS.items():
+    """The flags, one per Settings field; a flag not given is None (the environment or the default applies)."""
+    p = _Parser(prog=program_name("python -m server"), description=__doc__,
+                allow_abbrev=False)  # no --read-token for --read-token-file
+    for name, field in Settings.model_fields.items():
         if name in SECRET_FIELDS:  # secrets never go on the command line (ps, shell history): env or *_file only
             continue
-        default = getattr(defaults, name)
-        flag, help_ = f"--{name.replace('_', '-')}", f"{doc} (env VITSERVE_{name.upper()}; default {default})"
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        help_ = f"{field.description} (env {env_var(name)}; default {format_default(name)})".replace("%", "%%")
+        if field.annotation is bool:
+            p.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            p.add_argument(flag, type=type(default), default=None, help=help_)
+            p.add_argument(flag(name), type=field.annotation, default=None, help=help_)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on SIGTERM")
     return vars(p.parse_args(argv))
 

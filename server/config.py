@@ -1,150 +1,244 @@
 """Server settings: defaults, overridden by VITSERVE_* environment variables, then by flags.
 
-Each field's docstring is its documentation (`python -m server --help` shows them).
+`Settings` is a pydantic-settings model: one typed field per setting, whose description is its
+documentation. The command-line flags of `python -m server` and the table in docs/settings.md are
+generated from these fields (`python -m server.config --markdown` prints that table;
+tests/test_settings.py fails when the committed file drifts from it).
+
+Importing this module is cheap: it never imports torch, model/ or ONNX Runtime.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from engine.errors import ConfigError
 
 ENV_PREFIX = "VITSERVE_"
-SECRET_FIELDS = frozenset({"read_token", "write_token"})
+
+
+def _default_max_batch_size() -> int:
+    """engine.inference's DEFAULT_MAX_BATCH_SIZE, read when a Settings is built: that module imports ONNX
+    Runtime, which importing this one must not."""
+    from engine.inference import DEFAULT_MAX_BATCH_SIZE
+
+    return DEFAULT_MAX_BATCH_SIZE
+
+
+class Settings(BaseSettings):
+    """Defaults <- VITSERVE_<FIELD> environment variables <- keyword arguments (the flags).
+
+    `Settings(**values)` reads os.environ like any BaseSettings; `Settings.from_env(environ, **overrides)`
+    reads the mapping it is given (`{}`: no environment at all) and raises ConfigError on a bad value.
+    Fields with repr=False hold secrets: environment only (no flag), never in repr or logs.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    artifacts: Path = Field(Path("artifacts/digits"), description=(
+        "Folder written by `make export` (manifest.json, inference.onnx, training artifacts)."))
+    host: str = Field("127.0.0.1", description=(
+        "Address to bind. Loopback by default; 0.0.0.0 to listen on every interface."))
+    port: int = Field(50051, description="TCP port; 0 picks a free one (tests use this).")
+    device: str = Field("cpu", description=(
+        "Execution device: 'cpu', 'cuda' or 'cuda:N'. CUDA that is not available is a startup error."))
+    data_dir: Path = Field(Path("data"), description=(
+        "Where checkpoints and published model versions live (one subfolder per model). A restart resumes from it."))
+    checkpoint_every_steps: int = Field(0, description=(
+        "Write an automatic checkpoint every N applied train steps (0: off)."))
+    checkpoint_every_seconds: float = Field(0.0, description=(
+        "Write an automatic checkpoint every T seconds when training moved on (0: off)."))
+    keep_checkpoints: int = Field(5, description=(
+        "Automatic (and shutdown) checkpoints to keep; manual ones are never deleted."))
+    publish_every_steps: int = Field(0, description=(
+        "Publish the training weights to Predict every N applied train steps (0: off)."))
+    learning_rate: float = Field(1e-3, description="Initial learning rate of the optimizer.")
+    max_batch_size: int = Field(default_factory=_default_max_batch_size, description=(
+        "Largest batch one Predict or TrainStep request may carry."))
+    dynamic_batching: bool = Field(True, description=(
+        "Coalesce concurrent Predict calls into one ONNX Runtime run (each caller gets its own rows)."))
+    max_dynamic_batch: int = Field(64, description=(
+        "Most images in one dynamically batched run; a larger request runs on its own."))
+    max_batch_delay_ms: float = Field(0.0, description=(
+        "How long the batcher waits for more requests after the first one (0: only what is already queued)."))
+    max_queued_train_steps: int = Field(8, description=(
+        "Training calls allowed to wait for the one running; more get RESOURCE_EXHAUSTED."))
+    max_message_mb: int = Field(64, description="Largest gRPC message, in MiB, either way.")
+    workers: int = Field(32, description=(
+        "gRPC worker threads: calls in flight at once (Predict calls waiting in the dynamic batcher count)."))
+    intra_op_threads: int = Field(0, description=(
+        "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime use every core."))
+    log_level: str = Field("INFO", description="Python logging level.")
+    log_json: bool = Field(False, description=(
+        "Write every log line as one JSON object (for log collectors) instead of plain text."))
+    metrics_port: int = Field(8002, description=(
+        "HTTP port of the Prometheus endpoint (/metrics) on the same host as gRPC; 0 picks a free one, "
+        "-1 turns it off."))
+    tls_cert: str = Field("", description=(
+        "PEM file with the server's TLS certificate (chain); with tls_key it turns TLS on ('' = plaintext)."))
+    tls_key: str = Field("", description="PEM file with the private key of tls_cert.")
+    tls_client_ca: str = Field("", description=(
+        "PEM file with the CA(s) that sign client certificates: mutual TLS, a client without a valid one is refused."))
+    read_token_file: str = Field("", description=(
+        "File holding the read bearer token (Predict, info, listing); any token turns authentication on."))
+    write_token_file: str = Field("", description=(
+        "File holding the write bearer token (training, optimizer, checkpoints, publish; it also grants read)."))
+    read_token: str = Field("", repr=False, description=(
+        "The read bearer token itself: environment (VITSERVE_READ_TOKEN) only, never a flag."))
+    write_token: str = Field("", repr=False, description=(
+        "The write bearer token itself: environment (VITSERVE_WRITE_TOKEN) only, never a flag."))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strip_bool_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """' true ' is true, as it was before pydantic (which strips numbers but not booleans)."""
+        if isinstance(value, str) and cls.model_fields[info.field_name].annotation is bool:
+            return value.strip()
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then environment variables: no .env file and no secrets directory."""
+        return init_settings, env_settings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults <- VITSERVE_<FIELD> variables of `environ` (os.environ when None) <- keyword overrides
+        (None means 'not given'). A value that does not validate raises ConfigError naming its variable."""
+        given = {name: value for name, value in overrides.items() if value is not None}
+        environ = os.environ if environ is None else environ
+        sources = (InitSettingsSource(cls, init_kwargs=given), _EnvironSource(cls, environ))  # first one wins
+        try:
+            return cls(_build_sources=(sources, given))
+        except ValidationError as e:
+            raise _config_error(e, given) from None
+
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, case, parsing) over a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def _config_error(error: ValidationError, given: Mapping[str, Any]) -> ConfigError:
+    """One line for all that failed: `VITSERVE_PORT='x' is not a valid int` for a variable, `port='x' ...` for an
+    override (a name in `given`)."""
+    problems = []
+    for e in error.errors():
+        name = str(e["loc"][0]) if e["loc"] else ""
+        if name not in Settings.model_fields:
+            problems.append(f"{name!r} is not a setting")
+            continue
+        where = f"{name}={e['input']!r}" if name in given else f"{env_var(name)}={e['input']!r}"
+        if e["type"].endswith(("_parsing", "_type", "_from_float")):
+            problems.append(f"{where} is not a valid {type_name(name)}")
+        else:
+            problems.append(f"{where}: {e['msg']}")
+    return ConfigError("; ".join(problems))
+
+
+# `dataclasses.fields(Settings)` and `dataclasses.asdict(settings)` keep working as they did when Settings
+# was a dataclass (bench/ and tests/test_k8s.py list the settings that way): a dataclass with the same
+# fields lends Settings its field records.
+Settings.__dataclass_fields__ = dataclasses.make_dataclass("Settings", [
+    (name, f.annotation, dataclasses.field(default_factory=f.default_factory, repr=f.repr) if f.default_factory
+     else dataclasses.field(default=f.default, repr=f.repr))
+    for name, f in Settings.model_fields.items()]).__dataclass_fields__
+
+SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if not f.repr)
 """Settings that hold secrets: environment only (no command-line flag), never in repr or logs."""
 
 
-@dataclass
-class Settings:
-    artifacts: Path = Path("artifacts/digits")
-    """Folder written by `make export` (manifest.json, inference.onnx, training artifacts)."""
+# ---------------------------------------------------------------- what flags and docs are made of
 
-    host: str = "127.0.0.1"
-    """Address to bind. Loopback by default; 0.0.0.0 to listen on every interface."""
-
-    port: int = 50051
-    """TCP port; 0 picks a free one (tests use this)."""
-
-    device: str = "cpu"
-    """Execution device: 'cpu', 'cuda' or 'cuda:N'. CUDA that is not available is a startup error."""
-
-    data_dir: Path = Path("data")
-    """Where checkpoints and published model versions live (one subfolder per model). A restart resumes from it."""
-
-    checkpoint_every_steps: int = 0
-    """Write an automatic checkpoint every N applied train steps (0: off)."""
-
-    checkpoint_every_seconds: float = 0.0
-    """Write an automatic checkpoint every T seconds when training moved on (0: off)."""
-
-    keep_checkpoints: int = 5
-    """Automatic (and shutdown) checkpoints to keep; manual ones are never deleted."""
-
-    publish_every_steps: int = 0
-    """Publish the training weights to Predict every N applied train steps (0: off)."""
-
-    learning_rate: float = 1e-3
-    """Initial learning rate of the optimizer."""
-
-    max_batch_size: int = 256
-    """Largest batch one Predict or TrainStep request may carry."""
-
-    dynamic_batching: bool = True
-    """Coalesce concurrent Predict calls into one ONNX Runtime run (each caller gets its own rows)."""
-
-    max_dynamic_batch: int = 64
-    """Most images in one dynamically batched run; a larger request runs on its own."""
-
-    max_batch_delay_ms: float = 0.0
-    """How long the batcher waits for more requests after the first one (0: only what is already queued)."""
-
-    max_queued_train_steps: int = 8
-    """Training calls allowed to wait for the one running; more get RESOURCE_EXHAUSTED."""
-
-    max_message_mb: int = 64
-    """Largest gRPC message, in MiB, either way."""
-
-    workers: int = 32
-    """gRPC worker threads: calls in flight at once (Predict calls waiting in the dynamic batcher count)."""
-
-    intra_op_threads: int = 0
-    """ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime use every core."""
-
-    log_level: str = "INFO"
-    """Python logging level."""
-
-    log_json: bool = False
-    """Write every log line as one JSON object (for log collectors) instead of plain text."""
-
-    metrics_port: int = 8002
-    """HTTP port of the Prometheus endpoint (/metrics) on the same host as gRPC; 0 picks a free one, -1 turns it off."""
-
-    tls_cert: str = ""
-    """PEM file with the server's TLS certificate (chain); with tls_key it turns TLS on ('' = plaintext)."""
-
-    tls_key: str = ""
-    """PEM file with the private key of tls_cert."""
-
-    tls_client_ca: str = ""
-    """PEM file with the CA(s) that sign client certificates: mutual TLS, a client without a valid one is refused."""
-
-    read_token_file: str = ""
-    """File holding the read bearer token (Predict, info, listing); any token turns authentication on."""
-
-    write_token_file: str = ""
-    """File holding the write bearer token (training, optimizer, checkpoints, publish; it also grants read)."""
-
-    read_token: str = field(default="", repr=False)
-    """The read bearer token itself: environment (VITSERVE_READ_TOKEN) only, never a flag."""
-
-    write_token: str = field(default="", repr=False)
-    """The write bearer token itself: environment (VITSERVE_WRITE_TOKEN) only, never a flag."""
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
-        """Defaults <- VITSERVE_<FIELD> variables <- keyword overrides (None means 'not given')."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _parse(f, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
-        settings.artifacts = Path(settings.artifacts)
-        return settings
-
-def parse_bool(raw: str) -> bool:
-    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-             "off": False}.get(raw.strip().lower())
-    if value is None:
-        raise ValueError(raw)
-    return value
+def env_var(name: str) -> str:
+    """The environment variable of a setting: port -> VITSERVE_PORT."""
+    return ENV_PREFIX + name.upper()
 
 
-def _parse(f: dataclasses.Field, raw: str):
-    kind = {"int": int, "float": float, "Path": Path, "bool": parse_bool}.get(str(f.type), str)
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {str(f.type)}") from None
+def flag(name: str) -> str:
+    """The command-line flag of a setting: data_dir -> --data-dir."""
+    return "--" + name.replace("_", "-")
 
 
-def _read_field_docs() -> dict[str, str]:
-    """Attribute docstrings of Settings, read from this file's source (no exec, no eval)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(Settings))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
-    return docs
+def type_name(name: str) -> str:
+    """The type of a setting as the docs and error messages name it: Path, int, float, bool or str."""
+    return Settings.model_fields[name].annotation.__name__
 
 
-FIELD_DOCS = _read_field_docs()
+def default_of(name: str) -> Any:
+    """The default of a setting, with no environment (a default factory is called)."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)
+
+
+def format_default(name: str) -> str:
+    """A default as one would write it in the environment: true/false, "" for an empty string."""
+    value = default_of(name)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def render_markdown() -> str:
+    """docs/settings.md: a header, then one table row per setting (flag, variable, type, default, description)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = []
+    for name, f in Settings.model_fields.items():
+        if name in SECRET_FIELDS:
+            flags = "(environment only)"
+        elif f.annotation is bool:
+            flags = f"`{flag(name)}`, `--no-{flag(name)[2:]}`"
+        else:
+            flags = f"`{flag(name)}`"
+        rows.append(f"| `{name}` | {flags} | `{env_var(name)}` | {type_name(name)} | `{format_default(name)}` "
+                    f"| {cell(f.description or '')} |")
+    return "\n".join([
+        "# Server settings",
+        "",
+        "<!-- Generated from server/config.py: do not edit. Regenerate with `make docs`",
+        "     (or `python -m server.config --markdown > docs/settings.md`). -->",
+        "",
+        "Every setting has a default, which its environment variable overrides, which its flag of",
+        "`python -m server` (or `vitserve-server`) overrides. Variable names are matched without regard to case;",
+        "booleans accept true/false, 1/0, yes/no and on/off. Secrets have no flag: set them in the environment,",
+        "or give the server a file with the `*_file` setting. `--grace` is a flag only: how long in-flight calls",
+        "may run on after SIGTERM.",
+        "",
+        "| Setting | Flag | Environment variable | Type | Default | Description |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m server.config", description="Print the server's settings.")
+    p.add_argument("--markdown", action="store_true", required=True,
+                   help="the settings table of docs/settings.md, as Markdown")
+    p.parse_args(argv)
+    print(render_markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
