@@ -13,7 +13,6 @@ pair by pair.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -279,7 +278,7 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
     settings = served.settings
     served_note = (f"server defaults: dynamic batching {'on' if settings.dynamic_batching else 'off'}, "
                    f"delay {settings.max_batch_delay_ms} ms")
-    ctx.info["server_settings"] = {k: str(v) for k, v in dataclasses.asdict(settings).items()
+    ctx.info["server_settings"] = {k: str(v) for k, v in settings.model_dump().items()
                                    if k not in ("artifacts", "data_dir", "port")}
     rows = []
     try:

@@ -14,3 +14,5 @@ it does where torch is not installed; setdefault never undoes a real import.
 import sys
 
 sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+
+DEFAULT_MAX_BATCH_SIZE = 256  # the largest batch one request may carry unless the server is told otherwise

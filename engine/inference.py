@@ -4,8 +4,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-DEFAULT_MAX_BATCH_SIZE = 256  # the largest batch one request may carry, unless the server is told otherwise
-
 
 class InferenceEngine:
     def __init__(self, model_path, input_name: str, output_name: str, providers: list, options: ort.SessionOptions):

@@ -32,7 +32,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from engine.errors import ConfigError
-from engine.inference import DEFAULT_MAX_BATCH_SIZE
+from engine import DEFAULT_MAX_BATCH_SIZE
 from engine.manifest import INFERENCE_MODEL, Manifest, sha256
 from engine.store import NAME, AtomicDirs
 

@@ -9,7 +9,6 @@ Importing this module is cheap: it never imports torch, model/ or ONNX Runtime.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,17 +18,10 @@ from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSour
                                SettingsConfigDict)
 from pydantic_settings.sources.utils import parse_env_vars
 
+from engine import DEFAULT_MAX_BATCH_SIZE
 from engine.errors import ConfigError
 
 ENV_PREFIX = "VITSERVE_"
-
-
-def _default_max_batch_size() -> int:
-    """engine.inference's DEFAULT_MAX_BATCH_SIZE, read when a Settings is built: that module imports ONNX
-    Runtime, which importing this one must not."""
-    from engine.inference import DEFAULT_MAX_BATCH_SIZE
-
-    return DEFAULT_MAX_BATCH_SIZE
 
 
 class Settings(BaseSettings):
@@ -60,7 +52,7 @@ class Settings(BaseSettings):
     publish_every_steps: int = Field(0, description=(
         "Publish the training weights to Predict every N applied train steps (0: off)."))
     learning_rate: float = Field(1e-3, description="Initial learning rate of the optimizer.")
-    max_batch_size: int = Field(default_factory=_default_max_batch_size, description=(
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, description=(
         "Largest batch one Predict or TrainStep request may carry."))
     dynamic_batching: bool = Field(True, description=(
         "Coalesce concurrent Predict calls into one ONNX Runtime run (each caller gets its own rows)."))
@@ -152,14 +144,6 @@ def _config_error(error: ValidationError, given: Mapping[str, Any]) -> ConfigErr
             problems.append(f"{where}: {e['msg']}")
     return ConfigError("; ".join(problems))
 
-
-# `dataclasses.fields(Settings)` and `dataclasses.asdict(settings)` keep working as they did when Settings
-# was a dataclass (bench/ and tests/test_k8s.py list the settings that way): a dataclass with the same
-# fields lends Settings its field records.
-Settings.__dataclass_fields__ = dataclasses.make_dataclass("Settings", [
-    (name, f.annotation, dataclasses.field(default_factory=f.default_factory, repr=f.repr) if f.default_factory
-     else dataclasses.field(default=f.default, repr=f.repr))
-    for name, f in Settings.model_fields.items()]).__dataclass_fields__
 
 SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if not f.repr)
 """Settings that hold secrets: environment only (no command-line flag), never in repr or logs."""

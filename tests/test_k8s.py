@@ -6,7 +6,6 @@ VITSERVE_* variables), server/__main__.py (the drain grace), the Dockerfile (USE
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def test_every_manifest_has_a_header_with_the_apply_command(name):
 
 
 def test_env_vars_are_settings_fields_with_the_decided_values(env, settings):
-    fields = {ENV_PREFIX + f.name.upper(): f.name for f in dataclasses.fields(Settings)}
+    fields = {ENV_PREFIX + name.upper(): name for name in Settings.model_fields}
     unknown = sorted(set(env) - set(fields))
     assert not unknown, f"not Settings fields: {unknown}"
     assert set(env) == {"VITSERVE_HOST", "VITSERVE_PORT", "VITSERVE_METRICS_PORT", "VITSERVE_DATA_DIR",

@@ -6,7 +6,6 @@ ConfigError naming the variable; flags override the environment, which overrides
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -66,7 +65,7 @@ def test_every_field_has_a_description():
 
 
 def test_fields_have_real_types_and_the_engine_default():
-    from engine.inference import DEFAULT_MAX_BATCH_SIZE
+    from engine import DEFAULT_MAX_BATCH_SIZE
 
     types = {name: f.annotation for name, f in Settings.model_fields.items()}
     assert set(types.values()) <= {Path, int, float, bool, str}, types
@@ -82,13 +81,6 @@ def test_importing_the_settings_loads_neither_torch_nor_onnx_runtime():
                             capture_output=True, text=True, timeout=CALL_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
-
-
-def test_dataclass_view_lists_the_same_fields():
-    """dataclasses.fields(Settings) and dataclasses.asdict(settings) still work (bench/ and test_k8s use them)."""
-    assert [f.name for f in dataclasses.fields(Settings)] == list(Settings.model_fields)
-    settings = Settings.from_env({}, port=7)
-    assert dataclasses.asdict(settings) == settings.model_dump()
 
 
 # ---------------------------------------------------------------- the environment
