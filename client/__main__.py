@@ -24,8 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from client.cli import UsageError, build_parser, load_batch, parse_schedule
 from client.client import (

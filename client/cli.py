@@ -96,15 +96,14 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_batch(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The (images, labels) batch named by --images/--labels or --npz."""
+    """The (images, labels) batch named by --images/--labels or --npz. Whether the labels fit the images is
+    the server's to say (INVALID_ARGUMENT naming the shapes)."""
     if args.npz:
         if args.labels:
             raise UsageError("--labels goes with --images; an --npz holds its own labels")
         return load_npz(args.npz)
     if not args.labels:
         raise UsageError("--images needs --labels, one class index per image")
-    if len(args.labels) != len(args.images):
-        raise UsageError(f"got {len(args.images)} image(s) but {len(args.labels)} label(s)")
     return [Path(f) for f in args.images], args.labels
 
 

@@ -150,8 +150,8 @@ def print_info(info: ModelInfo) -> None:
         ("model", info.name),
         ("device", f"{info.device} ({', '.join(info.execution_providers) or 'no providers'})"),
         ("input", f"{info.input_name} {list(info.input_shape)} {info.input_dtype}"),
-        ("preprocessing", f"{pre['height']}x{pre['width']}, {pre['channels']} channel(s), "
-                          f"mean {pre['mean']}, std {pre['std']}"),
+        ("preprocessing", (f"{pre['height']}x{pre['width']}, {pre['channels']} channel(s), "
+                           f"mean {pre['mean']}, std {pre['std']}")),
         ("classes", f"{info.num_classes} ({names})"),
         ("parameters", f"{len(info.parameters)} tensors, {total:,} elements"),
         ("trainable", f"{len(trainable)} tensors, {n_trainable:,} elements"),
