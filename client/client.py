@@ -3,39 +3,41 @@
 `ViTClient` wraps the VitServe stub: it turns numpy arrays and image files into
 requests, turns responses into plain dataclasses, and turns every gRPC failure
 into a `ClientError` carrying the status code name and the server's message.
+
+Each dataclass is the client's schema of one proto message (MESSAGES) and is
+built from it by one generic converter, `from_proto`: fields are read by name,
+nested messages become the nested dataclasses of the type hints, repeated fields
+the hint's list or tuple, enums their names where the hint is `str`, a Tensor a
+numpy array. The few fields whose client shape differs say so in `field(metadata=wire(...))`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, TypeVar, Union
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import vitserve_pb2, vitserve_pb2_grpc
+from proto.tensors import DTYPES, dtype_name, enum_of
 
 DEFAULT_ADDRESS = "localhost:50051"
 SERVICE = vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].full_name  # for health checks
 
-# DataType enum <-> little-endian numpy dtype.
-_DTYPES: dict[int, np.dtype] = {
-    vitserve_pb2.FLOAT32: np.dtype("<f4"),
-    vitserve_pb2.FLOAT64: np.dtype("<f8"),
-    vitserve_pb2.FLOAT16: np.dtype("<f2"),
-    vitserve_pb2.INT64: np.dtype("<i8"),
-    vitserve_pb2.INT32: np.dtype("<i4"),
-    vitserve_pb2.UINT8: np.dtype("u1"),
-}
-
 ImageFile = Union[str, os.PathLike, bytes, bytearray, memoryview]
 ImagesArg = Union[np.ndarray, ImageFile, Sequence[ImageFile]]
+T = TypeVar("T")
 
 
 class ClientError(Exception):
@@ -50,24 +52,50 @@ class ClientError(Exception):
 def tensor_to_proto(array: np.ndarray) -> vitserve_pb2.Tensor:
     """Encode an array as a Tensor in its own dtype (raw little-endian, C order)."""
     array = np.asarray(array)
-    for enum, dtype in _DTYPES.items():
-        if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
-            data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-            return vitserve_pb2.Tensor(dtype=enum, shape=array.shape, data=data)
-    supported = ", ".join(str(d.newbyteorder("=")) for d in _DTYPES.values())
-    raise ValueError(f"unsupported tensor dtype {array.dtype}; supported: {supported}")
+    enum = enum_of(array.dtype)
+    if enum is None:
+        supported = ", ".join(str(d.newbyteorder("=")) for d in DTYPES.values())
+        raise ValueError(f"unsupported tensor dtype {array.dtype}; supported: {supported}")
+    data = np.ascontiguousarray(array, dtype=DTYPES[enum]).tobytes()
+    return vitserve_pb2.Tensor(dtype=enum, shape=array.shape, data=data)
 
 
 def tensor_from_proto(tensor: vitserve_pb2.Tensor) -> np.ndarray:
     """Decode a Tensor into a (writable, native byte order) numpy array."""
-    if tensor.dtype not in _DTYPES:
-        raise ValueError(f"tensor has unsupported dtype {tensor.dtype}")
-    dtype = _DTYPES[tensor.dtype]
+    if tensor.dtype not in DTYPES:
+        raise ValueError(f"tensor has unsupported dtype {dtype_name(tensor.dtype)}")
+    dtype = DTYPES[tensor.dtype]
     shape = tuple(tensor.shape)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(tensor.data) != expected:
         raise ValueError(f"tensor of shape {list(shape)} needs {expected} bytes, got {len(tensor.data)}")
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def wire(name: str | None = None, *, convert: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """The metadata of a dataclass field whose client shape differs from its proto field (use as
+    `field(metadata=wire(...))`): read from proto field `name` (default: the field's own name) and passed
+    through `convert` instead of the generic conversion."""
+    return {"wire": name, "convert": convert}
+
+
+def wire_name(f: dataclasses.Field) -> str:
+    """The proto field a dataclass field is read from."""
+    return f.metadata.get("wire") or f.name
+
+
+def _short_floats(values: Sequence[float]) -> list[float]:
+    """float32 proto values as the short decimals they were written as (0.485, not 0.48500001)."""
+    return [float(f"{v:.7g}") for v in values]
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    return json.loads(text) if text else {}
+
+
+def _top_classes(predictions: Sequence[vitserve_pb2.Prediction]) -> list[list[tuple[int, str, float]]]:
+    """Per image, its (index, label, probability) ClassScores, best first."""
+    return [[(s.index, s.label, s.probability) for s in p.top] for p in predictions]
 
 
 def _jsonable(value: Any) -> Any:
@@ -98,9 +126,30 @@ class ModelVersion(_AsDict):
 
 
 @dataclass
-class ModelInfo(_AsDict):
+class Preprocessing(_AsDict):
+    """The schema of ModelInfo.preprocessing (a dict): resize to height x width, then (pixel / 255 - mean) / std."""
+    height: int
+    width: int
+    channels: int
+    mean: list[float] = field(metadata=wire(convert=_short_floats))
+    std: list[float] = field(metadata=wire(convert=_short_floats))
+
+
+@dataclass
+class ParameterInfo(_AsDict):
+    """The schema of each ModelInfo.parameters entry (a dict): block -1 is outside the transformer blocks."""
     name: str
-    config: dict[str, Any]
+    shape: tuple[int, ...]
+    trainable: bool
+    block: int
+    sublayer: str
+
+
+@dataclass
+class ModelInfo(_AsDict):
+    """GetModelInfo: the served model, how to feed it and its training state."""
+    name: str
+    config: dict[str, Any] = field(metadata=wire("config_json", convert=_json_object))
     input_name: str
     input_shape: tuple[int, ...]
     input_dtype: str
@@ -130,13 +179,16 @@ class ModelInfo(_AsDict):
 
 @dataclass
 class PredictResult(_AsDict):
-    predictions: list[list[tuple[int, str, float]]]
+    """Predict: per image its top-k (index, label, probability), best first; the logits when asked for."""
+    predictions: list[list[tuple[int, str, float]]] = field(metadata=wire(convert=_top_classes))
     logits: np.ndarray | None = None
     model_version: int = 0
 
 
 @dataclass
 class GradientSummary(_AsDict):
+    """One trainable parameter's gradient in one step; block and sublayer place the parameter (-1: outside
+    the transformer blocks)."""
     name: str
     shape: tuple[int, ...]
     l2_norm: float
@@ -149,10 +201,13 @@ class GradientSummary(_AsDict):
     nonfinite_count: int
     param_norm: float
     update_ratio: float
+    block: int = -1
+    sublayer: str = "other"
 
 
 @dataclass
 class QkvGradient(_AsDict):
+    """The gradient of one fused qkv projection split into q, k and v, and each of them head by head."""
     name: str
     block: int
     heads: int
@@ -167,6 +222,7 @@ class QkvGradient(_AsDict):
 
 @dataclass
 class TrainStepResult(_AsDict):
+    """TrainStep: the loss, the update and, unless omitted, every trainable parameter's gradient summary."""
     loss: float
     step: int
     learning_rate: float
@@ -209,8 +265,7 @@ class LinearSchedule(_AsDict):
     end_lr: float = 0.0
 
     def to_proto(self) -> vitserve_pb2.LinearSchedule:
-        return vitserve_pb2.LinearSchedule(peak_lr=self.peak_lr, warmup_steps=self.warmup_steps,
-                                           decay_steps=self.decay_steps, end_lr=self.end_lr)
+        return vitserve_pb2.LinearSchedule(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -300,73 +355,82 @@ class Explanation(_AsDict):
         raise KeyError(name)
 
 
-def _f32(x: float) -> float:
-    """A float32 proto value as the short decimal it was written as (0.485, not 0.48500001)."""
-    return float(f"{x:.7g}")
+MESSAGES: dict[type, type[Message]] = {
+    ModelVersion: vitserve_pb2.ModelVersion,
+    Preprocessing: vitserve_pb2.Preprocessing,
+    ParameterInfo: vitserve_pb2.ParameterInfo,
+    ModelInfo: vitserve_pb2.ModelInfo,
+    PredictResult: vitserve_pb2.PredictResponse,
+    GradientSummary: vitserve_pb2.GradientSummary,
+    QkvGradient: vitserve_pb2.QkvGradient,
+    TrainStepResult: vitserve_pb2.TrainStepResponse,
+    EvalResult: vitserve_pb2.EvalStepResponse,
+    LinearSchedule: vitserve_pb2.LinearSchedule,
+    OptimizerState: vitserve_pb2.OptimizerState,
+    CheckpointInfo: vitserve_pb2.CheckpointInfo,
+    CheckpointList: vitserve_pb2.ListCheckpointsResponse,
+    GraphNode: vitserve_pb2.GraphNode,
+    QkvPartGradient: vitserve_pb2.QkvPartGradient,
+    ParameterGradientPath: vitserve_pb2.ParameterGradientPath,
+    Explanation: vitserve_pb2.ExplainGradientsResponse,
+}
+"""Client dataclass -> the proto message it is built from (tests/test_client_schema.py checks them field by field)."""
+
+_SCHEMAS = {message.DESCRIPTOR: cls for cls, message in MESSAGES.items()}  # message -> dataclass
 
 
-def _model_info_from_proto(m: vitserve_pb2.ModelInfo) -> ModelInfo:
-    p = m.preprocessing
-    return ModelInfo(
-        name=m.name,
-        config=json.loads(m.config_json) if m.config_json else {},
-        input_name=m.input_name,
-        input_shape=tuple(m.input_shape),
-        input_dtype=vitserve_pb2.DataType.Name(m.input_dtype),
-        preprocessing={"height": p.height, "width": p.width, "channels": p.channels,
-                       "mean": [_f32(v) for v in p.mean], "std": [_f32(v) for v in p.std]},
-        class_names=list(m.class_names),
-        parameters=[{"name": q.name, "shape": tuple(q.shape), "trainable": q.trainable}
-                    for q in m.parameters],
-        execution_providers=list(m.execution_providers),
-        device=m.device,
-        opset=m.opset,
-        optimizer=m.optimizer,
-        step=m.step,
-        learning_rate=m.learning_rate,
-        max_batch_size=m.max_batch_size,
-        export_versions=dict(m.export_versions),
-        loss_node=m.loss_node,
-        loss_op_type=m.loss_op_type,
-        model_version=m.model_version,
-        versions=[_from_proto(ModelVersion, v) for v in m.versions],
-        checkpoint_every_steps=m.checkpoint_every_steps,
-        checkpoint_every_seconds=m.checkpoint_every_seconds,
-        publish_every_steps=m.publish_every_steps,
-    )
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _from_proto(cls: type, message: Any, **overrides: Any) -> Any:
-    """Build dataclass `cls` from the same-named fields of a proto message."""
-    values = {f.name: getattr(message, f.name) for f in dataclasses.fields(cls)
-              if f.name not in overrides}
-    return cls(**values, **overrides)
+def _without_none(hint: Any) -> Any:
+    """X for `X | None`, else the hint itself."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
 
 
-def _node_from_proto(node: vitserve_pb2.GraphNode) -> GraphNode:
-    return GraphNode(name=node.name, op_type=node.op_type, inputs=list(node.inputs), outputs=list(node.outputs))
+def from_proto(cls: type[T], message: Message) -> T:
+    """Dataclass `cls` (a key of MESSAGES) from its proto message, field by field."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = wire_name(f)
+        descriptor = message.DESCRIPTOR.fields_by_name[name]
+        value = getattr(message, name)
+        hint = _hints(cls)[f.name]
+        if f.metadata.get("convert"):
+            values[f.name] = f.metadata["convert"](value)
+        elif _without_none(hint) is not hint and not message.HasField(name):
+            values[f.name] = None  # an unset message: no schedule, no logits, an unreported node
+        else:
+            values[f.name] = _convert(_without_none(hint), descriptor, value)
+    return cls(**values)
 
 
-def _optional_node(message: Any, name: str) -> GraphNode | None:
-    """The GraphNode in `message.<name>`, or None when the server left it unset."""
-    return _node_from_proto(getattr(message, name)) if message.HasField(name) else None
+def _convert(hint: Any, descriptor: Any, value: Any) -> Any:
+    """One proto field's value in the shape `hint` asks for."""
+    if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+        return dict(value)
+    if descriptor.is_repeated:
+        container = typing.get_origin(hint)  # list or tuple
+        return container(_element(typing.get_args(hint)[0], descriptor, v) for v in value)
+    return _element(hint, descriptor, value)
 
 
-def _explanation_from_proto(r: vitserve_pb2.ExplainGradientsResponse) -> Explanation:
-    parameters = []
-    for p in r.parameters:
-        parts = [_from_proto(QkvPartGradient, q, gradient_node=_optional_node(q, "gradient_node"))
-                 for q in p.qkv_parts]
-        parameters.append(_from_proto(ParameterGradientPath, p, shape=tuple(p.shape),
-                                      gradient_node=_optional_node(p, "gradient_node"),
-                                      path=[_node_from_proto(n) for n in p.path], qkv_parts=parts))
-    return Explanation(loss=_optional_node(r, "loss"), loss_gradient=_optional_node(r, "loss_gradient"),
-                       parameters=parameters, forward_nodes=r.forward_nodes, backward_nodes=r.backward_nodes)
-
-
-def _optimizer_from_proto(r: vitserve_pb2.OptimizerState) -> OptimizerState:
-    schedule = _from_proto(LinearSchedule, r.schedule) if r.HasField("schedule") else None
-    return _from_proto(OptimizerState, r, schedule=schedule)
+def _element(hint: Any, descriptor: Any, value: Any) -> Any:
+    """A scalar as it is, an enum by name (for a str hint), a Tensor as an array, a message as its
+    dataclass, or as that dataclass's dict for a dict hint."""
+    if descriptor.enum_type is not None and hint is str:
+        known = descriptor.enum_type.values_by_number.get(value)
+        return known.name if known is not None else str(value)
+    if descriptor.message_type is None:
+        return value
+    if descriptor.message_type is vitserve_pb2.Tensor.DESCRIPTOR:
+        return tensor_from_proto(value)
+    if typing.get_origin(hint) is dict:
+        return dataclasses.asdict(from_proto(_SCHEMAS[descriptor.message_type], value))
+    return from_proto(hint, value)
 
 
 def _schedule_arg(schedule: LinearSchedule | dict[str, Any]) -> LinearSchedule:
@@ -403,7 +467,8 @@ def images_to_proto(images: ImagesArg) -> vitserve_pb2.Images:
 
 
 def labels_to_proto(labels: Any) -> vitserve_pb2.Tensor:
-    """Class indices as an INT64 tensor; non-integer labels are rejected locally."""
+    """Class indices as an INT64 tensor. Non-integer labels are rejected here: converted, they would be
+    truncated silently (1.7 -> 1), and the wire would carry the wrong labels."""
     array = np.asarray(labels)
     if array.size == 0 and array.dtype.kind == "f":
         array = array.astype("<i8")
@@ -469,19 +534,14 @@ class ViTClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def model_info(self) -> ModelInfo:
-        return _model_info_from_proto(self._call(self._stub.GetModelInfo,
-                                                 vitserve_pb2.GetModelInfoRequest()))
+        return from_proto(ModelInfo, self._call(self._stub.GetModelInfo, vitserve_pb2.GetModelInfoRequest()))
 
     def predict(self, images: ImagesArg, top_k: int = 5, return_logits: bool = False) -> PredictResult:
-        if top_k < 0:
+        if top_k < 0:  # top_k is a uint32 on the wire
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         request = vitserve_pb2.PredictRequest(images=images_to_proto(images), top_k=top_k,
                                               return_logits=return_logits)
-        response = self._call(self._stub.Predict, request)
-        predictions = [[(s.index, s.label, s.probability) for s in p.top]
-                       for p in response.predictions]
-        logits = tensor_from_proto(response.logits) if response.HasField("logits") else None
-        return PredictResult(predictions=predictions, logits=logits, model_version=response.model_version)
+        return from_proto(PredictResult, self._call(self._stub.Predict, request))
 
     def train_step(self, images: ImagesArg, labels: Any, summaries: bool = True,
                    accumulate_only: bool = False) -> TrainStepResult:
@@ -491,20 +551,15 @@ class ViTClient:
                                                 labels=labels_to_proto(labels),
                                                 omit_gradient_summaries=not summaries,
                                                 accumulate_only=accumulate_only)
-        r = self._call(self._stub.TrainStep, request)
-        gradients = [_from_proto(GradientSummary, g, shape=tuple(g.shape)) for g in r.gradients]
-        attention = [_from_proto(QkvGradient, a, q_head_norms=tuple(a.q_head_norms),
-                                 k_head_norms=tuple(a.k_head_norms),
-                                 v_head_norms=tuple(a.v_head_norms)) for a in r.attention]
-        return _from_proto(TrainStepResult, r, gradients=gradients, attention=attention)
+        return from_proto(TrainStepResult, self._call(self._stub.TrainStep, request))
 
     def eval_step(self, images: ImagesArg, labels: Any) -> EvalResult:
         """Loss and accuracy of the current training weights on a labelled batch; changes nothing."""
         request = vitserve_pb2.EvalStepRequest(images=images_to_proto(images), labels=labels_to_proto(labels))
-        return _from_proto(EvalResult, self._call(self._stub.EvalStep, request))
+        return from_proto(EvalResult, self._call(self._stub.EvalStep, request))
 
     def get_optimizer(self) -> OptimizerState:
-        return _optimizer_from_proto(self._call(self._stub.GetOptimizer, vitserve_pb2.GetOptimizerRequest()))
+        return from_proto(OptimizerState, self._call(self._stub.GetOptimizer, vitserve_pb2.GetOptimizerRequest()))
 
     def set_optimizer(self, learning_rate: float | None = None,
                       schedule: LinearSchedule | dict[str, Any] | None = None,
@@ -517,28 +572,27 @@ class ViTClient:
             request.schedule.CopyFrom(_schedule_arg(schedule).to_proto())
         if clip_grad_norm is not None:
             request.clip_grad_norm = float(clip_grad_norm)
-        return _optimizer_from_proto(self._call(self._stub.SetOptimizer, request))
+        return from_proto(OptimizerState, self._call(self._stub.SetOptimizer, request))
 
     def save_checkpoint(self, name: str = "") -> CheckpointInfo:
         """Write a checkpoint; "" lets the server name it manual-<step>. An existing name is replaced."""
         response = self._call(self._stub.SaveCheckpoint, vitserve_pb2.SaveCheckpointRequest(name=name))
-        return _from_proto(CheckpointInfo, response)
+        return from_proto(CheckpointInfo, response)
 
     def list_checkpoints(self) -> CheckpointList:
         response = self._call(self._stub.ListCheckpoints, vitserve_pb2.ListCheckpointsRequest())
-        return CheckpointList(checkpoints=[_from_proto(CheckpointInfo, c) for c in response.checkpoints],
-                              latest=response.latest)
+        return from_proto(CheckpointList, response)
 
     def restore_checkpoint(self, name: str) -> CheckpointInfo:
         """Replace the training state with checkpoint `name`'s (ClientError NOT_FOUND when unknown)."""
         response = self._call(self._stub.RestoreCheckpoint, vitserve_pb2.RestoreCheckpointRequest(name=name))
-        return _from_proto(CheckpointInfo, response)
+        return from_proto(CheckpointInfo, response)
 
     def publish(self) -> ModelVersion:
         """Make the current training weights the model Predict serves; returns the new version."""
-        return _from_proto(ModelVersion, self._call(self._stub.Publish, vitserve_pb2.PublishRequest()))
+        return from_proto(ModelVersion, self._call(self._stub.Publish, vitserve_pb2.PublishRequest()))
 
     def explain(self, parameter: str = "") -> Explanation:
         """Where the loss and each trainable parameter's gradient are computed ("" for all parameters)."""
         request = vitserve_pb2.ExplainGradientsRequest(parameter=parameter)
-        return _explanation_from_proto(self._call(self._stub.ExplainGradients, request))
+        return from_proto(Explanation, self._call(self._stub.ExplainGradients, request))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,24 @@ SERIES = [
     ("q", "q (to_qkv rows)", "#1f77b4"),
     ("k", "k (to_qkv rows)", "#ff7f0e"),
     ("v", "v (to_qkv rows)", "#2ca02c"),
-    ("out", "attention out (to_out weight)", "#9467bd"),
-    ("ff", "feed-forward (fn.net weights)", "#8c564b"),
-    ("norm", "LayerNorm weights", "#7f7f7f"),
-    ("embedding", "embedding (patch weight, pos, cls)", "#17becf"),
-    ("head", "head (classifier weight)", "#d62728"),
+    ("out", "attention out (to_out)", "#9467bd"),
+    ("ff", "feed-forward (fn.net)", "#8c564b"),
+    ("norm", "LayerNorms", "#7f7f7f"),
+    ("embedding", "embedding (patch, pos, cls)", "#17becf"),
+    ("head", "head (classifier)", "#d62728"),
 ]
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EMBEDDING = re.compile(r"(^|\.)(pos_embedding|cls_token)$|patch_embedding.*\.weight$")
-_HEAD = re.compile(r"(^|\.)mlp_head\.(\d+)\.weight$")
+# GradientSummary.sublayer -> its series; attention.qkv is drawn as q, k and v (TrainStepResult.attention).
+SUBLAYER_SERIES = {
+    "attention.out": "out",
+    "feedforward": "ff",
+    "attention.norm": "norm",
+    "feedforward.norm": "norm",
+    "head.norm": "norm",
+    "embedding": "embedding",
+    "head": "head",
+}
+# The x-axis group of a parameter outside the transformer blocks (GradientSummary.block -1), by sublayer.
+OUTSIDE_BLOCKS = {"embedding": "embedding", "head": "head", "head.norm": "head"}
 
 
 def _combined(norms: list[float]) -> float:
@@ -40,24 +48,17 @@ def _combined(norms: list[float]) -> float:
 
 
 def _gradient_groups(result: TrainStepResult) -> dict[str, dict[str, float]]:
-    """Gradient L2 norms by x-axis group ("embedding", "block 0", ..., "head") and series key."""
+    """Gradient L2 norms by x-axis group ("embedding", "block 0", ..., "head") and series key: every
+    parameter of a sub-layer (weights and biases) together, q, k and v from the split qkv gradients."""
     parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for a in result.attention:
         for key, norm in (("q", a.q_norm), ("k", a.k_norm), ("v", a.v_norm)):
             parts[f"block {a.block}"][key].append(norm)
     for g in result.gradients:
-        block = _BLOCK.search(g.name)
-        head = _HEAD.search(g.name)
-        if block and g.name.endswith(".weight"):
-            key = ("out" if ".to_out." in g.name else "ff" if ".fn.net." in g.name
-                   else "norm" if ".norm." in g.name else None)
-            if key:
-                parts[f"block {block.group(1)}"][key].append(g.l2_norm)
-        elif _EMBEDDING.search(g.name):
-            parts["embedding"]["embedding"].append(g.l2_norm)
-        elif head:
-            # vit-pytorch's head is LayerNorm (mlp_head.0) + Linear (the last index).
-            parts["head"]["norm" if g.shape and len(g.shape) == 1 else "head"].append(g.l2_norm)
+        key = SUBLAYER_SERIES.get(g.sublayer)
+        group = f"block {g.block}" if g.block >= 0 else OUTSIDE_BLOCKS.get(g.sublayer)
+        if key and group:
+            parts[group][key].append(g.l2_norm)
     blocks = sorted((k for k in parts if k.startswith("block ")), key=lambda k: int(k.split()[1]))
     order = [k for k in ["embedding", *blocks, "head"] if k in parts]
     return {group: {key: _combined(v) for key, v in parts[group].items()} for group in order}
@@ -65,7 +66,9 @@ def _gradient_groups(result: TrainStepResult) -> dict[str, dict[str, float]]:
 
 def gradient_flow(result: TrainStepResult, path: str | os.PathLike) -> Path:
     """Grouped bars of gradient L2 norms per transformer block (q, k, v, attention out,
-    feed-forward, LayerNorms) plus the embedding and the head, on a log axis. Writes a PNG."""
+    feed-forward, LayerNorms) plus the embedding and the head, on a log axis. Writes a PNG.
+
+    Bars are placed by each gradient's block and sublayer (set at export), never by parameter name."""
     groups = _gradient_groups(result)
     if not groups:
         raise ValueError("the train step has no gradient summaries to plot (were they omitted?)")

@@ -1,0 +1,132 @@
+"""The command line of `python -m client`: its argument parser, and the inputs its arguments name
+(a batch from --images/--labels or --npz, a --schedule), checked before anything is sent."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class UsageError(Exception):
+    """A problem with the command's inputs, found before anything is sent."""
+
+
+def program_name(module_form: str) -> str:
+    """How the user started us: the console script's name (vitserve), else `python -m client`."""
+    name = os.path.basename(sys.argv[0])
+    return module_form if name in ("__main__.py", "-c", "") else name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=program_name("python -m client"),
+                                     description="Talk to a vitserve server (proto/vitserve.proto).", allow_abbrev=False)
+    parser.add_argument("--address", help="server HOST:PORT (default: $VITSERVE_ADDRESS or localhost:50051)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call; 0 = none (default 30)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="file holding the bearer token (default: $VITSERVE_TOKEN; never pass a token itself)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA certificate to verify the server: use TLS")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate, for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    # --json is also accepted after the command; SUPPRESS keeps it from resetting the global flag.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("health", parents=[common], help="standard gRPC health check (exit 0 only when SERVING)")
+    sub.add_parser("info", parents=[common], help="show the served model")
+
+    p = sub.add_parser("predict", parents=[common], help="classify image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes per image (default 5)")
+    p.add_argument("--logits", action="store_true", help="also print the raw logits")
+
+    t = sub.add_parser("train-step", parents=[common], help="run fine-tuning steps on one batch")
+    add_batch_arguments(t)
+    t.add_argument("--repeat", type=int, default=1, metavar="N", help="steps to run on the batch (default 1)")
+    t.add_argument("--accumulate", action="store_true",
+                   help="accumulate the gradients only; the next step without --accumulate applies them")
+    t.add_argument("--no-summaries", action="store_true", help="skip the gradient summaries")
+    t.add_argument("--top", type=int, default=10, metavar="N", help="parameters to show (default 10)")
+
+    e = sub.add_parser("eval-step", parents=[common], help="loss and accuracy of the training weights on a batch")
+    add_batch_arguments(e)
+
+    o = sub.add_parser("optimizer", parents=[common], help="show the optimizer, or change its settings",
+                       description="Without options: show the optimizer state. --lr and --schedule are "
+                                   "alternatives; --clip combines with either.")
+    rate = o.add_mutually_exclusive_group()
+    rate.add_argument("--lr", type=float, metavar="X", help="constant learning rate (clears any schedule)")
+    rate.add_argument("--schedule", nargs=3, metavar=("PEAK", "WARMUP", "DECAY"),
+                      help="linear warmup from 0 to PEAK over WARMUP steps, then linear decay over DECAY steps")
+    o.add_argument("--end-lr", type=float, metavar="E", help="learning rate at the end of the decay (default 0)")
+    o.add_argument("--clip", type=float, metavar="NORM", help="clip gradients to this global L2 norm; 0 = off")
+
+    c = sub.add_parser("checkpoint", help="save, list or restore training checkpoints")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    save = csub.add_parser("save", parents=[common], help="write a checkpoint (default name: manual-<step>)")
+    save.add_argument("name", nargs="?", default="", metavar="NAME")
+    csub.add_parser("list", parents=[common], help="the checkpoints, oldest first")
+    restore = csub.add_parser("restore", parents=[common], help="replace the training state with a checkpoint's")
+    restore.add_argument("name", metavar="NAME")
+
+    sub.add_parser("publish", parents=[common], help="serve the current training weights from Predict")
+
+    x = sub.add_parser("explain", parents=[common], help="where the loss and the gradients are computed")
+    x.add_argument("--parameter", default="", metavar="NAME",
+                   help="one parameter (e.g. transformer.layers.0.0.fn.to_qkv.weight) in detail")
+
+    g = sub.add_parser("grads", parents=[common], help="run one train step and plot the gradient flow")
+    g.add_argument("--plot", required=True, metavar="FILE.png", help="where to write the figure")
+    add_batch_arguments(g)
+    return parser
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """--images FILE... --labels L... or --npz FILE."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="FILE", help="encoded image files (needs --labels)")
+    src.add_argument("--npz", metavar="FILE", help=".npz with `images` float32 [N,C,H,W] and `labels` int64 [N]")
+    parser.add_argument("--labels", nargs="+", type=int, metavar="L", help="class index per --images file")
+
+
+def load_batch(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The (images, labels) batch named by --images/--labels or --npz. Whether the labels fit the images is
+    the server's to say (INVALID_ARGUMENT naming the shapes)."""
+    if args.npz:
+        if args.labels:
+            raise UsageError("--labels goes with --images; an --npz holds its own labels")
+        return load_npz(args.npz)
+    if not args.labels:
+        raise UsageError("--images needs --labels, one class index per image")
+    return [Path(f) for f in args.images], args.labels
+
+
+def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)  # OSError (missing file) propagates as is
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{path} is not an .npz file") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UsageError(f"{path} is a single array, not an .npz with `images` and `labels`")
+    with data:
+        missing = {"images", "labels"} - set(data.files)
+        if missing:
+            raise UsageError(f"{path} has no array(s) named {', '.join(sorted(missing))}")
+        return data["images"], data["labels"]
+
+
+def parse_schedule(values: list[str], end_lr: float | None) -> dict[str, Any]:
+    """--schedule PEAK WARMUP DECAY [--end-lr E] as SetOptimizer's schedule."""
+    peak, warmup, decay = values
+    try:
+        return {"peak_lr": float(peak), "warmup_steps": int(warmup), "decay_steps": int(decay),
+                "end_lr": end_lr or 0.0}
+    except ValueError:
+        raise UsageError(f"--schedule needs PEAK (a number) WARMUP DECAY (whole steps), got {' '.join(values)}") \
+            from None

@@ -1,0 +1,375 @@
+"""How the CLI prints what a command returns: one renderer, `render`, for every result, as text or as one
+JSON document (--json).
+
+A result is a dataclass of client.client (ModelInfo, EvalResult, OptimizerState, CheckpointList,
+ModelVersion) or one of the small result objects below for commands that add to what the server said
+(the file names of predict, the several steps of train-step --repeat, the plot of grads, health).
+`text` and `document` dispatch on the result's type (functools.singledispatch): the print_* functions
+are the text of each, and a result's JSON is its as_dict() unless `document` has its own case.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.client import (
+    CheckpointInfo,
+    CheckpointList,
+    EvalResult,
+    Explanation,
+    GraphNode,
+    ModelInfo,
+    ModelVersion,
+    OptimizerState,
+    ParameterGradientPath,
+    PredictResult,
+    TrainStepResult,
+)
+
+
+@dataclass
+class Health:
+    """health: the standard gRPC health status ("SERVING", "NOT_SERVING", ...)."""
+    status: str
+
+    @property
+    def serving(self) -> bool:
+        return self.status == "SERVING"
+
+
+@dataclass
+class Predictions:
+    """predict: the result and the files, as the user named them, in request order."""
+    files: list[str]
+    result: PredictResult
+
+
+@dataclass
+class TrainSteps:
+    """train-step: its steps, which run as they are read (so text shows each step when it is done); the
+    summaries of the last one unless they were omitted, `top` parameters of them."""
+    steps: Iterable[TrainStepResult]
+    summaries: bool
+    top: int
+
+
+@dataclass
+class Checkpointed:
+    """checkpoint save or restore: what was done ("saved", "restored") and to which checkpoint."""
+    verb: str
+    checkpoint: CheckpointInfo
+
+
+@dataclass
+class Explained:
+    """explain: the explanation, told parameter by parameter in `detail` (explain --parameter) or as a table."""
+    explanation: Explanation
+    detail: bool
+
+
+@dataclass
+class GradientPlot:
+    """grads: the train step and the gradient-flow figure written of it."""
+    plot: Path
+    step: TrainStepResult
+
+
+def render(result: Any, as_json: bool) -> None:
+    """Print `result` on stdout: text, or one JSON document."""
+    if as_json:
+        print(json.dumps(document(result), indent=2))
+    else:
+        text(result)
+
+
+@functools.singledispatch
+def document(result: Any) -> Any:
+    """The JSON document of a result: its fields, unless registered below."""
+    return result.as_dict()
+
+
+@document.register
+def _(result: Health) -> Any:
+    return {"status": result.status}
+
+
+@document.register
+def _(result: Predictions) -> Any:
+    return result.result.as_dict()
+
+
+@document.register
+def _(result: TrainSteps) -> Any:
+    steps = [step.as_dict() for step in result.steps]
+    return steps[0] if len(steps) == 1 else steps
+
+
+@document.register
+def _(result: Checkpointed) -> Any:
+    return result.checkpoint.as_dict()
+
+
+@document.register
+def _(result: Explained) -> Any:
+    return result.explanation.as_dict()
+
+
+@document.register
+def _(result: GradientPlot) -> Any:
+    return {"plot": str(result.plot), "step": result.step.as_dict()}
+
+
+@functools.singledispatch
+def text(result: Any) -> None:
+    """Print a result as text for people."""
+    raise TypeError(f"no text for a {type(result).__name__}")
+
+
+# ---------------------------------------------------------------- health, info
+
+@text.register
+def print_health(result: Health) -> None:
+    print(result.status)
+
+
+@text.register
+def print_info(info: ModelInfo) -> None:
+    pre = info.preprocessing
+    total = sum(int(np.prod(p["shape"])) for p in info.parameters)
+    trainable = [p for p in info.parameters if p["trainable"]]
+    n_trainable = sum(int(np.prod(p["shape"])) for p in trainable)
+    names = ", ".join(info.class_names[:10]) + (", ..." if info.num_classes > 10 else "")
+    rows = [
+        ("model", info.name),
+        ("device", f"{info.device} ({', '.join(info.execution_providers) or 'no providers'})"),
+        ("input", f"{info.input_name} {list(info.input_shape)} {info.input_dtype}"),
+        ("preprocessing", (f"{pre['height']}x{pre['width']}, {pre['channels']} channel(s), "
+                           f"mean {pre['mean']}, std {pre['std']}")),
+        ("classes", f"{info.num_classes} ({names})"),
+        ("parameters", f"{len(info.parameters)} tensors, {total:,} elements"),
+        ("trainable", f"{len(trainable)} tensors, {n_trainable:,} elements"),
+        ("step", str(info.step)),
+        ("learning rate", f"{info.learning_rate:g}"),
+        ("optimizer", info.optimizer),
+        ("loss node", f"{info.loss_node} ({info.loss_op_type})"),
+        ("opset", str(info.opset)),
+        ("max batch", str(info.max_batch_size)),
+        ("model version", f"{info.model_version} (Predict)"),
+        ("versions", ", ".join(f"{v.version} (step {v.step})" for v in info.versions) or "-"),
+        ("auto checkpoint", auto_checkpoint_text(info)),
+        ("auto publish", f"every {info.publish_every_steps} steps" if info.publish_every_steps else "off"),
+    ]
+    for key, value in rows:
+        print(f"{key:<15} {value}")
+
+
+def auto_checkpoint_text(info: ModelInfo) -> str:
+    parts = []
+    if info.checkpoint_every_steps:
+        parts.append(f"every {info.checkpoint_every_steps} steps")
+    if info.checkpoint_every_seconds:
+        parts.append(f"every {info.checkpoint_every_seconds:g} s")
+    return ", ".join(parts) or "off"
+
+
+# ---------------------------------------------------------------- predict
+
+@text.register
+def print_predictions(predictions: Predictions) -> None:
+    result = predictions.result
+    for i, (name, top) in enumerate(zip(predictions.files, result.predictions)):
+        print(name)
+        width = max((len(label) for _, label, _ in top), default=0)
+        for _, label, prob in top:
+            print(f"  {label:<{width}}  {prob * 100:5.1f}%")
+        if result.logits is not None:
+            print("  logits " + np.array2string(result.logits[i], precision=4, max_line_width=10**6))
+    print(f"(model version {result.model_version})")
+
+
+# ---------------------------------------------------------------- train-step, eval-step, grads
+
+@text.register
+def print_train_steps(result: TrainSteps) -> None:
+    last = None
+    for last in result.steps:
+        print_step(last)
+    if result.summaries and last is not None:
+        print_gradients(last, result.top)
+        print_attention(last)
+
+
+def print_step(r: TrainStepResult) -> None:
+    clipped = f"  clipped x{r.clip_coefficient:.3g}" if 0 < r.clip_coefficient < 1 else ""
+    print(f"step {r.step}  loss {r.loss:.4f}  lr {r.learning_rate:.3g}  "
+          f"grad-norm {r.grad_norm:.4g}{clipped}  ({r.step_seconds * 1000:.1f} ms)  {r.status}")
+
+
+def print_gradients(r: TrainStepResult, top: int) -> None:
+    grads = sorted(r.gradients, key=lambda g: g.l2_norm, reverse=True)[:max(top, 0)]
+    if grads:
+        rows = [(g.name, "x".join(map(str, g.shape)) or "scalar", f"{g.l2_norm:.3e}",
+                 f"{g.max_abs:.3e}", f"{g.zero_fraction * 100:.1f}", f"{g.update_ratio:.3e}")
+                for g in grads]
+        header = ("parameter", "shape", "grad L2", "max|g|", "zero %", "update ratio")
+        print(f"\ntop {len(grads)} of {len(r.gradients)} parameters by gradient L2 norm")
+        print_table(header, rows, right={2, 3, 4, 5})
+    bad = [g.name for g in r.gradients if g.nonfinite_count]
+    if bad:
+        print(f"warning: non-finite gradients in {len(bad)} parameter(s): {', '.join(bad)}")
+
+
+def print_attention(r: TrainStepResult) -> None:
+    if not r.attention:
+        return
+    print("\nattention q/k/v gradients")
+    for a in r.attention:
+        print(f"  block {a.block}  q ||g|| {a.q_norm:.3e}  k ||g|| {a.k_norm:.3e}  "
+              f"v ||g|| {a.v_norm:.3e}  ({a.heads} heads x {a.dim_head})")
+        for part, norms in (("q", a.q_head_norms), ("k", a.k_head_norms), ("v", a.v_head_norms)):
+            print(f"    {part} heads  " + "  ".join(f"{n:.3e}" for n in norms))
+
+
+@text.register
+def print_eval(r: EvalResult) -> None:
+    print(f"step {r.step}  loss {r.loss:.4f}  accuracy {r.accuracy * 100:.1f}% ({r.correct}/{r.count})")
+
+
+@text.register
+def print_gradient_plot(result: GradientPlot) -> None:
+    print_step(result.step)
+    print(f"wrote {result.plot}")
+
+
+# ---------------------------------------------------------------- optimizer
+
+@text.register
+def print_optimizer(state: OptimizerState) -> None:
+    sched = state.schedule
+    if sched is None:
+        schedule = "none (constant learning rate)"
+    else:
+        schedule = (f"linear warmup 0 -> {sched.peak_lr:g} over {sched.warmup_steps} steps, "
+                    f"decay to {sched.end_lr:g} over {sched.decay_steps} steps (position {state.schedule_position})")
+    rows = [
+        ("optimizer", state.optimizer),
+        ("learning rate", f"{state.learning_rate:.6g} (next step)"),
+        ("schedule", schedule),
+        ("clipping", f"global gradient norm {state.clip_grad_norm:g}" if state.clip_grad_norm else "off"),
+        ("step", str(state.step)),
+        ("accumulated", f"{state.accumulated_batches} batch(es) pending"),
+    ]
+    for key, value in rows:
+        print(f"{key:<15} {value}")
+
+
+# ---------------------------------------------------------------- checkpoint, publish
+
+@text.register
+def print_checkpointed(result: Checkpointed) -> None:
+    info = result.checkpoint
+    print(f"{result.verb} checkpoint {info.name}: step {info.step}, {human_size(info.size_bytes)}, "
+          f"{info.reason}, written {local_time(info.created_unix)}")
+
+
+@text.register
+def print_checkpoints(listing: CheckpointList) -> None:
+    if not listing.checkpoints:
+        print("no checkpoints")
+        return
+    rows = [(c.name + (" *" if c.name == listing.latest else ""), str(c.step), local_time(c.created_unix),
+             human_size(c.size_bytes), c.reason) for c in listing.checkpoints]
+    print_table(("name", "step", "written", "size", "reason"), rows, right={1, 3})
+    print(f"latest: {listing.latest} (*)")
+
+
+@text.register
+def print_published(version: ModelVersion) -> None:
+    print(f"published model version {version.version} (weights of step {version.step}); Predict serves it now")
+
+
+def local_time(unix: float) -> str:
+    """Seconds since the epoch as local YYYY-MM-DD HH:MM:SS."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
+
+
+def human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 ** 2:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / 1024 ** 2:.1f} MiB"
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int] = frozenset(),
+                indent: str = "  ") -> None:
+    """Columns padded to their widest cell; column indices in `right` are right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        print((indent + "  ".join(cells)).rstrip())
+
+
+# ---------------------------------------------------------------- explain
+
+@text.register
+def print_explained(result: Explained) -> None:
+    explanation = result.explanation
+    print_loss(explanation)
+    if result.detail:
+        for p in explanation.parameters:
+            print_parameter_story(explanation, p)
+    else:
+        print_parameter_table(explanation)
+
+
+def node_text(node: GraphNode | None) -> str:
+    return f"`{node.name}` ({node.op_type})" if node is not None else "(not reported)"
+
+
+def print_loss(e: Explanation) -> None:
+    loss = e.loss
+    print(f"loss           {node_text(loss)}")
+    if loss is not None:
+        print(f"               inputs: {', '.join(loss.inputs) or '-'}  ->  output: {', '.join(loss.outputs) or '-'}")
+    print(f"loss gradient  {node_text(e.loss_gradient)}  (backpropagation starts here)")
+    print(f"graph          {e.forward_nodes} forward nodes, {e.backward_nodes} backward (gradient) nodes")
+
+
+def print_parameter_table(e: Explanation) -> None:
+    rows = [(p.name, str(p.block) if p.block >= 0 else "-", p.sublayer,
+             p.gradient_node.op_type if p.gradient_node else "?", str(p.ops_from_loss)) for p in e.parameters]
+    print(f"\n{len(rows)} trainable parameters: where each gradient is computed")
+    print_table(("parameter", "block", "sublayer", "gradient op", "ops from loss"), rows, right={1, 4})
+
+
+def print_parameter_story(e: Explanation, p: ParameterGradientPath) -> None:
+    """The answer to "where are the loss and this weight's gradient (and its q, k, v parts') computed?"."""
+    shape = "x".join(map(str, p.shape)) or "scalar"
+    where = f"block {p.block}, {p.sublayer}" if p.block >= 0 else p.sublayer
+    print(f"\nparameter {p.name}  [{shape}]  ({where})")
+    if e.loss is not None:
+        print(f"  1. the loss is computed by {node_text(e.loss)} from {', '.join(e.loss.inputs)}")
+    print(f"  2. backpropagation starts at {node_text(e.loss_gradient)}")
+    print(f"  3. the gradient of the {'fused q/k/v ' if p.qkv_parts else ''}weight, `{p.gradient_tensor}`, "
+          f"is computed by {node_text(p.gradient_node)}, {p.ops_from_loss} ops from the loss gradient")
+    if p.qkv_parts:
+        print("  4. q, k and v get their gradients (the parts of the split to_qkv output) at:")
+        for part in p.qkv_parts:
+            print(f"       {part.part}: {node_text(part.gradient_node)} computes `{part.gradient_tensor}` "
+                  f"(the gradient of `{part.tensor}`)")
+        if p.shape and p.shape[0] % len(p.qkv_parts) == 0:
+            rows = p.shape[0] // len(p.qkv_parts)
+            spans = ", ".join(f"{part.part} rows [{i * rows}, {(i + 1) * rows})" for i, part in enumerate(p.qkv_parts))
+            print(f"     so the fused weight's gradient holds {spans}")
+    print(f"\n  path from the loss gradient to the weight's gradient node ({len(p.path)} ops):")
+    width = max((len(node.op_type) for node in p.path), default=0)
+    for i, node in enumerate(p.path, 1):
+        print(f"    {i:>3}  {node.op_type:<{width}}  {node.name}")
