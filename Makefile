@@ -30,6 +30,9 @@ $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt py
 	# vit-pytorch 0.40.2 is the PreNorm layout; its own requirement on torchvision is not
 	# needed for vit_pytorch.vit and PyPI's torchvision does not import beside torch 2.13.0.
 	$(BIN)/python -m pip install -q --no-deps vit-pytorch==0.40.2
+	# timm 1.0.31 (the layout tests' timm ViT) asks for torchvision, which has no CPU build for torch
+	# 2.13.0 on PyPI: installed without it; tests/torchvision_shim.py lets it import.
+	$(BIN)/python -m pip install -q --no-deps timm==1.0.31
 	# The project itself (pyproject.toml), editable; its console scripts vitserve-server and vitserve go to $(BIN).
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@

@@ -1,5 +1,6 @@
 """vitserve client package: a typed gRPC client (`ViTClient`) and a CLI (`python -m client`)."""
 from client.client import (
+    AttentionModule,
     CheckpointInfo,
     CheckpointList,
     ClientError,
@@ -18,12 +19,14 @@ from client.client import (
     QkvGradient,
     QkvPartGradient,
     TrainStepResult,
+    UnplacedParameter,
     ViTClient,
     tensor_from_proto,
     tensor_to_proto,
 )
 
 __all__ = [
+    "AttentionModule",
     "CheckpointInfo",
     "CheckpointList",
     "ClientError",
@@ -42,6 +45,7 @@ __all__ = [
     "QkvGradient",
     "QkvPartGradient",
     "TrainStepResult",
+    "UnplacedParameter",
     "ViTClient",
     "tensor_from_proto",
     "tensor_to_proto",

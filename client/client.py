@@ -146,6 +146,26 @@ class ParameterInfo(_AsDict):
 
 
 @dataclass
+class AttentionModule(_AsDict):
+    """How one attention module makes q, k and v (fused: one weight named three times), found at export."""
+    name: str
+    block: int
+    heads: int
+    dim_head: int
+    weights: list[str] = field(default_factory=list)
+    biases: list[str] = field(default_factory=list)
+    module: str = ""
+    fused: bool = True
+
+
+@dataclass
+class UnplacedParameter(_AsDict):
+    """A parameter the export could not place in a block and sub-layer, and why."""
+    name: str
+    reason: str
+
+
+@dataclass
 class ModelInfo(_AsDict):
     """GetModelInfo: the served model, how to feed it and its training state."""
     name: str
@@ -171,6 +191,8 @@ class ModelInfo(_AsDict):
     checkpoint_every_steps: int = 0
     checkpoint_every_seconds: float = 0.0
     publish_every_steps: int = 0
+    attention: list[AttentionModule] = field(default_factory=list)
+    unplaced: list[UnplacedParameter] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -207,7 +229,8 @@ class GradientSummary(_AsDict):
 
 @dataclass
 class QkvGradient(_AsDict):
-    """The gradient of one fused qkv projection split into q, k and v, and each of them head by head."""
+    """One attention module's q, k and v gradients, whole and head by head, for the weights and the biases
+    (the bias fields are 0 / empty when the projections have no bias)."""
     name: str
     block: int
     heads: int
@@ -218,6 +241,15 @@ class QkvGradient(_AsDict):
     q_head_norms: tuple[float, ...]
     k_head_norms: tuple[float, ...]
     v_head_norms: tuple[float, ...]
+    module: str = ""
+    weights: tuple[str, ...] = ()
+    biases: tuple[str, ...] = ()
+    q_bias_norm: float = 0.0
+    k_bias_norm: float = 0.0
+    v_bias_norm: float = 0.0
+    q_bias_head_norms: tuple[float, ...] = ()
+    k_bias_head_norms: tuple[float, ...] = ()
+    v_bias_head_norms: tuple[float, ...] = ()
 
 
 @dataclass
@@ -359,6 +391,8 @@ MESSAGES: dict[type, type[Message]] = {
     ModelVersion: vitserve_pb2.ModelVersion,
     Preprocessing: vitserve_pb2.Preprocessing,
     ParameterInfo: vitserve_pb2.ParameterInfo,
+    AttentionModule: vitserve_pb2.AttentionModule,
+    UnplacedParameter: vitserve_pb2.UnplacedParameter,
     ModelInfo: vitserve_pb2.ModelInfo,
     PredictResult: vitserve_pb2.PredictResponse,
     GradientSummary: vitserve_pb2.GradientSummary,

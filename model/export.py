@@ -193,6 +193,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int, train
     mode = torch.onnx.TrainingMode.PRESERVE if training else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings():  # "legacy TorchScript exporter": chosen on purpose, see below
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # models' shape checks, constant at trace time
         try:
             torch.onnx.export(
                 model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
