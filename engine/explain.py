@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from engine.errors import ConfigError, FailedPrecondition, NotFound
+from engine.heads import HeadOutput
 from engine.manifest import Manifest, Parameter, QkvLayout
 
 GRAD = "_grad"  # ORT's gradient tensor suffix
@@ -191,6 +192,20 @@ class GradientExplainer:
             if layout.biases:
                 found[layout.biases[i]] = part
         return found
+
+    def head_outputs(self, manifest: Manifest) -> list[HeadOutput]:
+        """Each attention module's per-head output softmax(q k^T) v: the matmul that takes v as its right operand."""
+        outputs = []
+        for layout in manifest.qkv:
+            parts = self._parts.get(layout.weights[2], ())
+            v = next((p.tensor for p in parts if p.part == "v"), None)
+            found = self._first_matmul(v, PASS_THROUGH) if v else None
+            if found is None or found[1] != 1:
+                raise ConfigError(f"attention module {layout.module or layout.name}: its head outputs were not found "
+                                  "in the training graph, so head importance cannot be computed")
+            outputs.append(HeadOutput(layout.block, layout.module or layout.name, layout.heads,
+                                      self._nodes[found[0]].output[0]))
+        return outputs
 
     def _projection_output(self, weight: str) -> str | None:
         """x @ W^T, plus the bias when an Add follows: the tensor a projection weight makes."""

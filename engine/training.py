@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +26,14 @@ import onnxruntime as ort
 from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
 
-from engine import gradients
-from engine.errors import DeadlineExceeded, InvalidArgument
+from engine import gradients, heads
+from engine.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from engine.explain import GradientExplainer
 from engine.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
 from engine.runtime import parse_device
 from engine.schedule import LinearSchedule, LrPolicy, check_learning_rate
 
+HEADS_MODEL = "heads_training_model.onnx"  # the training graph plus each head's output and its gradient
 STATE_PROPERTY = "vitserve_state"  # JSON: step counter and learning-rate policy, saved inside the checkpoint
 
 
@@ -46,6 +50,15 @@ class StepResult:
     skipped_reason: str
     accumulated_batches: int
     clip_coefficient: float
+    head_importance: tuple[heads.HeadScores, ...] = ()  # when the step was asked for it
+
+
+@dataclass(frozen=True)
+class HeadImportanceResult:
+    """Head importance of one batch at the current weights (proto: HeadImportanceResponse)."""
+    loss: float
+    step: int
+    heads: tuple[heads.HeadScores, ...]
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,8 @@ class TrainingEngine:
         self._clip = 0.0
         self._step = 0
         self._accumulated = 0
+        self._head_outputs = None  # where each attention module's head outputs are (engine/heads.py), on first use
+        self._heads_folder = None  # holds the head-importance graph once written
         self._load(checkpoint or manifest.path(CHECKPOINT))
         self._snapshots = self._contiguous_snapshots() if kind == "cpu" else None
 
@@ -104,6 +119,7 @@ class TrainingEngine:
         module = C.Module(str(m.path(TRAINING_MODEL)), state, str(m.path(EVAL_MODEL)), self._device, self._options)
         optimizer = C.Optimizer(str(m.path(OPTIMIZER_MODEL)), state, self._device, self._options)
         self._state, self._module, self._optimizer = state, module, optimizer
+        self._bound_heads = False  # `module` is the plain training graph (see _bind)
         if state.has_property(STATE_PROPERTY):
             saved = json.loads(state.get_property(STATE_PROPERTY))
             self._step, self._policy, self._clip = saved["step"], LrPolicy.from_dict(saved["policy"]), saved["clip"]
@@ -185,18 +201,63 @@ class TrainingEngine:
 
     # -- steps ------------------------------------------------------------------------------------------
 
-    def _forward_backward(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-        """Loss and the (accumulated) gradients, flat in model order."""
+    def _forward_backward(self, images: np.ndarray, labels: np.ndarray, head_importance: bool = False
+                          ) -> tuple[float, np.ndarray, tuple[heads.HeadScores, ...]]:
+        """Loss, the (accumulated) gradients flat in model order, and head importance when asked for.
+
+        With head importance the step runs on the twin graph that also outputs each head's output and its
+        gradient (engine/heads.py): same parameters, same state, same loss and gradients.
+        """
+        module = self._bind(head_importance)
         if self._accumulated == 0:
-            self._module.lazy_reset_grad()  # a new sum starts with this batch
+            module.lazy_reset_grad()  # a new sum starts with this batch
         fetches = C.OrtValueVector()
-        self._module.train_step([images, labels], fetches)
+        module.train_step([images, labels], fetches)
         loss = float(fetches[0].numpy())  # copy now: the fetched value is freed with `fetches`
+        scores = ()
+        if head_importance:  # fetches: loss, logits, then (output, gradient) per attention module
+            scores = tuple(heads.importance(o, fetches[2 + 2 * i].numpy(), fetches[3 + 2 * i].numpy(), len(labels))
+                           for i, o in enumerate(self._head_outputs))
         self._accumulated += 1
         grads = np.empty(self._size, np.float32)
         for name, (offset, size) in zip(self._trainable, self._spans):
             grads[offset:offset + size] = self._state.get_parameter(name).grad.numpy().reshape(-1)
-        return loss, grads
+        return loss, grads, scores
+
+    def _bind(self, head_importance: bool) -> C.Module:
+        """The training module for this step: the plain graph, or its head-importance twin (engine/heads.py).
+
+        A Module binds the state's gradient buffers when it is built (a second one on the same state takes
+        them over), so the engine holds one at a time and rebuilds it, and the optimizer, when the kind
+        asked for changes: head importance costs nothing until it is asked for. Accumulated gradients
+        live in the bound module's buffers, so it is never switched while a sum is pending: a plain step
+        keeps the twin (same loss and gradients), a head-importance step is refused.
+        """
+        if head_importance == self._bound_heads:
+            return self._module
+        if self._accumulated and not head_importance:
+            return self._module
+        if self._accumulated:
+            raise FailedPrecondition(f"{self._accumulated} batches of gradients are being accumulated; apply them "
+                                     "with a TrainStep before asking for head importance")
+        m = self._manifest
+        path = self._heads_graph() if head_importance else m.path(TRAINING_MODEL)
+        self._module = C.Module(str(path), self._state, str(m.path(EVAL_MODEL)), self._device, self._options)
+        self._optimizer = C.Optimizer(str(m.path(OPTIMIZER_MODEL)), self._state, self._device, self._options)
+        self._bound_heads = head_importance
+        return self._module
+
+    def _heads_graph(self) -> Path:
+        """The head-importance training graph, written once into a folder that lives as long as the engine."""
+        m = self._manifest
+        if self._heads_folder is None:
+            if not m.qkv:
+                raise FailedPrecondition("this model has no attention modules: there is no head importance")
+            self._head_outputs = GradientExplainer(m.path(TRAINING_MODEL), m).head_outputs(m)
+            self._heads_folder = tempfile.TemporaryDirectory(prefix="vitserve-heads-")
+            heads.write_importance_graph(m.path(TRAINING_MODEL), self._head_outputs,
+                                         Path(self._heads_folder.name) / HEADS_MODEL)
+        return Path(self._heads_folder.name) / HEADS_MODEL
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """name -> that parameter's part of a flat vector, in its shape (views, no copies)."""
@@ -208,31 +269,46 @@ class TrainingEngine:
             if self._accumulated:
                 raise InvalidArgument("gradients are being accumulated; apply them with a TrainStep first")
             try:
-                loss, grads = self._forward_backward(images, labels)
+                loss, grads, _ = self._forward_backward(images, labels)
                 return loss, self._views(grads)
             finally:
                 self._accumulated = 0
 
+    def head_importance(self, images: np.ndarray, labels: np.ndarray) -> HeadImportanceResult:
+        """Head importance of one batch at the current weights; nothing is updated or kept."""
+        with self._lock:
+            if self._accumulated:
+                raise FailedPrecondition(f"{self._accumulated} batches of gradients are being accumulated; apply "
+                                         "them with a TrainStep before asking for head importance")
+            try:
+                loss, _, scores = self._forward_backward(images, labels, head_importance=True)
+                return HeadImportanceResult(loss, self._step, scores)
+            finally:
+                self._accumulated = 0
+
     def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True,
-                   accumulate_only: bool = False, deadline: float | None = None) -> StepResult:
+                   accumulate_only: bool = False, deadline: float | None = None, head_importance: bool = False,
+                   on_gradients: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> StepResult:
         """One forward/backward on a validated batch, then (unless accumulating) one guarded update.
 
         images float32 (b, c, h, w), labels int64 (b,). `deadline` (time.monotonic()): a step that
-        is still waiting for the lock when it passes is not started at all.
+        is still waiting for the lock when it passes is not started at all. `on_gradients(step, grads)`
+        gets every parameter's gradient of an applied step (views, valid during the call), e.g. for histograms.
         """
         with self._lock:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed while the step waited for the running one; "
                                        "it was not applied")
             start = time.perf_counter()
-            loss, grads = self._forward_backward(images, labels)
+            loss, grads, scores = self._forward_backward(images, labels, head_importance)
             batches = self._accumulated
             bad = self._nonfinite_reason(loss, grads)
             if bad:  # like a gradient scaler: skip the update, drop the poisoned sum, keep the weights
                 self._accumulated = 0
-                return self._result(loss, grads, start, summaries, applied=False, skipped=bad, batches=batches)
+                return self._result(loss, grads, start, summaries, applied=False, skipped=bad, batches=batches,
+                                    scores=scores)
             if accumulate_only:
-                return self._result(loss, grads, start, summaries, applied=False, batches=batches)
+                return self._result(loss, grads, start, summaries, applied=False, batches=batches, scores=scores)
             norm = gradients.global_norm(grads)
             coefficient = 1.0
             if self._clip and norm > self._clip:  # torch.nn.utils.clip_grad_norm_'s rule
@@ -246,11 +322,14 @@ class TrainingEngine:
             self._optimizer.optimizer_step()
             self._step += 1
             self._accumulated = 0
+            if on_gradients is not None:
+                on_gradients(self._step, self._views(grads))
             return self._result(loss, grads, start, summaries, applied=True, before=before, batches=batches, lr=lr,
-                                norm=norm, coefficient=coefficient)
+                                norm=norm, coefficient=coefficient, scores=scores)
 
     def _result(self, loss, grads, start, summaries, *, applied: bool, batches: int, before=None, skipped: str = "",
-                lr: float | None = None, norm: float | None = None, coefficient: float = 1.0) -> StepResult:
+                lr: float | None = None, norm: float | None = None, coefficient: float = 1.0,
+                scores: tuple[heads.HeadScores, ...] = ()) -> StepResult:
         """The step's answer; `before` holds the flat weights before an applied update (for update ratios)."""
         summaries_out, attention = [], []
         if summaries:
@@ -263,7 +342,7 @@ class TrainingEngine:
             loss=loss, step=self._step, learning_rate=lr if lr is not None else self.learning_rate,
             grad_norm=norm if norm is not None else gradients.global_norm(grads), gradients=summaries_out,
             attention=attention, step_seconds=time.perf_counter() - start, applied=applied, skipped_reason=skipped,
-            accumulated_batches=batches, clip_coefficient=coefficient,
+            accumulated_batches=batches, clip_coefficient=coefficient, head_importance=scores,
         )
 
     def _nonfinite_reason(self, loss: float, grads: np.ndarray) -> str:

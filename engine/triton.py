@@ -31,8 +31,8 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from engine.errors import ConfigError
 from engine import DEFAULT_MAX_BATCH_SIZE
+from engine.errors import ConfigError
 from engine.manifest import INFERENCE_MODEL, Manifest, sha256
 from engine.store import NAME, AtomicDirs
 

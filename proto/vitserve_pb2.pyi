@@ -85,16 +85,18 @@ class PredictResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("images", "labels", "omit_gradient_summaries", "accumulate_only")
+    __slots__ = ("images", "labels", "omit_gradient_summaries", "accumulate_only", "head_importance")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     OMIT_GRADIENT_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    HEAD_IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     images: Images
     labels: Tensor
     omit_gradient_summaries: bool
     accumulate_only: bool
-    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., omit_gradient_summaries: _Optional[bool] = ..., accumulate_only: _Optional[bool] = ...) -> None: ...
+    head_importance: bool
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., omit_gradient_summaries: _Optional[bool] = ..., accumulate_only: _Optional[bool] = ..., head_importance: _Optional[bool] = ...) -> None: ...
 
 class GradientSummary(_message.Message):
     __slots__ = ("name", "shape", "l2_norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nonfinite_count", "param_norm", "update_ratio", "block", "sublayer")
@@ -171,7 +173,7 @@ class QkvGradient(_message.Message):
     def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., heads: _Optional[int] = ..., dim_head: _Optional[int] = ..., q_norm: _Optional[float] = ..., k_norm: _Optional[float] = ..., v_norm: _Optional[float] = ..., q_head_norms: _Optional[_Iterable[float]] = ..., k_head_norms: _Optional[_Iterable[float]] = ..., v_head_norms: _Optional[_Iterable[float]] = ..., module: _Optional[str] = ..., weights: _Optional[_Iterable[str]] = ..., biases: _Optional[_Iterable[str]] = ..., q_bias_norm: _Optional[float] = ..., k_bias_norm: _Optional[float] = ..., v_bias_norm: _Optional[float] = ..., q_bias_head_norms: _Optional[_Iterable[float]] = ..., k_bias_head_norms: _Optional[_Iterable[float]] = ..., v_bias_head_norms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
-    __slots__ = ("loss", "step", "learning_rate", "grad_norm", "gradients", "attention", "step_seconds", "applied", "skipped_reason", "accumulated_batches", "clip_coefficient")
+    __slots__ = ("loss", "step", "learning_rate", "grad_norm", "gradients", "attention", "step_seconds", "applied", "skipped_reason", "accumulated_batches", "clip_coefficient", "head_importance")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +185,7 @@ class TrainStepResponse(_message.Message):
     SKIPPED_REASON_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     CLIP_COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
+    HEAD_IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     loss: float
     step: int
     learning_rate: float
@@ -194,7 +197,54 @@ class TrainStepResponse(_message.Message):
     skipped_reason: str
     accumulated_batches: int
     clip_coefficient: float
-    def __init__(self, loss: _Optional[float] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., gradients: _Optional[_Iterable[_Union[GradientSummary, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[QkvGradient, _Mapping]]] = ..., step_seconds: _Optional[float] = ..., applied: _Optional[bool] = ..., skipped_reason: _Optional[str] = ..., accumulated_batches: _Optional[int] = ..., clip_coefficient: _Optional[float] = ...) -> None: ...
+    head_importance: _containers.RepeatedCompositeFieldContainer[HeadScores]
+    def __init__(self, loss: _Optional[float] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., gradients: _Optional[_Iterable[_Union[GradientSummary, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[QkvGradient, _Mapping]]] = ..., step_seconds: _Optional[float] = ..., applied: _Optional[bool] = ..., skipped_reason: _Optional[str] = ..., accumulated_batches: _Optional[int] = ..., clip_coefficient: _Optional[float] = ..., head_importance: _Optional[_Iterable[_Union[HeadScores, _Mapping]]] = ...) -> None: ...
+
+class HeadScores(_message.Message):
+    __slots__ = ("block", "module", "importance")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    module: str
+    importance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., importance: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class HeadImportanceRequest(_message.Message):
+    __slots__ = ("images", "labels")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    labels: Tensor
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class HeadImportanceResponse(_message.Message):
+    __slots__ = ("loss", "step", "heads")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    step: int
+    heads: _containers.RepeatedCompositeFieldContainer[HeadScores]
+    def __init__(self, loss: _Optional[float] = ..., step: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadScores, _Mapping]]] = ...) -> None: ...
+
+class GradientHistoryRequest(_message.Message):
+    __slots__ = ("first_step", "last_step", "parameter")
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    first_step: int
+    last_step: int
+    parameter: str
+    def __init__(self, first_step: _Optional[int] = ..., last_step: _Optional[int] = ..., parameter: _Optional[str] = ...) -> None: ...
+
+class GradientHistoryResponse(_message.Message):
+    __slots__ = ("steps", "capacity")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[TrainStepResponse]
+    capacity: int
+    def __init__(self, steps: _Optional[_Iterable[_Union[TrainStepResponse, _Mapping]]] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class EvalStepRequest(_message.Message):
     __slots__ = ("images", "labels")

@@ -89,6 +89,16 @@ class VitServeStub:
                 request_serializer=proto_dot_vitserve__pb2.ExplainGradientsRequest.SerializeToString,
                 response_deserializer=proto_dot_vitserve__pb2.ExplainGradientsResponse.FromString,
                 _registered_method=True)
+        self.HeadImportance = channel.unary_unary(
+                '/vitserve.v1.VitServe/HeadImportance',
+                request_serializer=proto_dot_vitserve__pb2.HeadImportanceRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.HeadImportanceResponse.FromString,
+                _registered_method=True)
+        self.GetGradientHistory = channel.unary_unary(
+                '/vitserve.v1.VitServe/GetGradientHistory',
+                request_serializer=proto_dot_vitserve__pb2.GradientHistoryRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.GradientHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class VitServeServicer:
@@ -182,6 +192,24 @@ class VitServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HeadImportance(self, request, context):
+        """Head importance on a labelled batch (Michel et al. 2019): for every block
+        and head, |dL/d xi_h| for a gate xi_h multiplying that head's output.
+        Changes nothing: no update, no step; FAILED_PRECONDITION while gradients
+        are being accumulated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGradientHistory(self, request, context):
+        """The gradient summaries of the last applied train steps the server kept
+        (--gradient-history), by step range and parameter name pattern.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VitServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +267,16 @@ def add_VitServeServicer_to_server(servicer, server):
                     servicer.ExplainGradients,
                     request_deserializer=proto_dot_vitserve__pb2.ExplainGradientsRequest.FromString,
                     response_serializer=proto_dot_vitserve__pb2.ExplainGradientsResponse.SerializeToString,
+            ),
+            'HeadImportance': grpc.unary_unary_rpc_method_handler(
+                    servicer.HeadImportance,
+                    request_deserializer=proto_dot_vitserve__pb2.HeadImportanceRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.HeadImportanceResponse.SerializeToString,
+            ),
+            'GetGradientHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGradientHistory,
+                    request_deserializer=proto_dot_vitserve__pb2.GradientHistoryRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.GradientHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -538,6 +576,60 @@ class VitServe:
             '/vitserve.v1.VitServe/ExplainGradients',
             proto_dot_vitserve__pb2.ExplainGradientsRequest.SerializeToString,
             proto_dot_vitserve__pb2.ExplainGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeadImportance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/HeadImportance',
+            proto_dot_vitserve__pb2.HeadImportanceRequest.SerializeToString,
+            proto_dot_vitserve__pb2.HeadImportanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGradientHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/GetGradientHistory',
+            proto_dot_vitserve__pb2.GradientHistoryRequest.SerializeToString,
+            proto_dot_vitserve__pb2.GradientHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

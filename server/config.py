@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource,
-                               SettingsConfigDict)
+from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 from engine import DEFAULT_MAX_BATCH_SIZE
@@ -51,6 +50,13 @@ class Settings(BaseSettings):
         "Automatic (and shutdown) checkpoints to keep; manual ones are never deleted."))
     publish_every_steps: int = Field(0, description=(
         "Publish the training weights to Predict every N applied train steps (0: off)."))
+    gradient_history: int = Field(100, ge=0, description=(
+        "Applied train steps whose gradient summaries the server keeps for GetGradientHistory (0: none)."))
+    tensorboard_dir: str = Field("", description=(
+        "Write TensorBoard event files of every applied train step to this folder ('': off); "
+        "`tensorboard --logdir DIR` shows them."))
+    tensorboard_histogram_every: int = Field(10, ge=1, description=(
+        "Gradient histograms of every parameter go into the TensorBoard events every N applied steps."))
     learning_rate: float = Field(1e-3, description="Initial learning rate of the optimizer.")
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, description=(
         "Largest batch one Predict or TrainStep request may carry."))

@@ -14,12 +14,13 @@ from google.protobuf.message import Message
 
 from engine.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
 from engine.gradients import GradientSummary, QkvGradient
+from engine.heads import HeadScores
 from engine.manifest import Parameter, Preprocessing, QkvLayout, Unplaced
 from engine.schedule import LinearSchedule
 from engine.store import CheckpointInfo, CheckpointList, ModelVersion
-from engine.training import EvalResult, OptimizerState, StepResult
+from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult
 from proto import vitserve_pb2 as pb
-from server.dataplane import ModelInfo, Prediction
+from server.dataplane import GradientHistory, ModelInfo, Prediction
 from server.decode import encode_tensor
 
 RECORDS: dict[type, type[Message]] = {
@@ -41,6 +42,9 @@ RECORDS: dict[type, type[Message]] = {
     ParameterGradientPath: pb.ParameterGradientPath,
     Explanation: pb.ExplainGradientsResponse,
     ModelInfo: pb.ModelInfo,
+    HeadScores: pb.HeadScores,
+    HeadImportanceResult: pb.HeadImportanceResponse,
+    GradientHistory: pb.GradientHistoryResponse,
 }
 """Record type -> its message. Every field of the message is an attribute of the record (a field or a property)."""
 

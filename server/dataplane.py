@@ -9,11 +9,15 @@ latest checkpoint, automatic and final checkpoints, publishing versions.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+import fnmatch
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,11 +29,12 @@ from engine.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter
 from engine.runtime import providers_for, quiet_default_logger, session_options
 from engine.schedule import LinearSchedule
 from engine.store import CheckpointInfo, CheckpointList, CheckpointStore, ModelVersion, VersionStore
-from engine.training import EvalResult, OptimizerState, StepResult, TrainingEngine
+from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
 from server.batching import DynamicBatcher
 from server.config import Settings
 from server.decode import BatchValidator
 from server.metrics import Metrics
+from server.tensorboard import GradientBoard
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
@@ -63,6 +68,13 @@ class ModelInfo:
     publish_every_steps: int
     attention: tuple[QkvLayout, ...]
     unplaced: tuple[Unplaced, ...]
+
+
+@dataclass(frozen=True)
+class GradientHistory:
+    """GetGradientHistory's answer (proto: GradientHistoryResponse)."""
+    steps: tuple[StepResult, ...]  # oldest first
+    capacity: int  # applied steps the server keeps
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,9 @@ class DataPlane:
         log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
                  ", ".join(self.inference.providers), version)
 
+        self._history = collections.deque(maxlen=settings.gradient_history) if settings.gradient_history else None
+        self.board = GradientBoard(Path(settings.tensorboard_dir), settings.tensorboard_histogram_every) \
+            if settings.tensorboard_dir else None
         self._checkpoint_lock = threading.Lock()
         self._publish_lock = threading.Lock()
         self._train_gate = threading.Condition()
@@ -166,8 +181,11 @@ class DataPlane:
     # -- training -------------------------------------------------------------------------------------
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True,
-                   accumulate_only: bool = False, deadline: float | None = None) -> StepResult:
-        """One train step (serialized); at most `max_queued_train_steps` may wait behind the running one."""
+                   accumulate_only: bool = False, deadline: float | None = None,
+                   head_importance: bool = False) -> StepResult:
+        """One train step (serialized); at most `max_queued_train_steps` may wait behind the running one.
+
+        An applied step goes into the gradient history and, with --tensorboard-dir, the event files."""
         limit = self.settings.max_queued_train_steps
         with self._train_gate:
             if self._closing:
@@ -178,7 +196,8 @@ class DataPlane:
             self._train_calls += 1
         try:
             result = self.training.train_step(images, labels, summaries=summaries, accumulate_only=accumulate_only,
-                                              deadline=deadline)
+                                              deadline=deadline, head_importance=head_importance,
+                                              on_gradients=self.board.histograms if self.board else None)
         finally:
             with self._train_gate:
                 self._train_calls -= 1
@@ -187,6 +206,10 @@ class DataPlane:
                                   accumulated=not result.applied and not result.skipped_reason)
         if result.applied:
             self._dirty = True
+            if self._history is not None:
+                self._history.append(result)
+            if self.board:
+                self.board.record(result)
             s = self.settings
             if s.checkpoint_every_steps and result.step % s.checkpoint_every_steps == 0:
                 self.save_checkpoint("", reason="auto")
@@ -196,6 +219,26 @@ class DataPlane:
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> EvalResult:
         return self.training.eval_step(images, labels)
+
+    def head_importance(self, images: np.ndarray, labels: np.ndarray) -> HeadImportanceResult:
+        return self.training.head_importance(images, labels)
+
+    def gradient_history(self, first_step: int = 0, last_step: int = 0, parameter: str = "") -> GradientHistory:
+        """The kept applied steps with first_step <= step <= last_step (0: open), oldest first; with `parameter`
+        (a shell-style pattern) only the matching parameters' summaries and attention modules."""
+        if first_step < 0 or last_step < 0 or (last_step and first_step > last_step):
+            raise InvalidArgument(f"step range [{first_step}, {last_step}] is not valid: give 0 <= first_step <= "
+                                  "last_step (0 leaves a side open)")
+        capacity = self.settings.gradient_history
+        kept = [r for r in (self._history or ()) if r.step >= first_step and (not last_step or r.step <= last_step)]
+        if parameter:
+            def wanted(name: str) -> bool:
+                return fnmatch.fnmatchcase(name, parameter)
+
+            kept = [dataclasses.replace(r, gradients=[g for g in r.gradients if wanted(g.name)],
+                                        attention=[a for a in r.attention if any(map(wanted, {*a.weights, *a.biases}))])
+                    for r in kept]
+        return GradientHistory(tuple(kept), capacity)
 
     def optimizer(self) -> OptimizerState:
         return self.training.optimizer_state()
@@ -254,6 +297,8 @@ class DataPlane:
             return self.save_checkpoint("", reason="shutdown") if self._dirty else None
         finally:
             self.metrics.close()
+            if self.board:
+                self.board.close()
 
     # -- publishing -----------------------------------------------------------------------------------
 

@@ -94,8 +94,9 @@ class BatchValidator:
         t = images.tensor
         return self.images_from_tensor(dtype_name(t.dtype), list(t.shape), t.data)
 
-    def labelled(self, request: pb.TrainStepRequest | pb.EvalStepRequest) -> tuple[np.ndarray, np.ndarray]:
-        """(images, labels) of a TrainStep or EvalStep request."""
+    def labelled(self, request: pb.TrainStepRequest | pb.EvalStepRequest | pb.HeadImportanceRequest
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of a TrainStep, EvalStep or HeadImportance request."""
         images = self.images(request.images)
         if not request.HasField("labels"):
             raise InvalidArgument("labels: none given (an INT64 tensor [batch])")

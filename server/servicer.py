@@ -36,7 +36,16 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
         remaining = context.time_remaining()  # None without a client deadline
         return to_proto(self.plane.train_step(
             images, labels, summaries=not request.omit_gradient_summaries, accumulate_only=request.accumulate_only,
-            deadline=time.monotonic() + remaining if remaining is not None else None))
+            deadline=time.monotonic() + remaining if remaining is not None else None,
+            head_importance=request.head_importance))
+
+    @grpc_errors
+    def HeadImportance(self, request: pb.HeadImportanceRequest, context) -> pb.HeadImportanceResponse:
+        return to_proto(self.plane.head_importance(*self.decode.labelled(request)))
+
+    @grpc_errors
+    def GetGradientHistory(self, request: pb.GradientHistoryRequest, context) -> pb.GradientHistoryResponse:
+        return to_proto(self.plane.gradient_history(request.first_step, request.last_step, request.parameter))
 
     @grpc_errors
     def EvalStep(self, request: pb.EvalStepRequest, context) -> pb.EvalStepResponse:

@@ -195,3 +195,81 @@ def test_hugging_face_vit_exports_from_the_command_line(tmp_path):
     assert [a.weights for a in manifest.attention] == [
         tuple(f"vit.layers.{b}.attention.{p}_proj.weight" for p in "qkv") for b in range(DEPTH)]
     assert manifest.unplaced == ()
+
+
+# ---------------------------------------------------------------- head importance
+
+OUT_PROJECTIONS = {"seed": "to_out", "vit-pytorch": "to_out", "vit-pytorch-simple": "to_out", "timm": "proj",
+                   "hugging-face": "o_proj"}  # the module that merges the heads; nn.MultiheadAttention: GatedMHA
+
+
+class GatedMHA(torch.nn.Module):
+    """nn.MultiheadAttention's math written out, with a gate on each head's output (the oracle for torch-mha)."""
+
+    def __init__(self, mha: torch.nn.MultiheadAttention, gate: torch.Tensor):
+        super().__init__()
+        self.mha, self.gate = mha, gate
+        self.batch_first = mha.batch_first  # read by nn.TransformerEncoderLayer
+
+    def forward(self, query, key, value, **kwargs):
+        m, (b, n, e) = self.mha, query.shape
+        q, k, v = torch.nn.functional.linear(query, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, m.num_heads, m.head_dim).transpose(1, 2) for t in (q, k, v))  # (b, h, n, d)
+        heads = torch.softmax(q @ k.transpose(-1, -2) / m.head_dim ** 0.5, dim=-1) @ v
+        heads = heads * self.gate.view(1, -1, 1, 1)
+        return m.out_proj(heads.transpose(1, 2).reshape(b, n, e)), None
+
+
+def gated_importance(layout: Exported, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """|dL/d xi| for gates xi = 1 multiplying each head's output, put in by hooks (or GatedMHA), in PyTorch."""
+    model = copy.deepcopy(layout.model)
+    manifest = Manifest.load(layout.folder)
+    gates, handles = [], []
+    for a in manifest.attention:
+        gate = torch.ones(a.heads, requires_grad=True)
+        gates.append(gate)
+        module = model.get_submodule(a.module)
+        if isinstance(module, torch.nn.MultiheadAttention):
+            parent, _, child = a.module.rpartition(".")
+            setattr(model.get_submodule(parent), child, GatedMHA(module, gate))
+            continue
+
+        def gate_heads(_, inputs, gate=gate, heads=a.heads):  # (b, n, h * d) -> each head's slice times its gate
+            x = inputs[0]
+            return (x.unflatten(-1, (heads, -1)) * gate.view(heads, 1)).flatten(-2),
+
+        handles.append(model.get_submodule(f"{a.module}.{OUT_PROJECTIONS[layout.name]}")
+                       .register_forward_pre_hook(gate_heads))
+    verify.train_mode(model)
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels))
+    loss.backward()
+    return [g.grad.abs().numpy() for g in gates]
+
+
+def test_head_importance_equals_pytorch_with_gates_on_the_heads(layout, serve):
+    server = serve(artifacts=layout.folder)
+    images, labels = labelled_batch()
+    response = server.stub.HeadImportance(pb.HeadImportanceRequest(images=images_msg(images), labels=tensor(labels)))
+    expected = gated_importance(layout, images, labels)
+    assert [h.block for h in response.heads] == list(range(DEPTH)) and response.step == 0
+    for got, want in zip(response.heads, expected):
+        np.testing.assert_allclose(got.importance, want, rtol=1e-5, atol=1e-5 * float(want.max()))
+    assert server.plane.training.step == 0  # nothing changed
+
+
+def test_head_importance_in_a_train_step_changes_nothing_else(layout, serve):
+    """The same step with and without head importance: same loss, gradients and weights after; no gate anywhere."""
+    images, labels = labelled_batch()
+    plain, gated = serve(artifacts=layout.folder), serve(artifacts=layout.folder)
+    request = pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels))
+    a = plain.stub.TrainStep(request)
+    request.head_importance = True
+    b = gated.stub.TrainStep(request)
+    assert a.head_importance == [] and len(b.head_importance) == DEPTH
+    assert b.loss == a.loss and [g.l2_norm for g in b.gradients] == [g.l2_norm for g in a.gradients]
+    after_a, after_b = plain.plane.training.parameters(), gated.plane.training.parameters()
+    assert set(after_b) == {p.name for p in Manifest.load(layout.folder).parameters}  # no gate among the weights
+    assert all(np.array_equal(after_a[n], after_b[n]) for n in after_a)
+    expected = gated_importance(layout, images, labels)  # the step's importance is that of the weights before it
+    for got, want in zip(b.head_importance, expected):
+        np.testing.assert_allclose(got.importance, want, rtol=1e-5, atol=1e-5 * float(want.max()))
