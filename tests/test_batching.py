@@ -9,7 +9,7 @@ import pytest
 
 from proto import vitserve_pb2 as pb
 from server.batching import DynamicBatcher
-from tests.conftest import batch, images_msg
+from tests.helpers import batch, images_msg
 
 
 def logits_of(response):

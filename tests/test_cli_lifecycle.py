@@ -12,7 +12,7 @@ import math
 import pytest
 from PIL import Image
 
-from tests.test_cli import (
+from tests.helpers import (
     NUM_PARAMS,
     assert_one_error_line,
     ok,

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from client.client import ClientError, ViTClient
-from tests.conftest import batch
-from tests.test_cli import clean_env, start_server
+from tests.helpers import batch, clean_env, start_server
 
 MODEL = "digits4"  # the conftest export's name: checkpoints live in <data dir>/digits4/checkpoints
 ROUNDS = 20

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from proto import vitserve_pb2 as pb
-from tests.conftest import LEARNING_RATE, batch, images_msg, tensor
+from tests.helpers import LEARNING_RATE, batch, images_msg, tensor
 
 
 def train_request(images, labels, **kw) -> pb.TrainStepRequest:

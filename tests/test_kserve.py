@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from proto import vitserve_pb2 as pb
-from tests.conftest import CONFIG, batch, images_msg, tensor
+from tests.helpers import CONFIG, batch, images_msg, tensor
 
 MODEL = "digits4"  # the conftest model's name
 SHAPE = [CONFIG.channels, CONFIG.image_size, CONFIG.image_size]

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from onnxruntime.capi import _pybind_state as C
 
 from model import export as exporter
-from model.vit import build
 from proto import vitserve_pb2 as pb
-from tests.conftest import CONFIG, LEARNING_RATE, batch, images_msg, tensor
+from tests.helpers import LEARNING_RATE, batch, images_msg, tensor
 
 
 def train(stub, images, labels, **kw) -> pb.TrainStepResponse:
@@ -440,7 +439,7 @@ def test_published_versions_survive_a_restart_and_auto_publish(serve, tmp_path):
 
 def test_sigterm_then_restart_of_a_real_server_process_loses_nothing(serve, exported, tmp_path):
     from client import ViTClient
-    from tests.test_cli import clean_env, start_server
+    from tests.helpers import clean_env, start_server
 
     data = tmp_path / "process"
     process = start_server("--artifacts", str(exported[0]), "--port", "0", "--learning-rate", str(LEARNING_RATE),

@@ -9,19 +9,12 @@ import numpy as np
 import pytest
 
 from proto import vitserve_pb2 as pb
-from tests.conftest import batch, images_msg, tensor
+from tests.helpers import batch, images_msg, tensor, wait_for
 
 
 def train_request(n=4, seed=0) -> pb.TrainStepRequest:
     images, labels = batch(n, seed=seed)
     return pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels), omit_gradient_summaries=True)
-
-
-def wait_for(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_a_too_large_message_is_resource_exhausted_and_the_connection_lives(serve):

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from client.client import ClientError, ViTClient
@@ -23,9 +22,8 @@ from server.auth import (READ, ROLES, SERVICE_PREFIX, V2_PREFIX, V2_ROLES, WRITE
                          required_role)
 from server.config import Settings
 from engine.errors import ConfigError
-from tests.conftest import batch
+from tests.helpers import REPO, batch
 
-REPO = Path(__file__).resolve().parents[1]
 ALL_RPCS = [m.name for m in vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].methods]
 
 
