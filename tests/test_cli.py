@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,18 @@ def test_predict_text_names_both_files(address, tmp_path):
     out = ok(run_client("--address", address, "predict", str(a), str(b))).stdout
     assert str(a) in out and str(b) in out
     assert "%" in out  # the probabilities are printed
+    # ... and they are the server's: each file's block lists the same top 5 as --json, in order.
+    expected = json.loads(ok(run_client("--address", address, "--json", "predict", str(a), str(b))).stdout)
+    lines = out.splitlines()
+    assert len(lines) == 2 * (1 + 5) + 1, out
+    for i, (path, top) in enumerate(zip((a, b), expected["predictions"])):
+        block = lines[6 * i:6 * i + 6]
+        assert block[0] == str(path), out
+        for line, (_, label, probability) in zip(block[1:], top):
+            printed_label, printed = line.split()
+            assert printed_label == label and printed.endswith("%"), line
+            assert_printed(printed[:-1], probability * 100)
+    assert lines[-1] == f"(model version {expected['model_version']})"
 
 
 def test_predict_json(address, tmp_path):
@@ -109,18 +122,97 @@ def test_train_step_npz_json_repeat(address, tmp_path, exported):
                 assert len(a[part]) == NUM_HEADS, (part, a)
 
 
+def assert_printed(text: str, value: float, noise: float = 1e-4) -> None:
+    """`text` is `value` printed (any of %.4f, %.3e, %.4g, ...): within half a unit of its last digit, plus
+    `noise` relative (ORT's threaded reductions may sum in another order from one run to the next)."""
+    mantissa, _, exponent = text.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    half_unit = 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+    assert abs(float(text) - value) <= half_unit + noise * abs(value), (text, value)
+
+
+STEP_LINE = re.compile(r"step (\d+)  loss (\S+)  lr (\S+)  grad-norm (\S+)  \((\S+) ms\)  (.+)")
+BLOCK_LINE = re.compile(r"  block (\d+)  q \|\|g\|\| (\S+)  k \|\|g\|\| (\S+)  v \|\|g\|\| (\S+)  \((\d+) heads x (\d+)\)")
+
+
+def text_step_and_json_step(address: str, checkpoint: str, *batch_args: str) -> tuple[str, dict, int]:
+    """(text of `train-step BATCH`, the JSON of the same step, the step before it).
+
+    The text step runs first; a checkpoint taken before it is then restored, so the --json run takes the very
+    same step (same weights, optimizer state, step counter and batch) and its numbers are the ones to print.
+    """
+    before = json.loads(ok(run_client("--address", address, "--json", "info")).stdout)["step"]
+    ok(run_client("--address", address, "checkpoint", "save", checkpoint))
+    out = ok(run_client("--address", address, "train-step", *batch_args)).stdout
+    assert json.loads(ok(run_client("--address", address, "--json", "info")).stdout)["step"] == before + 1
+    ok(run_client("--address", address, "checkpoint", "restore", checkpoint))
+    step = json.loads(ok(run_client("--address", address, "--json", "train-step", *batch_args)).stdout)
+    return out, step, before
+
+
+def assert_text_is_the_step(out: str, step: dict, before: int) -> None:
+    """The step line, the gradient table (top 10 by L2 norm) and the attention q/k/v rows print `step`."""
+    lines = out.splitlines()
+    match = STEP_LINE.fullmatch(lines[0])
+    assert match, lines[0]
+    number, loss, lr, grad_norm, _, status = match.groups()
+    assert int(number) == step["step"] == before + 1
+    assert_printed(loss, step["loss"], noise=1e-6)
+    assert lr == f"{step['learning_rate']:.3g}"
+    assert_printed(grad_norm, step["grad_norm"], noise=1e-5)
+    assert status == "applied" and step["applied"] is True
+
+    gradients = {g["name"]: g for g in step["gradients"]}
+    assert len(gradients) == NUM_PARAMS
+    assert lines[1:3] == ["", f"top 10 of {NUM_PARAMS} parameters by gradient L2 norm"], out
+    assert lines[3].split() == ["parameter", "shape", "grad", "L2", "max|g|", "zero", "%", "update", "ratio"]
+    rows = [line.split() for line in lines[4:14]]
+    shown = []
+    for name, shape, l2, max_abs, zero_percent, update_ratio in rows:
+        g = gradients[name]
+        assert shape == "x".join(map(str, g["shape"])), (name, shape)
+        assert_printed(l2, g["l2_norm"])
+        assert_printed(max_abs, g["max_abs"])
+        assert_printed(zero_percent, g["zero_fraction"] * 100)
+        assert_printed(update_ratio, g["update_ratio"])
+        shown.append(g["l2_norm"])
+    assert shown == sorted(shown, reverse=True) and len(set(name for name, *_ in rows)) == 10, rows
+    hidden = [g["l2_norm"] for name, g in gradients.items() if name not in {r[0] for r in rows}]
+    assert max(hidden) <= min(shown) * (1 + 1e-4), "a larger gradient is missing from the table"
+
+    assert lines[14:16] == ["", "attention q/k/v gradients"], out
+    attention = lines[16:]
+    assert len(attention) == 4 * NUM_BLOCKS == 4 * len(step["attention"]), out
+    for i, a in enumerate(step["attention"]):
+        block = BLOCK_LINE.fullmatch(attention[4 * i])
+        assert block, attention[4 * i]
+        assert int(block[1]) == a["block"] == i
+        for printed, value in zip(block.groups()[1:4], (a["q_norm"], a["k_norm"], a["v_norm"])):
+            assert_printed(printed, value)
+        assert (int(block[5]), int(block[6])) == (a["heads"], a["dim_head"]) == (NUM_HEADS, 16)
+        for line, part in zip(attention[4 * i + 1:4 * i + 4], "qkv"):
+            label, heads, *norms = line.split()
+            assert (label, heads) == (part, "heads"), line
+            assert len(norms) == NUM_HEADS, line
+            for printed, value in zip(norms, a[f"{part}_head_norms"]):
+                assert_printed(printed, value)
+
+
 def test_train_step_npz_text(address, tmp_path):
     npz = write_npz(tmp_path / "batch.npz", seed=1)
-    out = ok(run_client("--address", address, "train-step", "--npz", str(npz))).stdout
+    out, step, before = text_step_and_json_step(address, "before-npz-text", "--npz", str(npz))
     assert "loss" in out
     assert "block 0" in out
     assert f"block {NUM_BLOCKS - 1}" in out
+    assert_text_is_the_step(out, step, before)
 
 
 def test_train_step_image_files(address, tmp_path):
     a, b = write_png(tmp_path / "a.png", 3), write_png(tmp_path / "b.png", 4)
-    out = ok(run_client("--address", address, "train-step", "--images", str(a), str(b), "--labels", "3", "7")).stdout
+    out, step, before = text_step_and_json_step(address, "before-png-text", "--images", str(a), str(b),
+                                                "--labels", "3", "7")
     assert "loss" in out
+    assert_text_is_the_step(out, step, before)
 
 
 # ---------------------------------------------------------------- errors
