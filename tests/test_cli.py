@@ -338,12 +338,12 @@ def run_serving_path(exported, hide_torch: bool) -> dict:
 
 def is_project_file(filename: str) -> bool:
     path = Path(filename).resolve()
-    return any(path.is_relative_to(REPO / package) for package in ("server", "client", "proto"))
+    return any(path.is_relative_to(REPO / package) for package in ("server", "engine", "client", "proto"))
 
 
 def test_serving_path_needs_no_torch(exported):
     """With torch absent (a requirements/serve.txt install), the server and client import, load and train,
-    and no server/client/proto module ever asks for torch (only ONNX Runtime's own optional probes do)."""
+    and no server/engine/client/proto module ever asks for torch (only ONNX Runtime's own optional probes do)."""
     report = run_serving_path(exported, hide_torch=True)
     from_project = [(name, asker, stack) for name, asker, stack in report["attempts"] if is_project_file(asker)]
     assert not from_project, "project code imports torch:\n" + "\n".join(
