@@ -202,7 +202,7 @@ def _bad_requests():
                          "labels: shape must be [4] (one per image), got [3]"),
         "non-finite pixels": (pb.TrainStepRequest(images=images_msg(np.where(images > 1.5, np.nan, images).astype(np.float32)),
                                                   labels=tensor(labels)),
-                              "pixel values are NaN or Inf"),
+                              f"images: {int((images > 1.5).sum())} pixel values are NaN or Inf"),
         "infinite pixels": (pb.TrainStepRequest(images=images_msg(np.full((4, 1, 8, 8), np.inf, np.float32)),
                                                 labels=tensor(labels)),
                             "images: 256 pixel values are NaN or Inf"),
@@ -221,6 +221,16 @@ def _bad_requests():
 BAD = _bad_requests()
 
 
+def assert_details(details: str, case: str) -> None:
+    """The server's message is BAD[case]'s exactly; an undecodable image's adds PIL's reason after a colon."""
+    message = BAD[case][1]
+    assert message in details
+    if case == "undecodable image":
+        assert details.startswith(message + ": "), details
+    else:
+        assert details == message
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_train_step_is_rejected_and_changes_nothing(running, case):
     request, message = BAD[case]
@@ -229,6 +239,7 @@ def test_bad_train_step_is_rejected_and_changes_nothing(running, case):
         running.stub.TrainStep(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
+    assert_details(err.value.details(), case)
     assert running.plane.training.step == 0
     after = running.plane.training.parameters()
     assert all(np.array_equal(before[n], after[n]) for n in before)
@@ -245,6 +256,7 @@ def test_bad_predict_is_rejected(running, case):
         running.stub.Predict(pb.PredictRequest(images=request.images))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
+    assert_details(err.value.details(), case)
 
 
 def test_predict_calls_run_concurrently_with_training(running):
