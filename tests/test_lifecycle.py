@@ -249,6 +249,10 @@ def test_checkpoint_names_are_names_not_paths(running, name, tmp_path):
     for call in (lambda: running.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name=name)),
                  lambda: running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name=name))):
         assert_rejected(call, grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint name {name!r} is not valid")
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.details() == (f"checkpoint name {name!r} is not valid: use 1-64 letters, digits, '.', '_' "
+                                       "or '-', starting with a letter or digit")
     assert running.stub.ListCheckpoints(pb.ListCheckpointsRequest()).checkpoints == []
 
 
@@ -257,6 +261,9 @@ def test_restoring_an_unknown_checkpoint_is_not_found_and_changes_nothing(runnin
     before = weights(running)
     assert_rejected(lambda: running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="nope")),
                     grpc.StatusCode.NOT_FOUND, "no checkpoint named 'nope'")
+    with pytest.raises(grpc.RpcError) as err:
+        running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="nope"))
+    assert err.value.details() == "no checkpoint named 'nope' (ListCheckpoints shows the saved ones)"
     assert_same_weights(before, weights(running))
     assert running.plane.training.step == 1
 
