@@ -22,8 +22,10 @@ def test_metrics_after_real_calls(serve):
     stub = running.stub
     for _ in range(2):
         stub.Predict(pb.PredictRequest(images=images_msg(images)))
-    with pytest.raises(grpc.RpcError):  # a bad Predict: INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:  # a bad Predict: INVALID_ARGUMENT
         stub.Predict(pb.PredictRequest(images=images_msg(images[:, :, :4])))
+    assert (err.value.code(), err.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "images: shape must be [batch, 1, 8, 8], got [8, 1, 4, 8]")
     responses = [stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels)))
                  for _ in range(3)]
     last = stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels), accumulate_only=True))
@@ -107,8 +109,9 @@ def test_metrics_of_a_server_process_and_json_logs(artifacts):
             _, call = stub.GetModelInfo.with_call(pb.GetModelInfoRequest(), timeout=30)
             generated = dict(call.initial_metadata())["x-request-id"]
             assert len(generated) == 16
-            with pytest.raises(grpc.RpcError):
+            with pytest.raises(grpc.RpcError) as err:
                 stub.Predict(pb.PredictRequest(images=images_msg(images[:, :, :4])), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         m = scrape(server.metrics_url)
         assert metric(m, "vitserve_requests_total", method="Predict", code="OK") == 1
         assert metric(m, "vitserve_requests_total", method="Predict", code="INVALID_ARGUMENT") == 1
@@ -147,8 +150,9 @@ def test_one_text_log_line_per_rpc(running, caplog):
     images, labels = batch(4)
     running.stub.Predict(pb.PredictRequest(images=images_msg(images)))
     running.stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels)))
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as err:
         running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="missing"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     records = [r for r in caplog.records if r.name == "vitserve.rpc"]
     assert [(r.fields["method"], r.fields["code"], r.levelname) for r in records] == [
         ("Predict", "OK", "INFO"), ("TrainStep", "OK", "INFO"), ("RestoreCheckpoint", "NOT_FOUND", "WARNING")]
