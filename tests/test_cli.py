@@ -224,10 +224,14 @@ def test_label_out_of_range_is_one_error_line(address, tmp_path):
     assert "labels: must be in [0, 10), got 12" in line, line
 
 
+UNREACHABLE = "error: UNAVAILABLE: cannot reach the server at 127.0.0.1:1 ("  # then gRPC's own reason
+
+
 def test_unreachable_server(tmp_path):
     result = run_client("--address", "127.0.0.1:1", "--timeout", "2", "info")
     line = assert_one_error_line(result, code=1)
     assert "127.0.0.1:1" in line, line
+    assert line.startswith(UNREACHABLE), line
 
 
 def test_address_from_environment(address):
@@ -236,6 +240,7 @@ def test_address_from_environment(address):
     # ... and it is that variable that chose the server: pointed elsewhere, the same command fails there.
     result = run_client("--timeout", "2", "info", env=clean_env(VITSERVE_ADDRESS="127.0.0.1:1"))
     assert "127.0.0.1:1" in assert_one_error_line(result, code=1)
+    assert assert_one_error_line(result, code=1).startswith(UNREACHABLE)
 
 
 # ---------------------------------------------------------------- server start-up
@@ -365,3 +370,4 @@ def test_health_command(address):
     assert json.loads(ok(run_client("--address", address, "--json", "health")).stdout) == {"status": "SERVING"}
     down = run_client("--address", "127.0.0.1:1", "--timeout", "2", "health")
     assert down.returncode == 1 and "127.0.0.1:1" in down.stderr
+    assert assert_one_error_line(down, code=1).startswith(UNREACHABLE) and down.stdout == ""

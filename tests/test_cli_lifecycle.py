@@ -71,6 +71,7 @@ def test_eval_step_changes_nothing(cli, npz):
 def test_eval_step_needs_labels_for_images(cli, tmp_path):
     line = assert_one_error_line(cli("eval-step", "--images", "examples/digits/000-0.png"), code=1)
     assert "--labels" in line, line
+    assert line == "error: --images needs --labels, one class index per image"
 
 
 def test_train_step_accumulate_then_apply(cli, npz):
@@ -115,8 +116,10 @@ def test_optimizer_show_and_set(cli):
 def test_optimizer_usage_errors(cli):
     line = assert_one_error_line(cli("optimizer", "--end-lr", "0.1"), code=1)
     assert "--schedule" in line, line
+    assert line == "error: --end-lr goes with --schedule"
     line = assert_one_error_line(cli("optimizer", "--schedule", "0.1", "ten", "5"), code=1)
     assert "WARMUP" in line, line
+    assert line == "error: --schedule needs PEAK (a number) WARMUP DECAY (whole steps), got 0.1 ten 5"
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -149,12 +152,15 @@ def test_checkpoint_save_default_name(cli):
 def test_checkpoint_invalid_name(cli, name):
     line = assert_one_error_line(cli("checkpoint", "save", name), code=1)
     assert line.startswith("error: INVALID_ARGUMENT"), line
+    assert line == (f"error: INVALID_ARGUMENT: checkpoint name {name!r} is not valid: use 1-64 letters, digits, "
+                    "'.', '_' or '-', starting with a letter or digit")
 
 
 def test_checkpoint_unknown_name(cli):
     line = assert_one_error_line(cli("checkpoint", "restore", "no-such-checkpoint"), code=1)
     assert line.startswith("error: NOT_FOUND"), line
     assert "no-such-checkpoint" in line, line
+    assert line == "error: NOT_FOUND: no checkpoint named 'no-such-checkpoint' (ListCheckpoints shows the saved ones)"
 
 
 # ---------------------------------------------------------------- publish
@@ -217,6 +223,8 @@ def test_explain_qkv_weight(cli):
 def test_explain_unknown_parameter(cli):
     line = assert_one_error_line(cli("explain", "--parameter", "no.such.weight"), code=1)
     assert "no.such.weight" in line, line
+    assert line == (f"error: NOT_FOUND: parameter 'no.such.weight' is not in this model; ExplainGradients knows "
+                    f"{NUM_PARAMS} trainable parameters, e.g. pos_embedding")
 
 
 # ---------------------------------------------------------------- grads --plot
