@@ -3,8 +3,8 @@
 The test model (CONFIG and the numbers derived from it), request builders (batch, tensor, images_msg), the
 in-process server handle that conftest's `serve` fixture returns (RunningServer), real `python -m server` and
 `python -m client` processes (clean_env, start_server, run_client, run_server_to_exit, ok,
-assert_one_error_line), input files (write_png, write_npz), Prometheus scraping (scrape, metric) and
-waiting on a condition (wait_for).
+assert_one_error_line) and their text output (assert_printed, text_rows), input files (write_png,
+write_npz), Prometheus scraping (scrape, metric) and waiting on a condition (wait_for).
 """
 from __future__ import annotations
 
@@ -192,6 +192,20 @@ def assert_one_error_line(result: subprocess.CompletedProcess, code: int) -> str
     assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{result.stderr}"
     assert lines[0].startswith("error: "), lines[0]
     return lines[0]
+
+
+def assert_printed(text: str, value: float, noise: float = 1e-4) -> None:
+    """`text` is `value` printed (any of %.4f, %.3e, %.4g, ...): within half a unit of its last digit, plus
+    `noise` relative (ORT's threaded reductions may sum in another order from one run to the next)."""
+    mantissa, _, exponent = text.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    half_unit = 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+    assert abs(float(text) - value) <= half_unit + noise * abs(value), (text, value)
+
+
+def text_rows(out: str) -> dict[str, str]:
+    """The `key            value` rows the CLI prints for info and optimizer (keys padded to 15 columns)."""
+    return {line[:15].rstrip(): line[16:] for line in out.splitlines()}
 
 
 # ---------------------------------------------------------------- input files

@@ -20,11 +20,13 @@ from tests.helpers import (
     READY,
     REPO,
     assert_one_error_line,
+    assert_printed,
     clean_env,
     ok,
     run_client,
     run_server_to_exit,
     start_server,
+    text_rows,
     write_npz,
     write_png,
 )
@@ -49,6 +51,21 @@ def test_info_text(address):
     assert "digits4" in out
     assert "CPUExecutionProvider" in out
     assert "SoftmaxCrossEntropyLoss" in out
+    info = json.loads(ok(run_client("--address", address, "--json", "info")).stdout)
+    rows = text_rows(out)
+    assert list(rows) == ["model", "device", "input", "preprocessing", "classes", "parameters", "trainable", "step",
+                          "learning rate", "optimizer", "loss node", "opset", "max batch", "model version",
+                          "versions", "auto checkpoint", "auto publish"], out
+    assert rows["model"] == "digits4"
+    assert rows["device"] == "cpu (CPUExecutionProvider)"
+    assert rows["input"] == "images [-1, 1, 8, 8] FLOAT32"
+    assert rows["classes"] == "10 (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"
+    assert rows["parameters"].startswith(f"{NUM_PARAMS} tensors, ") and rows["trainable"] == rows["parameters"]
+    assert rows["step"] == str(info["step"])
+    assert rows["optimizer"] == "adamw"
+    assert rows["loss node"] == f"{info['loss_node']} (SoftmaxCrossEntropyLoss)"
+    assert rows["max batch"] == "256"
+    assert rows["model version"] == f"{info['model_version']} (Predict)"
 
 
 def test_info_json(address):
@@ -120,15 +137,6 @@ def test_train_step_npz_json_repeat(address, tmp_path, exported):
             assert a["heads"] == NUM_HEADS
             for part in ("q_head_norms", "k_head_norms", "v_head_norms"):
                 assert len(a[part]) == NUM_HEADS, (part, a)
-
-
-def assert_printed(text: str, value: float, noise: float = 1e-4) -> None:
-    """`text` is `value` printed (any of %.4f, %.3e, %.4g, ...): within half a unit of its last digit, plus
-    `noise` relative (ORT's threaded reductions may sum in another order from one run to the next)."""
-    mantissa, _, exponent = text.lower().partition("e")
-    decimals = len(mantissa.partition(".")[2])
-    half_unit = 0.5 * 10.0 ** (int(exponent or 0) - decimals)
-    assert abs(float(text) - value) <= half_unit + noise * abs(value), (text, value)
 
 
 STEP_LINE = re.compile(r"step (\d+)  loss (\S+)  lr (\S+)  grad-norm (\S+)  \((\S+) ms\)  (.+)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from PIL import Image
@@ -15,9 +16,11 @@ from PIL import Image
 from tests.helpers import (
     NUM_PARAMS,
     assert_one_error_line,
+    assert_printed,
     ok,
     run_client,
     start_server,
+    text_rows,
     write_npz,
 )
 
@@ -65,6 +68,11 @@ def test_eval_step_changes_nothing(cli, npz):
     assert result["step"] == before
     text = ok(cli("eval-step", "--npz", npz)).stdout
     assert "accuracy" in text and f"step {before}" in text
+    match = re.fullmatch(r"step (\d+)  loss (\S+)  accuracy (\S+)% \((\d+)/(\d+)\)\n", text)
+    assert match, text
+    assert (int(match[1]), int(match[4]), int(match[5])) == (before, result["correct"], 8)
+    assert_printed(match[2], result["loss"], noise=1e-6)
+    assert match[3] == f"{result['accuracy'] * 100:.1f}"
     assert current_step(cli) == before
 
 
@@ -93,6 +101,11 @@ def test_train_step_accumulate_then_apply(cli, npz):
 def test_optimizer_show_and_set(cli):
     shown = ok(cli("optimizer")).stdout
     assert "adamw" in shown and "learning rate" in shown
+    state = as_json(cli("--json", "optimizer"))
+    assert text_rows(shown) == {
+        "optimizer": "adamw", "learning rate": f"{state['learning_rate']:.6g} (next step)",
+        "schedule": "none (constant learning rate)", "clipping": "off", "step": str(state["step"]),
+        "accumulated": f"{state['accumulated_batches']} batch(es) pending"}
     try:
         state = as_json(cli("--json", "optimizer", "--schedule", "0.002", "10", "100", "--end-lr", "1e-5",
                             "--clip", "1"))
