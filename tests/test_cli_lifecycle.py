@@ -159,6 +159,7 @@ def test_checkpoint_save_default_name(cli):
     text = ok(cli("checkpoint", "save")).stdout
     assert text.startswith("saved checkpoint manual-"), text
     assert f"step {step}" in text, text
+    assert text.startswith(f"saved checkpoint manual-{step:08d}: step {step}, "), text
 
 
 @pytest.mark.parametrize("name", ["bad name", ".hidden", "../escape", "x" * 65, "naïve"])

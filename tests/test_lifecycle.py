@@ -193,6 +193,7 @@ def test_a_non_finite_batch_drops_the_accumulated_sum(running):
     train(running.stub, *batch(4), accumulate_only=True)
     r = train(running.stub, *huge_batch(), accumulate_only=True)
     assert not r.applied and r.skipped_reason and r.accumulated_batches == 2
+    assert "the loss is nan" in r.skipped_reason, r.skipped_reason
     assert running.stub.GetOptimizer(pb.GetOptimizerRequest()).accumulated_batches == 0
 
 
