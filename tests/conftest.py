@@ -1,35 +1,32 @@
-"""Shared fixtures: a small exported model (with its PyTorch twin) and real gRPC servers on 127.0.0.1."""
+"""Shared fixtures: a small exported model (with its PyTorch twin) and real gRPC servers on 127.0.0.1.
+
+Plain helpers (the model's CONFIG, batch(), tensor(), images_msg(), RunningServer, process helpers) live in
+tests/helpers.py; this file holds only fixtures and the hypothesis profile.
+"""
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from hypothesis import settings as hypothesis_settings
 
-from client.client import tensor_to_proto
 from model import export as exporter
-from model.vit import PRESETS, build
-from proto import vitserve_pb2 as pb
+from model.vit import build
 from proto import vitserve_pb2_grpc
 from server.app import create_server
 from server.config import Settings
 from server.dataplane import DataPlane
+from tests.helpers import CONFIG, LEARNING_RATE, MODEL, RunningServer
 
 # CI replays the same examples every run (a submission's result must not depend on luck); local runs
 # explore new ones. `make fuzz` is the open-ended search.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
-
-# 4 blocks (parity must hold beyond toy depth), small enough to export in about a second.
-CONFIG = replace(PRESETS["digits"], depth=4)
-LEARNING_RATE = 1e-3
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +36,7 @@ def exported(tmp_path_factory) -> tuple[Path, dict]:
     model = build(CONFIG)
     state = copy.deepcopy(model.state_dict())
     folder = exporter.export(
-        model=model, name="digits4", out=tmp_path_factory.mktemp("artifacts"), image_size=CONFIG.image_size,
+        model=model, name=MODEL, out=tmp_path_factory.mktemp("artifacts"), image_size=CONFIG.image_size,
         channels=CONFIG.channels, mean=CONFIG.mean, std=CONFIG.std, class_names=[str(i) for i in range(10)],
         source={"preset": "digits", "config": CONFIG.model_kwargs()}, freeze=[], optimizer="adamw", opset=16)
     return folder, state
@@ -78,32 +75,3 @@ def serve(exported, tmp_path):
 def running(serve):
     """A fresh server (fresh weights, step 0, empty data directory) per test."""
     return serve()
-
-
-@dataclass
-class RunningServer:
-    plane: DataPlane  # the server's own data plane, to read its weights and step counter
-    stub: vitserve_pb2_grpc.VitServeStub  # over a real channel to 127.0.0.1
-    address: str
-    server: grpc.Server
-    channel: grpc.Channel
-
-    def stop(self) -> None:
-        """Stop like SIGTERM does: no new calls, then the final checkpoint (idempotent)."""
-        self.channel.close()
-        self.server.stop(None).wait()
-        self.plane.close()
-
-
-def batch(n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = rng.standard_normal((n, CONFIG.channels, CONFIG.image_size, CONFIG.image_size), dtype=np.float32)
-    return images, rng.integers(0, CONFIG.num_classes, size=n, dtype=np.int64)
-
-
-def tensor(array: np.ndarray) -> pb.Tensor:
-    return tensor_to_proto(array)
-
-
-def images_msg(array: np.ndarray) -> pb.Images:
-    return pb.Images(tensor=tensor_to_proto(array))

@@ -1,15 +1,19 @@
-"""Dynamic batching: concurrent Predict calls coalesce, and every caller gets exactly its own rows."""
+"""Dynamic batching: concurrent Predict calls coalesce, and every caller gets exactly its own rows; the
+--[no-]dynamic-batching flag and VITSERVE_DYNAMIC_BATCHING switch it on a real server."""
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 
 from proto import vitserve_pb2 as pb
+from proto import vitserve_pb2_grpc
 from server.batching import DynamicBatcher
-from tests.conftest import batch, images_msg
+from server.dataplane import DataPlane
+from tests.helpers import batch, images_msg, metric, scrape, start_server
 
 
 def logits_of(response):
@@ -55,8 +59,10 @@ def test_a_request_larger_than_the_batch_limit_runs_alone():
 
 def test_an_error_reaches_every_caller_of_the_batch_and_the_batcher_survives():
     calls = threading.Barrier(3)
+    runs = []
 
     def run(images):
+        runs.append(len(images))
         if (images < 0).any():
             raise ValueError("bad batch")
         return 1, images
@@ -71,19 +77,37 @@ def test_an_error_reaches_every_caller_of_the_batch_and_the_batcher_survives():
             futures = [pool.submit(submit, np.full((1, 2), v, np.float32)) for v in (1.0, -1.0, 2.0)]
         errors = [f.exception() for f in futures]
         assert all(isinstance(e, ValueError) for e in errors), errors  # one batch, one failure for all
+        assert [str(e) for e in errors] == ["bad batch"] * 3
+        assert runs == [3]  # the three requests ran as one batch
         assert batcher.submit(np.ones((1, 2), np.float32))[1].tolist() == [[1.0, 1.0]]
+        assert runs == [3, 1]
     finally:
         batcher.close()
 
 
 @pytest.mark.parametrize("flag, expected", [("--no-dynamic-batching", False), ("--dynamic-batching", True)])
-def test_the_flag_switches_batching(flag, expected):
+def test_the_flag_switches_batching(flag, expected, exported):
+    """The flag reaches a real `python -m server`: its Predicts go through the batcher (one observation each in
+    the vitserve_batch_size histogram) only with --dynamic-batching."""
     from server.__main__ import parse_args
 
     assert parse_args([flag])["dynamic_batching"] is expected
+    server = start_server("--artifacts", str(exported[0]), "--host", "127.0.0.1", "--port", "0", flag)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = vitserve_pb2_grpc.VitServeStub(channel)
+            for n in (3, 2):
+                response = stub.Predict(pb.PredictRequest(images=images_msg(batch(n)[0])), timeout=30)
+                assert len(response.predictions) == n
+        m = scrape(server.metrics_url)
+    finally:
+        server.stop()
+    assert metric(m, "vitserve_requests_total", method="Predict", code="OK") == 2
+    assert metric(m, "vitserve_batch_size_count") == (2 if expected else 0)
+    assert metric(m, "vitserve_batch_size_sum") == (5 if expected else 0)
 
 
-def test_environment_switches_batching():
+def test_environment_switches_batching(exported, tmp_path):
     from server.config import Settings
     from engine.errors import ConfigError
 
@@ -91,3 +115,17 @@ def test_environment_switches_batching():
     assert Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": "1"}).dynamic_batching is True
     with pytest.raises(ConfigError, match="VITSERVE_DYNAMIC_BATCHING='maybe' is not a valid bool"):
         Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": "maybe"})
+    # ... and a data plane built from those settings batches, or not.
+    images = batch(3)[0]
+    for raw, batched in (("off", False), ("1", True)):
+        settings = Settings.from_env({"VITSERVE_DYNAMIC_BATCHING": raw}, artifacts=exported[0],
+                                     data_dir=tmp_path / raw, metrics_port=-1)
+        plane = DataPlane(settings)
+        try:
+            assert (plane.batcher is not None) is batched
+            assert plane.predict(images).indices.shape == (3, 5)
+            assert plane.metrics.registry.get_sample_value("vitserve_batch_size_count") == (1 if batched else 0)
+            if batched:
+                assert plane.batcher.batch_sizes == {3: 1}
+        finally:
+            plane.close()

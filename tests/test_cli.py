@@ -3,158 +3,33 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import queue
-import signal
+import re
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 60.0  # seconds for a server to print its "listening" line
-STOP_TIMEOUT = 15.0  # seconds for a server to exit after SIGTERM
-CALL_TIMEOUT = 60.0  # seconds for one client process
-READY = "vitserve listening on "
-METRICS = "vitserve metrics on "
-NUM_BLOCKS, NUM_HEADS, NUM_PARAMS = 4, 4, 52  # the conftest model: 4 blocks, 4 heads, 52 parameter tensors
-
-
-# ---------------------------------------------------------------- helpers
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any VITSERVE_* variable (so the caller's shell cannot leak in), plus `extra`.
-
-    Each server gets its own empty data directory unless `extra` names one: checkpoints never leak between tests.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["VITSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="vitserve-data-")
-    env["VITSERVE_METRICS_PORT"] = "0"  # a free port: parallel servers never collide on the default 8002
-    env.update(extra)
-    return env
-
-
-class Server:
-    """A `python -m server` process that printed its listening line."""
-
-    def __init__(self, proc: subprocess.Popen, address: str, stderr_file) -> None:
-        self.proc = proc
-        self.address = address
-        self.metrics_url = ""  # from the "vitserve metrics on URL" line, when the endpoint is on
-        self._stderr = stderr_file
-
-    def stderr(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM; the server must exit with status 0 within STOP_TIMEOUT seconds."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                pytest.fail(f"server did not exit within {STOP_TIMEOUT:g}s of SIGTERM; stderr:\n{self.stderr()}")
-            assert code == 0, f"server exited with {code} after SIGTERM; stderr:\n{self.stderr()}"
-        finally:
-            self._stderr.close()
-
-
-def start_server(*args: str, env: dict[str, str] | None = None, command: list[str] | None = None,
-                 cwd: Path = REPO) -> Server:
-    """Start `python -m server ARGS` (or `command ARGS`, e.g. an installed vitserve-server) and wait (up to
-    START_TIMEOUT) for "vitserve listening on HOST:PORT"."""
-    stderr_file = tempfile.TemporaryFile()  # a file, not a pipe: the server's logs can never block it
-    command = command or [sys.executable, "-m", "server"]
-    proc = subprocess.Popen([*command, *args], cwd=cwd, env=env or clean_env(),
-                            stdout=subprocess.PIPE, stderr=stderr_file, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:  # stdout lines -> queue; None at EOF (the process died or closed stdout)
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    server = Server(proc, "", stderr_file)
-    deadline = time.monotonic() + START_TIMEOUT
-    seen = []
-    while True:
-        try:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-        except queue.Empty:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"server printed no '{READY}' line within {START_TIMEOUT:g}s; stdout: {seen}; "
-                        f"stderr:\n{server.stderr()}")
-        if line is None:
-            code = proc.wait()
-            pytest.fail(f"server exited with {code} before listening; stdout: {seen}; stderr:\n{server.stderr()}")
-        seen.append(line)
-        if line.startswith(METRICS):
-            server.metrics_url = line[len(METRICS):].strip()
-        if line.startswith(READY):
-            server.address = line[len(READY):].strip()
-            return server
-
-
-def run_client(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m client ARGS` to completion (output captured as text)."""
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, env=env or clean_env(),
-                          capture_output=True, text=True, timeout=CALL_TIMEOUT)
-
-
-def run_server_to_exit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m server ARGS` for a configuration that must not start: it has to exit on its own."""
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, env=env or clean_env(),
-                          capture_output=True, text=True, timeout=START_TIMEOUT)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """Assert a client run exited 0 (showing its output otherwise) and return it."""
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
-    """The process exited with `code` and wrote exactly one `error: ...` line to stderr (no traceback); returns it."""
-    assert result.returncode == code, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{result.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-def write_png(path: Path, seed: int) -> Path:
-    """An 8x8 grayscale PNG with random pixels."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(8, 8), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format="PNG")
-    with Image.open(path) as check:
-        assert (check.mode, check.size) == ("L", (8, 8))
-    return path
-
-
-def write_npz(path: Path, n: int = 8, seed: int = 0, labels: np.ndarray | None = None) -> Path:
-    """An .npz with `images` float32 [n, 1, 8, 8] and `labels` int64 [n]."""
-    rng = np.random.default_rng(seed)
-    images = rng.standard_normal((n, 1, 8, 8), dtype=np.float32)
-    if labels is None:
-        labels = rng.integers(0, 10, size=n, dtype=np.int64)
-    np.savez(path, images=images, labels=np.asarray(labels, dtype=np.int64))
-    return path
+from tests.helpers import (
+    CALL_TIMEOUT,
+    NUM_BLOCKS,
+    NUM_HEADS,
+    NUM_PARAMS,
+    READY,
+    REPO,
+    assert_one_error_line,
+    assert_printed,
+    clean_env,
+    ok,
+    run_client,
+    run_server_to_exit,
+    start_server,
+    text_rows,
+    write_npz,
+    write_png,
+)
 
 
 # ---------------------------------------------------------------- the server under test
@@ -176,6 +51,21 @@ def test_info_text(address):
     assert "digits4" in out
     assert "CPUExecutionProvider" in out
     assert "SoftmaxCrossEntropyLoss" in out
+    info = json.loads(ok(run_client("--address", address, "--json", "info")).stdout)
+    rows = text_rows(out)
+    assert list(rows) == ["model", "device", "input", "preprocessing", "classes", "parameters", "trainable", "step",
+                          "learning rate", "optimizer", "loss node", "opset", "max batch", "model version",
+                          "versions", "auto checkpoint", "auto publish"], out
+    assert rows["model"] == "digits4"
+    assert rows["device"] == "cpu (CPUExecutionProvider)"
+    assert rows["input"] == "images [-1, 1, 8, 8] FLOAT32"
+    assert rows["classes"] == "10 (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"
+    assert rows["parameters"].startswith(f"{NUM_PARAMS} tensors, ") and rows["trainable"] == rows["parameters"]
+    assert rows["step"] == str(info["step"])
+    assert rows["optimizer"] == "adamw"
+    assert rows["loss node"] == f"{info['loss_node']} (SoftmaxCrossEntropyLoss)"
+    assert rows["max batch"] == "256"
+    assert rows["model version"] == f"{info['model_version']} (Predict)"
 
 
 def test_info_json(address):
@@ -195,6 +85,18 @@ def test_predict_text_names_both_files(address, tmp_path):
     out = ok(run_client("--address", address, "predict", str(a), str(b))).stdout
     assert str(a) in out and str(b) in out
     assert "%" in out  # the probabilities are printed
+    # ... and they are the server's: each file's block lists the same top 5 as --json, in order.
+    expected = json.loads(ok(run_client("--address", address, "--json", "predict", str(a), str(b))).stdout)
+    lines = out.splitlines()
+    assert len(lines) == 2 * (1 + 5) + 1, out
+    for i, (path, top) in enumerate(zip((a, b), expected["predictions"])):
+        block = lines[6 * i:6 * i + 6]
+        assert block[0] == str(path), out
+        for line, (_, label, probability) in zip(block[1:], top):
+            printed_label, printed = line.split()
+            assert printed_label == label and printed.endswith("%"), line
+            assert_printed(printed[:-1], probability * 100)
+    assert lines[-1] == f"(model version {expected['model_version']})"
 
 
 def test_predict_json(address, tmp_path):
@@ -237,18 +139,88 @@ def test_train_step_npz_json_repeat(address, tmp_path, exported):
                 assert len(a[part]) == NUM_HEADS, (part, a)
 
 
+STEP_LINE = re.compile(r"step (\d+)  loss (\S+)  lr (\S+)  grad-norm (\S+)  \((\S+) ms\)  (.+)")
+BLOCK_LINE = re.compile(r"  block (\d+)  q \|\|g\|\| (\S+)  k \|\|g\|\| (\S+)  v \|\|g\|\| (\S+)  \((\d+) heads x (\d+)\)")
+
+
+def text_step_and_json_step(address: str, checkpoint: str, *batch_args: str) -> tuple[str, dict, int]:
+    """(text of `train-step BATCH`, the JSON of the same step, the step before it).
+
+    The text step runs first; a checkpoint taken before it is then restored, so the --json run takes the very
+    same step (same weights, optimizer state, step counter and batch) and its numbers are the ones to print.
+    """
+    before = json.loads(ok(run_client("--address", address, "--json", "info")).stdout)["step"]
+    ok(run_client("--address", address, "checkpoint", "save", checkpoint))
+    out = ok(run_client("--address", address, "train-step", *batch_args)).stdout
+    assert json.loads(ok(run_client("--address", address, "--json", "info")).stdout)["step"] == before + 1
+    ok(run_client("--address", address, "checkpoint", "restore", checkpoint))
+    step = json.loads(ok(run_client("--address", address, "--json", "train-step", *batch_args)).stdout)
+    return out, step, before
+
+
+def assert_text_is_the_step(out: str, step: dict, before: int) -> None:
+    """The step line, the gradient table (top 10 by L2 norm) and the attention q/k/v rows print `step`."""
+    lines = out.splitlines()
+    match = STEP_LINE.fullmatch(lines[0])
+    assert match, lines[0]
+    number, loss, lr, grad_norm, _, status = match.groups()
+    assert int(number) == step["step"] == before + 1
+    assert_printed(loss, step["loss"], noise=1e-6)
+    assert lr == f"{step['learning_rate']:.3g}"
+    assert_printed(grad_norm, step["grad_norm"], noise=1e-5)
+    assert status == "applied" and step["applied"] is True
+
+    gradients = {g["name"]: g for g in step["gradients"]}
+    assert len(gradients) == NUM_PARAMS
+    assert lines[1:3] == ["", f"top 10 of {NUM_PARAMS} parameters by gradient L2 norm"], out
+    assert lines[3].split() == ["parameter", "shape", "grad", "L2", "max|g|", "zero", "%", "update", "ratio"]
+    rows = [line.split() for line in lines[4:14]]
+    shown = []
+    for name, shape, l2, max_abs, zero_percent, update_ratio in rows:
+        g = gradients[name]
+        assert shape == "x".join(map(str, g["shape"])), (name, shape)
+        assert_printed(l2, g["l2_norm"])
+        assert_printed(max_abs, g["max_abs"])
+        assert_printed(zero_percent, g["zero_fraction"] * 100)
+        assert_printed(update_ratio, g["update_ratio"])
+        shown.append(g["l2_norm"])
+    assert shown == sorted(shown, reverse=True) and len(set(name for name, *_ in rows)) == 10, rows
+    hidden = [g["l2_norm"] for name, g in gradients.items() if name not in {r[0] for r in rows}]
+    assert max(hidden) <= min(shown) * (1 + 1e-4), "a larger gradient is missing from the table"
+
+    assert lines[14:16] == ["", "attention q/k/v gradients"], out
+    attention = lines[16:]
+    assert len(attention) == 4 * NUM_BLOCKS == 4 * len(step["attention"]), out
+    for i, a in enumerate(step["attention"]):
+        block = BLOCK_LINE.fullmatch(attention[4 * i])
+        assert block, attention[4 * i]
+        assert int(block[1]) == a["block"] == i
+        for printed, value in zip(block.groups()[1:4], (a["q_norm"], a["k_norm"], a["v_norm"])):
+            assert_printed(printed, value)
+        assert (int(block[5]), int(block[6])) == (a["heads"], a["dim_head"]) == (NUM_HEADS, 16)
+        for line, part in zip(attention[4 * i + 1:4 * i + 4], "qkv"):
+            label, heads, *norms = line.split()
+            assert (label, heads) == (part, "heads"), line
+            assert len(norms) == NUM_HEADS, line
+            for printed, value in zip(norms, a[f"{part}_head_norms"]):
+                assert_printed(printed, value)
+
+
 def test_train_step_npz_text(address, tmp_path):
     npz = write_npz(tmp_path / "batch.npz", seed=1)
-    out = ok(run_client("--address", address, "train-step", "--npz", str(npz))).stdout
+    out, step, before = text_step_and_json_step(address, "before-npz-text", "--npz", str(npz))
     assert "loss" in out
     assert "block 0" in out
     assert f"block {NUM_BLOCKS - 1}" in out
+    assert_text_is_the_step(out, step, before)
 
 
 def test_train_step_image_files(address, tmp_path):
     a, b = write_png(tmp_path / "a.png", 3), write_png(tmp_path / "b.png", 4)
-    out = ok(run_client("--address", address, "train-step", "--images", str(a), str(b), "--labels", "3", "7")).stdout
+    out, step, before = text_step_and_json_step(address, "before-png-text", "--images", str(a), str(b),
+                                                "--labels", "3", "7")
     assert "loss" in out
+    assert_text_is_the_step(out, step, before)
 
 
 # ---------------------------------------------------------------- errors
@@ -260,10 +232,14 @@ def test_label_out_of_range_is_one_error_line(address, tmp_path):
     assert "labels: must be in [0, 10), got 12" in line, line
 
 
+UNREACHABLE = "error: UNAVAILABLE: cannot reach the server at 127.0.0.1:1 ("  # then gRPC's own reason
+
+
 def test_unreachable_server(tmp_path):
     result = run_client("--address", "127.0.0.1:1", "--timeout", "2", "info")
     line = assert_one_error_line(result, code=1)
     assert "127.0.0.1:1" in line, line
+    assert line.startswith(UNREACHABLE), line
 
 
 def test_address_from_environment(address):
@@ -272,6 +248,7 @@ def test_address_from_environment(address):
     # ... and it is that variable that chose the server: pointed elsewhere, the same command fails there.
     result = run_client("--timeout", "2", "info", env=clean_env(VITSERVE_ADDRESS="127.0.0.1:1"))
     assert "127.0.0.1:1" in assert_one_error_line(result, code=1)
+    assert assert_one_error_line(result, code=1).startswith(UNREACHABLE)
 
 
 # ---------------------------------------------------------------- server start-up
@@ -374,12 +351,12 @@ def run_serving_path(exported, hide_torch: bool) -> dict:
 
 def is_project_file(filename: str) -> bool:
     path = Path(filename).resolve()
-    return any(path.is_relative_to(REPO / package) for package in ("server", "client", "proto"))
+    return any(path.is_relative_to(REPO / package) for package in ("server", "engine", "client", "proto"))
 
 
 def test_serving_path_needs_no_torch(exported):
     """With torch absent (a requirements/serve.txt install), the server and client import, load and train,
-    and no server/client/proto module ever asks for torch (only ONNX Runtime's own optional probes do)."""
+    and no server/engine/client/proto module ever asks for torch (only ONNX Runtime's own optional probes do)."""
     report = run_serving_path(exported, hide_torch=True)
     from_project = [(name, asker, stack) for name, asker, stack in report["attempts"] if is_project_file(asker)]
     assert not from_project, "project code imports torch:\n" + "\n".join(
@@ -401,3 +378,4 @@ def test_health_command(address):
     assert json.loads(ok(run_client("--address", address, "--json", "health")).stdout) == {"status": "SERVING"}
     down = run_client("--address", "127.0.0.1:1", "--timeout", "2", "health")
     assert down.returncode == 1 and "127.0.0.1:1" in down.stderr
+    assert assert_one_error_line(down, code=1).startswith(UNREACHABLE) and down.stdout == ""

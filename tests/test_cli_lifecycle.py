@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from PIL import Image
 
-from tests.test_cli import (
+from tests.helpers import (
     NUM_PARAMS,
     assert_one_error_line,
+    assert_printed,
     ok,
     run_client,
     start_server,
+    text_rows,
     write_npz,
 )
 
@@ -65,12 +68,18 @@ def test_eval_step_changes_nothing(cli, npz):
     assert result["step"] == before
     text = ok(cli("eval-step", "--npz", npz)).stdout
     assert "accuracy" in text and f"step {before}" in text
+    match = re.fullmatch(r"step (\d+)  loss (\S+)  accuracy (\S+)% \((\d+)/(\d+)\)\n", text)
+    assert match, text
+    assert (int(match[1]), int(match[4]), int(match[5])) == (before, result["correct"], 8)
+    assert_printed(match[2], result["loss"], noise=1e-6)
+    assert match[3] == f"{result['accuracy'] * 100:.1f}"
     assert current_step(cli) == before
 
 
 def test_eval_step_needs_labels_for_images(cli, tmp_path):
     line = assert_one_error_line(cli("eval-step", "--images", "examples/digits/000-0.png"), code=1)
     assert "--labels" in line, line
+    assert line == "error: --images needs --labels, one class index per image"
 
 
 def test_train_step_accumulate_then_apply(cli, npz):
@@ -92,6 +101,11 @@ def test_train_step_accumulate_then_apply(cli, npz):
 def test_optimizer_show_and_set(cli):
     shown = ok(cli("optimizer")).stdout
     assert "adamw" in shown and "learning rate" in shown
+    state = as_json(cli("--json", "optimizer"))
+    assert text_rows(shown) == {
+        "optimizer": "adamw", "learning rate": f"{state['learning_rate']:.6g} (next step)",
+        "schedule": "none (constant learning rate)", "clipping": "off", "step": str(state["step"]),
+        "accumulated": f"{state['accumulated_batches']} batch(es) pending"}
     try:
         state = as_json(cli("--json", "optimizer", "--schedule", "0.002", "10", "100", "--end-lr", "1e-5",
                             "--clip", "1"))
@@ -115,8 +129,10 @@ def test_optimizer_show_and_set(cli):
 def test_optimizer_usage_errors(cli):
     line = assert_one_error_line(cli("optimizer", "--end-lr", "0.1"), code=1)
     assert "--schedule" in line, line
+    assert line == "error: --end-lr goes with --schedule"
     line = assert_one_error_line(cli("optimizer", "--schedule", "0.1", "ten", "5"), code=1)
     assert "WARMUP" in line, line
+    assert line == "error: --schedule needs PEAK (a number) WARMUP DECAY (whole steps), got 0.1 ten 5"
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -143,18 +159,22 @@ def test_checkpoint_save_default_name(cli):
     text = ok(cli("checkpoint", "save")).stdout
     assert text.startswith("saved checkpoint manual-"), text
     assert f"step {step}" in text, text
+    assert text.startswith(f"saved checkpoint manual-{step:08d}: step {step}, "), text
 
 
 @pytest.mark.parametrize("name", ["bad name", ".hidden", "../escape", "x" * 65, "naïve"])
 def test_checkpoint_invalid_name(cli, name):
     line = assert_one_error_line(cli("checkpoint", "save", name), code=1)
     assert line.startswith("error: INVALID_ARGUMENT"), line
+    assert line == (f"error: INVALID_ARGUMENT: checkpoint name {name!r} is not valid: use 1-64 letters, digits, "
+                    "'.', '_' or '-', starting with a letter or digit")
 
 
 def test_checkpoint_unknown_name(cli):
     line = assert_one_error_line(cli("checkpoint", "restore", "no-such-checkpoint"), code=1)
     assert line.startswith("error: NOT_FOUND"), line
     assert "no-such-checkpoint" in line, line
+    assert line == "error: NOT_FOUND: no checkpoint named 'no-such-checkpoint' (ListCheckpoints shows the saved ones)"
 
 
 # ---------------------------------------------------------------- publish
@@ -217,6 +237,8 @@ def test_explain_qkv_weight(cli):
 def test_explain_unknown_parameter(cli):
     line = assert_one_error_line(cli("explain", "--parameter", "no.such.weight"), code=1)
     assert "no.such.weight" in line, line
+    assert line == (f"error: NOT_FOUND: parameter 'no.such.weight' is not in this model; ExplainGradients knows "
+                    f"{NUM_PARAMS} trainable parameters, e.g. pos_embedding")
 
 
 # ---------------------------------------------------------------- grads --plot

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from client.client import ClientError, ViTClient
-from tests.conftest import batch
-from tests.test_cli import clean_env, start_server
+from tests.helpers import batch, clean_env, metric, scrape, start_server, wait_for
 
 MODEL = "digits4"  # the conftest export's name: checkpoints live in <data dir>/digits4/checkpoints
 ROUNDS = 20
@@ -214,6 +213,7 @@ def test_sigterm_finishes_in_flight_calls_within_the_grace_period(exported, tmp_
     successes = len(steps)
     assert successes >= 1, outcomes
     assert steps == list(range(1, successes + 1)) or len(set(steps)) == successes, steps
+    assert len(set(steps)) == successes and all(1 <= s <= CONCURRENT for s in steps), steps  # one step per call
 
     again = start_server(*_server_args(artifacts, data_dir), env=env)
     try:
@@ -251,10 +251,13 @@ def test_a_short_grace_still_checkpoints_every_applied_step(exported, tmp_path):
     for t in threads:
         t.start()
     go.wait()
-    time.sleep(0.3)
+    # SIGTERM once the server holds at least two of them (one running, one or more waiting).
+    wait_for(lambda: metric(scrape(server.metrics_url), "vitserve_train_queue_depth") >= 2, seconds=60,
+             what="two TrainSteps in the server")
     server.stop()  # SIGTERM; asserts exit status 0
     for t in threads:
         t.join()
+    assert len(outcomes) == 8, outcomes  # every call returned or failed with a status (no thread died)
     assert {code for code, _ in outcomes} <= {"OK", "UNAVAILABLE", "CANCELLED"}, outcomes
     folder = data / "digits4" / "checkpoints"
     (final,) = [json.loads((p / "meta.json").read_text()) for p in folder.iterdir() if not p.name.startswith(".")]

@@ -8,7 +8,7 @@ import sys
 
 from PIL import Image
 
-from tests.test_cli import REPO, clean_env
+from tests.helpers import REPO, clean_env
 
 EPOCHS = 5  # about 20 s of training on 2 CPU cores; the full demo's default is 15
 MIN_ACCURACY = 0.90

@@ -14,8 +14,8 @@ from model import export as exporter
 from engine.errors import FailedPrecondition, NotFound
 from engine.explain import GradientExplainer
 from engine.manifest import TRAINING_MODEL, Manifest
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
 QKV0, QKV3 = "transformer.layers.0.0.fn.to_qkv.weight", "transformer.layers.3.0.fn.to_qkv.weight"
 
 
@@ -152,4 +152,4 @@ def test_vit_pytorch_export_has_qkv_parts_in_both_blocks(tmp_path):
 
 def test_explain_module_does_not_import_torch():
     code = "import sys, engine.explain; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

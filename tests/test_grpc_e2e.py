@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from proto import vitserve_pb2 as pb
-from tests.conftest import LEARNING_RATE, batch, images_msg, tensor
+from tests.helpers import LEARNING_RATE, batch, images_msg, tensor, wait_for
 
 
 def train_request(images, labels, **kw) -> pb.TrainStepRequest:
@@ -202,7 +202,7 @@ def _bad_requests():
                          "labels: shape must be [4] (one per image), got [3]"),
         "non-finite pixels": (pb.TrainStepRequest(images=images_msg(np.where(images > 1.5, np.nan, images).astype(np.float32)),
                                                   labels=tensor(labels)),
-                              "pixel values are NaN or Inf"),
+                              f"images: {int((images > 1.5).sum())} pixel values are NaN or Inf"),
         "infinite pixels": (pb.TrainStepRequest(images=images_msg(np.full((4, 1, 8, 8), np.inf, np.float32)),
                                                 labels=tensor(labels)),
                             "images: 256 pixel values are NaN or Inf"),
@@ -221,6 +221,16 @@ def _bad_requests():
 BAD = _bad_requests()
 
 
+def assert_details(details: str, case: str) -> None:
+    """The server's message is BAD[case]'s exactly; an undecodable image's adds PIL's reason after a colon."""
+    message = BAD[case][1]
+    assert message in details
+    if case == "undecodable image":
+        assert details.startswith(message + ": "), details
+    else:
+        assert details == message
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_train_step_is_rejected_and_changes_nothing(running, case):
     request, message = BAD[case]
@@ -229,6 +239,7 @@ def test_bad_train_step_is_rejected_and_changes_nothing(running, case):
         running.stub.TrainStep(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
+    assert_details(err.value.details(), case)
     assert running.plane.training.step == 0
     after = running.plane.training.parameters()
     assert all(np.array_equal(before[n], after[n]) for n in before)
@@ -245,10 +256,13 @@ def test_bad_predict_is_rejected(running, case):
         running.stub.Predict(pb.PredictRequest(images=request.images))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
+    assert_details(err.value.details(), case)
 
 
 def test_predict_calls_run_concurrently_with_training(running):
-    """Many Predict calls in flight alongside train steps: all answer, each with its own rows."""
+    """Many Predict calls in flight alongside train steps: all answer, each with its own rows, while all three
+    train steps are still in flight (the training engine's lock is held until the Predicts are done), so
+    Predict never waits for training."""
     from concurrent.futures import ThreadPoolExecutor
 
     images, labels = batch(16, seed=9)
@@ -258,10 +272,18 @@ def test_predict_calls_run_concurrently_with_training(running):
         r = running.stub.Predict(pb.PredictRequest(images=images_msg(images[i:i + 1]), return_logits=True))
         return np.frombuffer(r.logits.data, dtype="<f4")
 
+    training = running.plane.training._lock  # one train step at a time: while held, steps wait in flight
     with ThreadPoolExecutor(8) as pool:
-        steps = [pool.submit(running.stub.TrainStep, train_request(images, labels, omit_gradient_summaries=True))
-                 for _ in range(3)]
-        rows = list(pool.map(predict, range(16)))
+        training.acquire()
+        try:
+            steps = [pool.submit(running.stub.TrainStep, train_request(images, labels, omit_gradient_summaries=True))
+                     for _ in range(3)]
+            wait_for(lambda: running.plane._train_calls == 3, what="3 TrainSteps in the data plane")
+            rows = list(pool.map(predict, range(16), timeout=60))  # a Predict that waited for training times out
+            assert [s.done() for s in steps] == [False] * 3  # every Predict answered with all 3 steps in flight
+            assert running.plane.training.step == 0
+        finally:
+            training.release()
     assert sorted(s.result().step for s in steps) == [1, 2, 3]
     np.testing.assert_allclose(np.stack(rows), expected, rtol=1e-5, atol=1e-6)
 

@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.__main__ import parse_args
 from server.app import SERVICE_NAME
 from server.config import ENV_PREFIX, Settings
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-K8S = ROOT / "deploy" / "k8s"
+K8S = REPO / "deploy" / "k8s"
 MANIFESTS = {"deployment.yaml", "service.yaml", "pvc.yaml"}
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
 
@@ -174,7 +174,7 @@ def test_one_writer_to_the_data_volume(deployment, pvc, container, settings):
 
 
 def test_security_context_matches_the_image(deployment, container):
-    users = re.findall(r"^USER\s+(\d+)(?::(\d+))?\s*$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    users = re.findall(r"^USER\s+(\d+)(?::(\d+))?\s*$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
     assert users, "no numeric USER line in the Dockerfile"
     uid, gid = int(users[-1][0]), int(users[-1][1] or users[-1][0])  # the runtime stage's USER
     assert (uid, gid) == (10001, 10001)

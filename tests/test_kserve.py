@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from proto import vitserve_pb2 as pb
-from tests.conftest import CONFIG, batch, images_msg, tensor
+from tests.helpers import CONFIG, batch, images_msg, tensor
 
 MODEL = "digits4"  # the conftest model's name
 SHAPE = [CONFIG.channels, CONFIG.image_size, CONFIG.image_size]
@@ -90,7 +90,7 @@ def test_infer_with_typed_contents(v2):
     np.testing.assert_array_equal(logits, predict_logits(running, images))
 
 
-def test_infer_goes_through_the_dynamic_batcher(v2):
+def test_infer_goes_through_the_dynamic_batcher(v2, serve):
     running, client = v2
     before = sum(running.plane.batcher.batch_sizes.values())
     infer(client, batch(3, seed=1)[0])
@@ -99,21 +99,34 @@ def test_infer_goes_through_the_dynamic_batcher(v2):
     # Concurrent ModelInfer and Predict calls share batches; each caller still gets exactly its own rows.
     inputs = [batch(1 + i % 3, seed=10 + i)[0] for i in range(12)]
     alone = [predict_logits(running, x) for x in inputs]
+    rows = sum(len(x) for x in inputs)
+    # A batcher that runs a batch once it holds all those rows (or after 30 s): the calls share one batch.
+    shared = serve(max_dynamic_batch=rows, max_batch_delay_ms=30_000)
+    shared_client = tc.InferenceServerClient(shared.address)
     results: list = [None] * len(inputs)
 
     def call(i: int) -> None:
         if i % 2:
-            results[i] = infer(client, inputs[i]).as_numpy("logits")
+            results[i] = infer(shared_client, inputs[i]).as_numpy("logits")
         else:
-            results[i] = predict_logits(running, inputs[i])
+            results[i] = predict_logits(shared, inputs[i])
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    shared_client.close()
     for got, want in zip(results, alone):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The batcher ran the 6 ModelInfer and the 6 Predict calls as one batch of all their rows; the data
+    # plane's batch-size histogram saw that one batch and nothing else.
+    assert shared.plane.batcher.batch_sizes == {rows: 1}
+    registry = shared.plane.metrics.registry
+    assert registry.get_sample_value("vitserve_batch_size_count") == 1
+    assert registry.get_sample_value("vitserve_batch_size_sum") == rows == 24
+    assert registry.get_sample_value("vitserve_batch_size_bucket", {"le": "16.0"}) == 0
+    assert registry.get_sample_value("vitserve_batch_size_bucket", {"le": "32.0"}) == 1
 
 
 def test_published_version_is_the_v2_version(v2):

@@ -3,6 +3,7 @@ frozen parameters, checkpoints and publishing. PyTorch is the oracle wherever nu
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -12,9 +13,8 @@ import torch.nn.functional as F
 from onnxruntime.capi import _pybind_state as C
 
 from model import export as exporter
-from model.vit import build
 from proto import vitserve_pb2 as pb
-from tests.conftest import CONFIG, LEARNING_RATE, batch, images_msg, tensor
+from tests.helpers import LEARNING_RATE, batch, images_msg, tensor, wait_for
 
 
 def train(stub, images, labels, **kw) -> pb.TrainStepResponse:
@@ -193,6 +193,7 @@ def test_a_non_finite_batch_drops_the_accumulated_sum(running):
     train(running.stub, *batch(4), accumulate_only=True)
     r = train(running.stub, *huge_batch(), accumulate_only=True)
     assert not r.applied and r.skipped_reason and r.accumulated_batches == 2
+    assert "the loss is nan" in r.skipped_reason, r.skipped_reason
     assert running.stub.GetOptimizer(pb.GetOptimizerRequest()).accumulated_batches == 0
 
 
@@ -249,6 +250,10 @@ def test_checkpoint_names_are_names_not_paths(running, name, tmp_path):
     for call in (lambda: running.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name=name)),
                  lambda: running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name=name))):
         assert_rejected(call, grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint name {name!r} is not valid")
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.details() == (f"checkpoint name {name!r} is not valid: use 1-64 letters, digits, '.', '_' "
+                                       "or '-', starting with a letter or digit")
     assert running.stub.ListCheckpoints(pb.ListCheckpointsRequest()).checkpoints == []
 
 
@@ -257,6 +262,9 @@ def test_restoring_an_unknown_checkpoint_is_not_found_and_changes_nothing(runnin
     before = weights(running)
     assert_rejected(lambda: running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="nope")),
                     grpc.StatusCode.NOT_FOUND, "no checkpoint named 'nope'")
+    with pytest.raises(grpc.RpcError) as err:
+        running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="nope"))
+    assert err.value.details() == "no checkpoint named 'nope' (ListCheckpoints shows the saved ones)"
     assert_same_weights(before, weights(running))
     assert running.plane.training.step == 1
 
@@ -400,27 +408,49 @@ def test_publishing_right_away_serves_the_same_logits(running):
 
 
 def test_publish_does_not_fail_in_flight_predicts(running):
+    """Four callers Predict in a loop through three Publishes: some Predict is in flight during every Publish,
+    none fails, each caller sees every version switch in order (never an older one after a newer one)."""
     images, labels = batch(4)
-    errors, versions = [], []
+    errors = []
+    calls: list[list[tuple[float, float, int]]] = [[] for _ in range(4)]  # per caller: (start, end, version)
     stop = threading.Event()
 
-    def hammer():
+    def hammer(mine):
         while not stop.is_set():
+            start = time.monotonic()
             try:
-                versions.append(predict_logits(running.stub, images)[0])
+                version = predict_logits(running.stub, images)[0]
             except grpc.RpcError as e:  # pragma: no cover - the assertion below reports it
                 errors.append(e)
+                continue
+            mine.append((start, time.monotonic(), version))
 
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    def seen(version):
+        return errors or any(v == version for mine in calls for _, _, v in list(mine))
+
+    threads = [threading.Thread(target=hammer, args=(mine,)) for mine in calls]
     for t in threads:
         t.start()
-    for _ in range(3):
-        train(running.stub, images, labels, omit_gradient_summaries=True)
-        running.stub.Publish(pb.PublishRequest())
-    stop.set()
-    for t in threads:
-        t.join()
+    publishes = []
+    try:
+        wait_for(lambda: seen(0), what="a Predict of version 0")
+        for version in (1, 2, 3):
+            train(running.stub, images, labels, omit_gradient_summaries=True)
+            start = time.monotonic()
+            assert running.stub.Publish(pb.PublishRequest()).version == version
+            publishes.append((start, time.monotonic()))
+            wait_for(lambda: seen(version), what=f"a Predict of version {version}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    versions = [v for mine in calls for _, _, v in mine]
     assert errors == [] and len(versions) > 10 and set(versions) <= {0, 1, 2, 3} and max(versions) >= 2
+    assert set(versions) == {0, 1, 2, 3}
+    for mine in calls:
+        assert [v for _, _, v in mine] == sorted(v for _, _, v in mine), "a caller got an older version back"
+    for start, end in publishes:
+        assert any(a < end and b > start for mine in calls for a, b, _ in mine), "no Predict during a Publish"
 
 
 def test_published_versions_survive_a_restart_and_auto_publish(serve, tmp_path):
@@ -440,7 +470,7 @@ def test_published_versions_survive_a_restart_and_auto_publish(serve, tmp_path):
 
 def test_sigterm_then_restart_of_a_real_server_process_loses_nothing(serve, exported, tmp_path):
     from client import ViTClient
-    from tests.test_cli import clean_env, start_server
+    from tests.helpers import clean_env, start_server
 
     data = tmp_path / "process"
     process = start_server("--artifacts", str(exported[0]), "--port", "0", "--learning-rate", str(LEARNING_RATE),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from proto import vitserve_pb2 as pb
-from tests.conftest import batch, images_msg, tensor
+from tests.helpers import batch, images_msg, tensor, wait_for
 
 
 def train_request(n=4, seed=0) -> pb.TrainStepRequest:
@@ -17,20 +17,15 @@ def train_request(n=4, seed=0) -> pb.TrainStepRequest:
     return pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels), omit_gradient_summaries=True)
 
 
-def wait_for(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_a_too_large_message_is_resource_exhausted_and_the_connection_lives(serve):
     running = serve(max_message_mb=1, max_batch_size=100_000)
     huge = np.zeros((5000, 1, 8, 8), np.float32)  # 1.28 MB
+    request = pb.TrainStepRequest(images=images_msg(huge), labels=tensor(np.zeros(5000, np.int64)))
     with pytest.raises(grpc.RpcError) as err:
-        running.stub.TrainStep(pb.TrainStepRequest(images=images_msg(huge), labels=tensor(np.zeros(5000, np.int64))))
+        running.stub.TrainStep(request)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.value.details()
+    assert err.value.details() == f"SERVER: Received message larger than max ({request.ByteSize()} vs. {1 << 20})"
     assert running.plane.training.step == 0
     assert running.stub.TrainStep(train_request()).step == 1  # same channel, still fine
 
@@ -50,6 +45,8 @@ def test_a_full_training_queue_is_resource_exhausted(serve):
             running.stub.TrainStep(train_request(seed=9))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "training queue is full: 1 train steps are waiting (max_queued_train_steps=1)" in err.value.details()
+        assert err.value.details() == ("training queue is full: 1 train steps are waiting (max_queued_train_steps=1); "
+                                       "retry later")
     finally:
         lock.release()
     for t in waiting:
@@ -67,7 +64,7 @@ def test_a_step_whose_deadline_passed_while_waiting_is_not_applied(serve):
         with pytest.raises(grpc.RpcError) as err:
             running.stub.TrainStep(train_request(), timeout=0.3)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.2)
+        time.sleep(0.2)  # not a synchronization: the server's copy of the deadline must pass too before the release
     finally:
         lock.release()
     wait_for(lambda: running.plane._train_calls == 0)

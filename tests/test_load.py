@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from bench.loadtest import run_load
-from tests.test_cli import start_server
+from tests.helpers import start_server
 
 
 def test_load_has_no_errors_and_no_memory_growth(exported):

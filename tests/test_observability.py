@@ -4,32 +4,15 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from prometheus_client.parser import text_string_to_metric_families
 
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
-from tests.conftest import batch, images_msg, tensor
-from tests.test_cli import clean_env, run_server_to_exit, start_server
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} from a real HTTP GET of the endpoint."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(metrics: dict, name: str, **labels) -> float:
-    return metrics[(name, tuple(sorted(labels.items())))]
+from tests.helpers import batch, clean_env, images_msg, metric, run_server_to_exit, scrape, start_server, tensor
 
 
 def test_metrics_after_real_calls(serve):
@@ -39,8 +22,10 @@ def test_metrics_after_real_calls(serve):
     stub = running.stub
     for _ in range(2):
         stub.Predict(pb.PredictRequest(images=images_msg(images)))
-    with pytest.raises(grpc.RpcError):  # a bad Predict: INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:  # a bad Predict: INVALID_ARGUMENT
         stub.Predict(pb.PredictRequest(images=images_msg(images[:, :, :4])))
+    assert (err.value.code(), err.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "images: shape must be [batch, 1, 8, 8], got [8, 1, 4, 8]")
     responses = [stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels)))
                  for _ in range(3)]
     last = stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels), accumulate_only=True))
@@ -53,30 +38,30 @@ def test_metrics_after_real_calls(serve):
     client.close()
 
     m = scrape(url)
-    assert value(m, "vitserve_requests_total", method="Predict", code="OK") == 2
-    assert value(m, "vitserve_requests_total", method="Predict", code="INVALID_ARGUMENT") == 1
-    assert value(m, "vitserve_request_errors_total", method="Predict", code="INVALID_ARGUMENT") == 1
+    assert metric(m, "vitserve_requests_total", method="Predict", code="OK") == 2
+    assert metric(m, "vitserve_requests_total", method="Predict", code="INVALID_ARGUMENT") == 1
+    assert metric(m, "vitserve_request_errors_total", method="Predict", code="INVALID_ARGUMENT") == 1
     assert ("vitserve_request_errors_total", (("code", "OK"), ("method", "Predict"))) not in m
-    assert value(m, "vitserve_requests_total", method="TrainStep", code="OK") == 4
-    assert value(m, "vitserve_requests_total", method="ModelInfer", code="OK") == 1
-    assert value(m, "vitserve_request_duration_seconds_count", method="Predict") == 3
-    assert value(m, "vitserve_request_duration_seconds_count", method="TrainStep") == 4
-    assert value(m, "vitserve_request_duration_seconds_sum", method="TrainStep") > 0
+    assert metric(m, "vitserve_requests_total", method="TrainStep", code="OK") == 4
+    assert metric(m, "vitserve_requests_total", method="ModelInfer", code="OK") == 1
+    assert metric(m, "vitserve_request_duration_seconds_count", method="Predict") == 3
+    assert metric(m, "vitserve_request_duration_seconds_count", method="TrainStep") == 4
+    assert metric(m, "vitserve_request_duration_seconds_sum", method="TrainStep") > 0
     # Two Predicts and one ModelInfer reached the batcher (the bad Predict was refused before it).
-    assert value(m, "vitserve_batch_size_count") == 3
-    assert value(m, "vitserve_batch_size_sum") == 8 + 8 + 3
-    assert value(m, "vitserve_batch_size_bucket", le="8.0") == 3
-    assert value(m, "vitserve_batch_size_bucket", le="2.0") == 0
-    assert value(m, "vitserve_batcher_queue_depth") == 0
-    assert value(m, "vitserve_train_queue_depth") == 0
-    assert value(m, "vitserve_train_steps_total", outcome="applied") == 3
-    assert value(m, "vitserve_train_steps_total", outcome="accumulated") == 1
-    assert value(m, "vitserve_train_step") == 3
-    assert value(m, "vitserve_train_loss") == pytest.approx(last.loss, rel=1e-6)  # the accumulate-only call
-    assert value(m, "vitserve_grad_norm") == pytest.approx(last.grad_norm, rel=1e-6)
+    assert metric(m, "vitserve_batch_size_count") == 3
+    assert metric(m, "vitserve_batch_size_sum") == 8 + 8 + 3
+    assert metric(m, "vitserve_batch_size_bucket", le="8.0") == 3
+    assert metric(m, "vitserve_batch_size_bucket", le="2.0") == 0
+    assert metric(m, "vitserve_batcher_queue_depth") == 0
+    assert metric(m, "vitserve_train_queue_depth") == 0
+    assert metric(m, "vitserve_train_steps_total", outcome="applied") == 3
+    assert metric(m, "vitserve_train_steps_total", outcome="accumulated") == 1
+    assert metric(m, "vitserve_train_step") == 3
+    assert metric(m, "vitserve_train_loss") == pytest.approx(last.loss, rel=1e-6)  # the accumulate-only call
+    assert metric(m, "vitserve_grad_norm") == pytest.approx(last.grad_norm, rel=1e-6)
     assert responses[-1].step == 3
-    assert value(m, "vitserve_learning_rate") == pytest.approx(2.5e-4)
-    assert value(m, "vitserve_model_version") == 1
+    assert metric(m, "vitserve_learning_rate") == pytest.approx(2.5e-4)
+    assert metric(m, "vitserve_model_version") == 1
 
 
 def test_last_loss_and_grad_norm_are_the_last_steps(serve):
@@ -86,9 +71,9 @@ def test_last_loss_and_grad_norm_are_the_last_steps(serve):
         images, labels = batch(8, seed=seed)
         r = running.stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels)))
         m = scrape(url)
-        assert value(m, "vitserve_train_loss") == pytest.approx(r.loss, rel=1e-6)
-        assert value(m, "vitserve_grad_norm") == pytest.approx(r.grad_norm, rel=1e-6)
-        assert value(m, "vitserve_train_step") == r.step == seed + 1
+        assert metric(m, "vitserve_train_loss") == pytest.approx(r.loss, rel=1e-6)
+        assert metric(m, "vitserve_grad_norm") == pytest.approx(r.grad_norm, rel=1e-6)
+        assert metric(m, "vitserve_train_step") == r.step == seed + 1
 
 
 def test_refused_calls_are_counted(serve):
@@ -97,7 +82,7 @@ def test_refused_calls_are_counted(serve):
         running.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     m = scrape(f"http://127.0.0.1:{running.plane.metrics.port}/metrics")
-    assert value(m, "vitserve_requests_total", method="GetModelInfo", code="UNAUTHENTICATED") == 1
+    assert metric(m, "vitserve_requests_total", method="GetModelInfo", code="UNAUTHENTICATED") == 1
 
 
 def test_metrics_off(serve):
@@ -124,11 +109,12 @@ def test_metrics_of_a_server_process_and_json_logs(artifacts):
             _, call = stub.GetModelInfo.with_call(pb.GetModelInfoRequest(), timeout=30)
             generated = dict(call.initial_metadata())["x-request-id"]
             assert len(generated) == 16
-            with pytest.raises(grpc.RpcError):
+            with pytest.raises(grpc.RpcError) as err:
                 stub.Predict(pb.PredictRequest(images=images_msg(images[:, :, :4])), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         m = scrape(server.metrics_url)
-        assert value(m, "vitserve_requests_total", method="Predict", code="OK") == 1
-        assert value(m, "vitserve_requests_total", method="Predict", code="INVALID_ARGUMENT") == 1
+        assert metric(m, "vitserve_requests_total", method="Predict", code="OK") == 1
+        assert metric(m, "vitserve_requests_total", method="Predict", code="INVALID_ARGUMENT") == 1
         log_text = server.stderr()  # each record is flushed as it is written
     finally:
         server.stop()
@@ -164,8 +150,9 @@ def test_one_text_log_line_per_rpc(running, caplog):
     images, labels = batch(4)
     running.stub.Predict(pb.PredictRequest(images=images_msg(images)))
     running.stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels)))
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as err:
         running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="missing"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     records = [r for r in caplog.records if r.name == "vitserve.rpc"]
     assert [(r.fields["method"], r.fields["code"], r.levelname) for r in records] == [
         ("Predict", "OK", "INFO"), ("TrainStep", "OK", "INFO"), ("RestoreCheckpoint", "NOT_FOUND", "WARNING")]

@@ -21,9 +21,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.test_cli import CALL_TIMEOUT, clean_env, ok, start_server
+from tests.helpers import CALL_TIMEOUT, REPO, clean_env, ok, start_server
 
-REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 NAME = canonicalize_name(PROJECT["name"])

@@ -5,6 +5,7 @@ openssl command-line tool, and their own random tokens.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -13,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from client.client import ClientError, ViTClient
@@ -23,9 +23,8 @@ from server.auth import (READ, ROLES, SERVICE_PREFIX, V2_PREFIX, V2_ROLES, WRITE
                          required_role)
 from server.config import Settings
 from engine.errors import ConfigError
-from tests.conftest import batch
+from tests.helpers import LEARNING_RATE, REPO, batch
 
-REPO = Path(__file__).resolve().parents[1]
 ALL_RPCS = [m.name for m in vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].methods]
 
 
@@ -157,8 +156,8 @@ def test_token_roles(serve, tokens):
         assert len(reader.predict(images).predictions) == 4
         assert reader.model_info().step == 0
         assert reader.eval_step(images, labels).count == 4
-        reader.list_checkpoints()
-        reader.get_optimizer()
+        assert reader.list_checkpoints().checkpoints == []
+        assert reader.get_optimizer().learning_rate == pytest.approx(LEARNING_RATE)
         with pytest.raises(ClientError) as e:
             reader.train_step(images, labels)
         assert e.value.code == "PERMISSION_DENIED" and "needs the write token" in e.value.details
@@ -232,12 +231,12 @@ def test_token_values_are_never_logged(serve, tokens, caplog):
     server = serve(read_token=read, write_token=write)
     images, labels = batch(2)
     with ViTClient(server.address, timeout=20, token=read) as reader:
-        reader.predict(images)
-        codes(lambda: reader.train_step(images, labels))
+        assert len(reader.predict(images).predictions) == 2
+        assert codes(lambda: reader.train_step(images, labels)) == "PERMISSION_DENIED"
     with ViTClient(server.address, timeout=20, token=write + "x") as wrong:
-        codes(lambda: wrong.predict(images))
+        assert codes(lambda: wrong.predict(images)) == "UNAUTHENTICATED"
     with ViTClient(server.address, timeout=60, token=write) as writer:
-        writer.train_step(images, labels)
+        assert writer.train_step(images, labels).step == 1
     server.stop()
     text = caplog.text
     assert "bearer-token authentication on" in text
@@ -295,6 +294,7 @@ def test_cli_tokens_and_tls(serve, pki, tokens, tmp_path):
     info = client_cli(*common, "--json", "info", VITSERVE_TOKEN=read)
     assert info.returncode == 0, info.stderr
     assert '"step": 0' in info.stdout
+    assert json.loads(info.stdout)["step"] == 0 and json.loads(info.stdout)["name"] == "digits4"
 
     denied = client_cli(*common, "publish", VITSERVE_TOKEN=read)
     assert denied.returncode == 1 and denied.stderr.startswith("error: PERMISSION_DENIED: ")
@@ -302,6 +302,7 @@ def test_cli_tokens_and_tls(serve, pki, tokens, tmp_path):
     (tmp_path / "token").write_text(write + "\n")
     published = client_cli(*common, "--token-file", str(tmp_path / "token"), "publish")
     assert published.returncode == 0, published.stderr
+    assert published.stdout.startswith("published model version 1 (weights of step 0)"), published.stdout
 
     from client.__main__ import main as client_main
     assert client_main(["--address", server.address, "--token", read, "info"]) == 2  # no token flag, not even abbreviated

@@ -1,9 +1,10 @@
 """The standard services next to vitserve.v1: gRPC health checking and server reflection."""
 from __future__ import annotations
 
+import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-import grpc
 
 
 def test_health_reports_serving(running):
@@ -12,11 +13,9 @@ def test_health_reports_serving(running):
         for service in ("", "vitserve.v1.VitServe"):
             status = stub.Check(health_pb2.HealthCheckRequest(service=service)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
-        try:
+        with pytest.raises(grpc.RpcError) as err:  # an unknown service is not reported healthy
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
-            raise AssertionError("unknown service reported healthy")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_reflection_lists_the_services(running):

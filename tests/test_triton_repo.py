@@ -15,12 +15,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from server.config import Settings
 from engine.manifest import INFERENCE_MODEL, Manifest, sha256
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.triton", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "engine.triton", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -186,4 +186,4 @@ def test_model_without_dynamic_batch_or_with_other_names_is_refused(exported, tm
 
 def test_no_torch():
     code = "import sys, engine.triton; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
