@@ -29,7 +29,6 @@ from pathlib import Path
 
 import onnx
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 from engine import DEFAULT_MAX_BATCH_SIZE
 from engine.errors import ConfigError
@@ -87,8 +86,11 @@ def contrib_ops(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def model_config(manifest: Manifest, max_batch_size: int, gpu: bool, instances: int,
-                 queue_delay_us: int) -> mc.ModelConfig:
+                 queue_delay_us: int):
     """Triton's ModelConfig for the manifest's model; dims leave out the batch axis (max_batch_size > 0)."""
+    # Imported here: the package tritonclient.grpc imports grpc, which importing the engine must not.
+    from tritonclient.grpc import model_config_pb2 as mc
+
     return mc.ModelConfig(
         name=manifest.name,
         platform=PLATFORM,

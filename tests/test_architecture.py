@@ -144,11 +144,7 @@ print(json.dumps({"file": module.__file__, "logger_calls": calls, "loaded": load
 # Violations that only a change outside tests/ can fix: module -> (the NOT_LOADED rules it breaks, why). The
 # test xfails while a module breaks exactly these, fails on anything else, and fails once it is fixed (then
 # remove the entry).
-KNOWN_VIOLATIONS = {
-    "engine.triton": ({"grpc", "grpc_*"}, "engine/triton.py imports tritonclient.grpc.model_config_pb2, whose "
-                                          "package tritonclient.grpc imports grpc (and grpc its grpc_* plugins): "
-                                          "importing the engine loads grpc; the fix is outside tests/"),
-}
+KNOWN_VIOLATIONS: dict[str, tuple[set[str], str]] = {}
 
 
 def import_in_fresh_interpreter(module: str) -> dict:

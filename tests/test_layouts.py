@@ -21,7 +21,7 @@ from engine.manifest import Manifest
 from model import export as exporter
 from model import verify
 from proto import vitserve_pb2 as pb
-from tests.conftest import images_msg, tensor
+from tests.helpers import images_msg, tensor
 from tests.layout_models import CLASSES, DEPTH, DIM_HEAD, HEADS, HF_KWARGS, LAYOUTS, SIZE, SmallResNet
 
 ROOT = Path(__file__).resolve().parent.parent
