@@ -34,7 +34,6 @@ from server.batching import DynamicBatcher
 from server.config import Settings
 from server.decode import BatchValidator
 from server.metrics import Metrics
-from server.tensorboard import GradientBoard
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
@@ -122,8 +121,11 @@ class DataPlane:
                  ", ".join(self.inference.providers), version)
 
         self._history = collections.deque(maxlen=settings.gradient_history) if settings.gradient_history else None
-        self.board = GradientBoard(Path(settings.tensorboard_dir), settings.tensorboard_histogram_every) \
-            if settings.tensorboard_dir else None
+        self.board = None
+        if settings.tensorboard_dir:
+            from server.tensorboard import GradientBoard  # tensorboardX loads only when asked for
+
+            self.board = GradientBoard(Path(settings.tensorboard_dir), settings.tensorboard_histogram_every)
         self._checkpoint_lock = threading.Lock()
         self._publish_lock = threading.Lock()
         self._train_gate = threading.Condition()

@@ -9,17 +9,31 @@ biases) and per-head norms, and head importance when the step computed it. Every
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from engine.training import StepResult
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX does `try: import torch` to accept
+    torch tensors, and the serving process must not load torch (2 s, hundreds of MB) even where it is installed."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, as where torch is not installed
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class GradientBoard:
     def __init__(self, folder: Path, histogram_every: int):
-        self._writer = SummaryWriter(logdir=str(folder), flush_secs=5)
+        self._writer = _summary_writer()(logdir=str(folder), flush_secs=5)
         self._every = histogram_every
 
     def histograms(self, step: int, grads: dict[str, np.ndarray]) -> None:
