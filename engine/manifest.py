@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from engine.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -129,24 +131,6 @@ class Manifest:
 
     # -- reading and writing ----------------------------------------------------------------------
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], folder: Path = Path(".")) -> "Manifest":
-        return cls(
-            name=raw["name"], source=raw["source"],
-            input=_tensor(raw["input"]), output=_tensor(raw["output"]),
-            preprocessing=Preprocessing(**{**raw["preprocessing"], "mean": tuple(raw["preprocessing"]["mean"]),
-                                           "std": tuple(raw["preprocessing"]["std"])}),
-            class_names=tuple(raw["class_names"]),
-            parameters=tuple(Parameter(**{**p, "shape": tuple(p["shape"])}) for p in raw["parameters"]),
-            attention=tuple(QkvLayout(**a) for a in raw["attention"]),
-            unplaced=tuple(Unplaced(**u) for u in raw.get("unplaced", ())),
-            frozen_batchnorm=tuple(raw.get("frozen_batchnorm", ())),
-            inference_fused_attention_blocks=raw["inference_fused_attention_blocks"],
-            loss=LossNode(**{**raw["loss"], "inputs": tuple(raw["loss"]["inputs"])}),
-            opset=raw["opset"], optimizer=raw["optimizer"], versions=raw["versions"], files=raw["files"],
-            export_check=raw.get("export_check", {}), export_seconds=raw.get("export_seconds", 0.0), folder=folder,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         del raw["folder"]
@@ -159,23 +143,28 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
-        """Read `folder`/manifest.json and check every artifact against its sha256 (ConfigError on any problem)."""
+        """Read `folder`/manifest.json, every field checked for presence and type, and every artifact against its
+        sha256. ConfigError (one line naming the field or file) on any problem."""
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
             raise ConfigError(f"{path} not found: run `make export` (or python -m model.export) first")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        manifest = cls.from_dict(raw, folder)
+            manifest = _SCHEMA.validate_json(path.read_bytes(), strict=True)
+        except ValidationError as e:
+            raise ConfigError(f"{path}: {_first_problem(e)}") from None
+        except OSError as e:
+            raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from None
+        manifest = dataclasses.replace(manifest, folder=folder)
         manifest.verify_files()
         return manifest
 
     def verify_files(self) -> None:
-        """Every artifact exists and has the sha256 the export recorded."""
+        """Every artifact is listed, exists and has the sha256 the export recorded."""
         for name in ARTIFACT_FILES:
             path = self.folder / name
+            if name not in self.files:
+                raise ConfigError(f"{self.folder / MANIFEST}: field files.{name} is missing: re-run the export")
             if not path.is_file():
                 raise ConfigError(f"artifact {path} is missing: re-run the export")
             if sha256(path) != self.files[name]:
@@ -212,5 +201,17 @@ class Manifest:
         return self.attention
 
 
-def _tensor(raw: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(raw["name"], tuple(raw["shape"]), raw.get("dtype", "float32"))
+_SCHEMA = TypeAdapter(Manifest)  # pydantic checks every field of the JSON against the dataclasses above
+
+
+def _first_problem(error: ValidationError) -> str:
+    """The first validation problem as `field a.b.0: message` (and how many more there are)."""
+    problems = error.errors(include_url=False)
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(the document)"
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    if first["type"] == "missing":
+        return f"field {where} is missing{more}"
+    if first["type"] == "json_invalid":
+        return f"not valid JSON: {first['msg']}{more}"
+    return f"field {where}: {first['msg']}{more}"

@@ -123,6 +123,8 @@ class TrainingEngine:
         if state.has_property(STATE_PROPERTY):
             saved = json.loads(state.get_property(STATE_PROPERTY))
             self._step, self._policy, self._clip = saved["step"], LrPolicy.from_dict(saved["policy"]), saved["clip"]
+        else:  # the export's own checkpoint: no step taken yet (the learning-rate policy stays as set)
+            self._step = 0
         self._accumulated = 0
 
     def _contiguous_snapshots(self):

@@ -319,18 +319,20 @@ class SaveCheckpointRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
-    __slots__ = ("name", "step", "created_unix", "size_bytes", "reason")
+    __slots__ = ("name", "step", "created_unix", "size_bytes", "reason", "problem")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     name: str
     step: int
     created_unix: float
     size_bytes: int
     reason: str
-    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., created_unix: _Optional[float] = ..., size_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    problem: str
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., created_unix: _Optional[float] = ..., size_bytes: _Optional[int] = ..., reason: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ()

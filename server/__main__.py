@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, VitServeError
 from server.app import create_server
 from server.auth import Security
 from server.config import SECRET_FIELDS, Settings, env_var, flag, format_default
@@ -16,6 +16,7 @@ from server.dataplane import DataPlane
 from server.observability import setup_logging
 
 log = logging.getLogger("server")
+FINAL_CHECKPOINT_FAILED = 3  # exit status when SIGTERM's final checkpoint cannot be written (docs/reliability.md)
 
 
 def program_name(module_form: str) -> str:
@@ -72,7 +73,11 @@ def main(argv=None) -> int:
         pass
     log.info("shutting down (grace %.1fs)", grace)
     server.stop(grace).wait()  # no new calls; in-flight ones finish or are cancelled after `grace`
-    final = plane.close()  # then the final checkpoint, so no acknowledged step is lost
+    try:
+        final = plane.close()  # then the final checkpoint, so no acknowledged step is lost
+    except VitServeError as e:  # e.g. the disk filled up: say so, exit with the documented status
+        print(f"error: the final checkpoint could not be written: {e}", file=sys.stderr)
+        return FINAL_CHECKPOINT_FAILED
     log.info("final checkpoint %s", final.name if final else "not needed (nothing changed)")
     return 0
 

@@ -10,7 +10,9 @@ latest checkpoint, automatic and final checkpoints, publishing versions.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import errno
 import fnmatch
 import json
 import logging
@@ -21,14 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
+from engine.errors import ConfigError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from engine.explain import Explanation, GradientExplainer
 from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine, top_k
-from engine.manifest import INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter, Preprocessing, QkvLayout, Unplaced
+from engine.manifest import CHECKPOINT, INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter, Preprocessing, QkvLayout, Unplaced
 from engine.runtime import providers_for, quiet_default_logger, session_options
 from engine.schedule import LinearSchedule
-from engine.store import CheckpointInfo, CheckpointList, CheckpointStore, ModelVersion, VersionStore
+from engine.store import (
+    CheckpointInfo,
+    CheckpointList,
+    CheckpointStore,
+    ModelVersion,
+    VersionStore,
+    check_writable,
+    describe_os_error,
+    os_errno,
+)
 from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
 from server.batching import DynamicBatcher
 from server.config import Settings
@@ -36,6 +47,22 @@ from server.decode import BatchValidator
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def write_errors(what: str, folder: Path):
+    """OS (and ONNX Runtime) write failures as statuses naming the folder: a full disk is RESOURCE_EXHAUSTED,
+    anything else (read-only, permissions, I/O errors) FAILED_PRECONDITION. The store left no partial entry."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = describe_os_error(e)
+        full = os_errno(e) in (errno.ENOSPC, errno.EDQUOT)
+        message = f"{what} could not be written to {folder}: {reason}"
+        if full:
+            raise ResourceExhausted(f"{message} (the disk is full)") from None
+        raise FailedPrecondition(message) from None
+
 DEFAULT_TOP_K = 5
 
 
@@ -95,25 +122,20 @@ class DataPlane:
         self._options = session_options(settings.intra_op_threads, training=True)
         self._inference_options = session_options(settings.intra_op_threads, training=False)
         folder = settings.data_dir / m.name
-        self.checkpoints = CheckpointStore(folder / "checkpoints", m.files[TRAINING_MODEL],
-                                           settings.keep_checkpoints)
-        self.versions = VersionStore(folder / "models")
-
-        latest = self.checkpoints.latest()
+        for sub in ("checkpoints", "models", "quarantine"):  # every folder the server writes, checked up front
+            check_writable(folder / sub)
+        self.checkpoints = CheckpointStore(folder / "checkpoints", m.files[TRAINING_MODEL], settings.keep_checkpoints,
+                                           quarantine=folder / "quarantine" / "checkpoints")
+        self.versions = VersionStore(folder / "models", quarantine=folder / "quarantine" / "models")
+        newest = self.versions.newest_intact()
+        version = newest.version if newest else 0
         try:
-            resume = self.checkpoints.path(latest) if latest else None
-        except InvalidArgument as e:
-            raise ConfigError(f"{e}: use another --data-dir for these artifacts") from None
-        published = self.versions.versions()
-        version = published[-1].version if published else 0
-        try:
-            self.training = TrainingEngine(m, settings.device, self._options, settings.learning_rate,
-                                           checkpoint=resume)
+            self.training, resumed = self._resume(m, settings)
             self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
         except RuntimeError as e:  # e.g. a CUDA build of ORT on a machine without the CUDA libraries or a GPU
             raise ConfigError(f"cannot open the model on {settings.device}: {str(e).strip().splitlines()[0]}") from None
-        if latest:
-            log.info("resumed from checkpoint %s (step %d)", latest.name, latest.step)
+        if resumed:
+            log.info("resumed from checkpoint %s (step %d)", resumed.name, resumed.step)
         self.metrics = Metrics()
         self.batcher = DynamicBatcher(self._run_serving, settings.max_dynamic_batch, settings.max_batch_delay_ms / 1000,
                                       on_batch=self.metrics.batch_size.observe) if settings.dynamic_batching else None
@@ -142,6 +164,24 @@ class DataPlane:
         if settings.checkpoint_every_seconds > 0:
             self._autosave = threading.Thread(target=self._autosave_loop, name="vitserve-autosave", daemon=True)
             self._autosave.start()
+
+    def _resume(self, m: Manifest, settings: Settings) -> tuple[TrainingEngine, CheckpointInfo | None]:
+        """A training engine on the newest checkpoint that verifies and loads, else on the export's checkpoint.
+
+        A checkpoint that fails its checksums, or that ONNX Runtime cannot read, is quarantined with a
+        WARNING naming it and what is wrong, and the next older one is tried."""
+        try:
+            for info, path in self.checkpoints.resume_candidates():
+                try:
+                    return TrainingEngine(m, settings.device, self._options, settings.learning_rate,
+                                          checkpoint=path), info
+                except RuntimeError as e:
+                    if "checkpoint" not in str(e).lower():
+                        raise
+                    self.checkpoints.quarantine(info.name, f"ONNX Runtime cannot load it ({describe_os_error(e)})")
+        except InvalidArgument as e:
+            raise ConfigError(f"{e}: use another --data-dir for these artifacts") from None
+        return TrainingEngine(m, settings.device, self._options, settings.learning_rate), None
 
     def _inference_engine(self, version: int) -> InferenceEngine:
         path = self.versions.model_path(version) if version else self.manifest.path(INFERENCE_MODEL)
@@ -208,13 +248,13 @@ class DataPlane:
                                   accumulated=not result.applied and not result.skipped_reason)
         if result.applied:
             self._dirty = True
+            s = self.settings
+            if s.checkpoint_every_steps and result.step % s.checkpoint_every_steps == 0:
+                self._auto_checkpoint(result.step)  # raises after rolling the step back when it cannot be durable
             if self._history is not None:
                 self._history.append(result)
             if self.board:
                 self.board.record(result)
-            s = self.settings
-            if s.checkpoint_every_steps and result.step % s.checkpoint_every_steps == 0:
-                self.save_checkpoint("", reason="auto")
             if s.publish_every_steps and result.step % s.publish_every_steps == 0:
                 self.publish()
         return result
@@ -258,10 +298,31 @@ class DataPlane:
         with self._checkpoint_lock, self.training.lock:  # no step between naming and writing
             step = self.training.step
             name = name or (f"manual-{step:08d}" if reason == "manual" else f"step-{step:08d}")
-            info = self.checkpoints.save(name, reason, self.training.save_checkpoint)
+            with write_errors(f"checkpoint {name!r}", self.checkpoints.root):
+                info = self.checkpoints.save(name, reason, self.training.save_checkpoint)
             self._dirty, self._last_checkpoint = False, time.monotonic()
         log.info("checkpoint %s written (step %d, %s)", info.name, info.step, reason)
         return info
+
+    def _auto_checkpoint(self, step: int) -> None:
+        """The checkpoint after an applied step. With checkpoint_every_steps 1 a step is acknowledged only once it
+        is durable: when its checkpoint cannot be written the step is rolled back to the previous checkpoint (the
+        state before the call) and the call fails. With N > 1 the failure is logged and the step stays applied
+        (the steps since the last checkpoint were never durable); the next checkpoint tries again."""
+        try:
+            self.save_checkpoint("", reason="auto")
+        except (ResourceExhausted, FailedPrecondition) as e:
+            if self.settings.checkpoint_every_steps != 1:
+                log.error("automatic checkpoint after step %d failed: %s", step, e)
+                return
+            previous = next((c for c in reversed(self.checkpoints.list()) if c.step == step - 1 and not c.problem),
+                            None)
+            with self._checkpoint_lock:
+                self.training.restore_checkpoint(self.checkpoints.path(previous) if previous else
+                                                 self.manifest.path(CHECKPOINT))
+            log.error("step %d rolled back to step %d: its checkpoint could not be written (%s)", step, step - 1, e)
+            raise type(e)(f"{e}; the step was rolled back (weights, optimizer state and step as before the call)") \
+                from None
 
     def list_checkpoints(self) -> CheckpointList:
         return CheckpointList(tuple(self.checkpoints.list()))
@@ -269,7 +330,12 @@ class DataPlane:
     def restore_checkpoint(self, name: str) -> CheckpointInfo:
         with self._checkpoint_lock:
             info = self.checkpoints.get(name)
-            self.training.restore_checkpoint(self.checkpoints.path(info))
+            path = self.checkpoints.path(info)  # FailedPrecondition when damaged: nothing changes
+            try:
+                self.training.restore_checkpoint(path)
+            except RuntimeError as e:  # ORT refused the file before touching the state
+                raise FailedPrecondition(f"checkpoint {name!r} cannot be loaded by ONNX Runtime "
+                                         f"({describe_os_error(e)}); nothing was restored") from None
             self._dirty = True  # a restart must resume from this state, not from a newer checkpoint
         log.info("restored checkpoint %s (step %d)", info.name, info.step)
         return info
@@ -313,7 +379,7 @@ class DataPlane:
             optimize_inference_model(path, [q.heads for q in m.qkv], m.input_name, m.input_shape)
             return step
 
-        with self._publish_lock:
+        with self._publish_lock, write_errors("the next model version", self.versions.root):
             version = self.versions.publish(write)
             self._serving = (version.version, self._inference_engine(version.version))
         log.info("published model version %d (step %d)", version.version, version.step)

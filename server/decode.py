@@ -8,6 +8,7 @@ Runtime, so it can be fuzzed on its own (tests/fuzz). Every problem is an Invali
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,11 +68,21 @@ def decode_images(encoded: list[bytes], prep: Preprocessing) -> np.ndarray:
                 pixels = np.asarray(image, dtype=np.float32)
         except Image.DecompressionBombError:
             raise InvalidArgument(f"image {i}: larger than {MAX_IMAGE_PIXELS} pixels") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise InvalidArgument(f"image {i}: cannot be decoded as an image ({len(blob)} bytes): {e}") from None
+        except UnidentifiedImageError:
+            raise InvalidArgument(f"image {i}: cannot be decoded as an image ({len(blob)} bytes): "
+                                  "not a format Pillow reads") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InvalidArgument(f"image {i}: cannot be decoded as an image ({len(blob)} bytes): "
+                                  f"{without_reprs(e)}") from None
         pixels = pixels.reshape(prep.height, prep.width, prep.channels).transpose(2, 0, 1)  # (c, h, w)
         batch[i] = (pixels / 255.0 - mean) / std
     return batch
+
+
+def without_reprs(error: BaseException) -> str:
+    """The first line of an error's message with Python object reprs (`<_io.BytesIO object at 0x...>`) taken out."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text).strip() or type(error).__name__
 
 
 @dataclass(frozen=True)
