@@ -10,7 +10,7 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export export-triton serve demo test bench loadtest fuzz proto docs clean help
+.PHONY: install export export-triton serve demo test bench loadtest soak fuzz proto docs clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
@@ -18,6 +18,7 @@ help:
 	@echo "make demo     install, export digits, fine-tune it over gRPC on scikit-learn's digits, report test accuracy"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
+	@echo "make soak     minutes of training + Predict + frequent Publish; fails on RSS growth >= 5% (SOAK_SECONDS=240)"
 	@echo "make bench    benchmark vs PyTorch eager and raw ONNX Runtime (BENCH_FLAGS=--quick: ~2 min)"
 	@echo "make proto    regenerate the stubs proto/*_pb2*.py from proto/vitserve.proto and proto/open_inference.proto"
 	@echo "make docs     regenerate docs/settings.md (the settings table) from server/config.py"
@@ -71,6 +72,13 @@ fuzz: install
 # 30 s of 8 Predict clients + 1 training client against a server process: errors, p99, RSS growth.
 loadtest: export
 	$(BIN)/python -m bench.loadtest --artifacts $(ARTIFACTS) --seconds 30
+
+# A few minutes of training at batch 32, 4 Predict clients and a Publish every 20 steps: fails when the
+# server's RSS grows 5% or more between the second and the last fifth of the run.
+SOAK_SECONDS ?= 240
+soak: export
+	$(BIN)/python -m bench.loadtest --artifacts $(ARTIFACTS) --seconds $(SOAK_SECONDS) --clients 4 --train-batch 32 \
+		--publish-every-steps 20 --max-rss-growth 0.05
 
 # Prints the table and writes bench/results/{results.txt,results.json,bench.png}; BENCH_FLAGS=--quick for a short run.
 bench: install

@@ -153,6 +153,7 @@ def optimize_inference_model(path, heads: list[int], input_name: str, input_shap
     batch = np.random.default_rng(0).standard_normal((2, *input_shape[1:]), dtype=np.float32)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # two sessions per Publish, run once: an arena would only fragment the heap
 
     def logits(m: onnx.ModelProto) -> np.ndarray:
         session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])

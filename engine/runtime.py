@@ -1,6 +1,9 @@
 """ONNX Runtime plumbing shared by the inference and training engines: device -> providers, session options."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import onnxruntime as ort
 
 from engine.errors import ConfigError
@@ -50,3 +53,17 @@ def session_options(intra_op_threads: int = 0, *, training: bool = True) -> ort.
     options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3  # warnings and below are noise for a server
     return options
+
+
+def release_freed_memory() -> None:
+    """Give memory the process freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Each Publish builds and drops ONNX Runtime sessions (the fusion check's two and the old served one);
+    glibc keeps their freed arenas mapped, so a long run with frequent publishes grew its RSS by
+    ~7% in 2.5 minutes (make soak) while the live heap did not grow.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

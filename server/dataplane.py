@@ -28,7 +28,7 @@ from engine.explain import Explanation, GradientExplainer
 from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine, top_k
 from engine.manifest import CHECKPOINT, INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter, Preprocessing, QkvLayout, Unplaced
-from engine.runtime import providers_for, quiet_default_logger, session_options
+from engine.runtime import providers_for, quiet_default_logger, release_freed_memory, session_options
 from engine.schedule import LinearSchedule
 from engine.store import (
     CheckpointInfo,
@@ -382,6 +382,7 @@ class DataPlane:
         with self._publish_lock, write_errors("the next model version", self.versions.root):
             version = self.versions.publish(write)
             self._serving = (version.version, self._inference_engine(version.version))
+        release_freed_memory()  # the dropped sessions' arenas, which glibc would otherwise keep
         log.info("published model version %d (step %d)", version.version, version.step)
         return version
 
