@@ -214,6 +214,25 @@ def test_a_full_disk_is_resource_exhausted_naming_the_folder_and_the_server_goes
         assert [c.step for c in server.plane.checkpoints.list()] == [2]
 
 
+def test_a_data_dir_that_turns_read_only_is_failed_precondition_and_nothing_is_lost(serve, tmp_path):
+    with mounted(tmp_path / "disk", "size=64m") as data:
+        server = serve(data_dir=data)
+        step(server.stub, 0)
+        remount(data, "ro")
+        for call, request, what, root in (
+                (server.stub.SaveCheckpoint, pb.SaveCheckpointRequest(name="x"), "checkpoint 'x'", "checkpoints"),
+                (server.stub.Publish, pb.PublishRequest(), "the next model version", "models")):
+            with pytest.raises(grpc.RpcError) as e:
+                call(request)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert e.value.details().startswith(f"{what} could not be written to {data / 'digits4' / root}: ")
+            assert "Read-only file system" in e.value.details()
+        assert step(server.stub, 1).step == 2 and server.plane.model_version == 0
+        remount(data, "rw")
+        server.stop()  # the final checkpoint holds both acknowledged steps
+        assert [c.step for c in server.plane.checkpoints.list()] == [2]
+
+
 def test_with_a_checkpoint_every_step_a_step_that_cannot_be_made_durable_is_rolled_back(serve, tmp_path):
     with mounted(tmp_path / "small", "size=256k") as data:
         server = serve(data_dir=data, checkpoint_every_steps=1)
