@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path = Path(data) / "server.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "server", "--artifacts", args.artifacts, "--port", "0",
-                                     "--data-dir", data, "--metrics-port", "-1", "--publish-every-steps",
+                                     "--data-dir", data, "--metrics-port", "-1", "--http-port", "-1", "--publish-every-steps",
                                      str(args.publish_every_steps)], stdout=subprocess.PIPE, stderr=log, text=True)
             try:
                 report = run_load(wait_until_listening(proc, log_path), proc.pid, args.seconds, args.clients,

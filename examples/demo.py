@@ -104,7 +104,7 @@ def batches(n: int, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]
 def own_server(artifacts: str, data_dir: Path, log_path: Path) -> Iterator[str]:
     """Run `python -m server` on a free port; yield its HOST:PORT; SIGTERM it and wait at the end."""
     command = [sys.executable, "-m", "server", "--artifacts", artifacts, "--host", "127.0.0.1", "--port", "0",
-               "--data-dir", str(data_dir), "--metrics-port", "-1"]
+               "--data-dir", str(data_dir), "--metrics-port", "-1", "--http-port", "-1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
         try:

@@ -13,6 +13,7 @@ from server.app import create_server
 from server.auth import Security
 from server.config import SECRET_FIELDS, Settings, env_var, flag, format_default
 from server.dataplane import DataPlane
+from server.http import create_http_server
 from server.observability import setup_logging
 
 log = logging.getLogger("server")
@@ -57,11 +58,14 @@ def main(argv=None) -> int:
         security = Security.from_settings(settings)  # bad TLS/token settings fail before the model loads
         plane = DataPlane(settings)
         server, port = create_server(settings, plane, security)
+        http = create_http_server(settings, plane, security)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if plane.metrics.port is not None:
         print(f"vitserve metrics on http://{settings.host}:{plane.metrics.port}/metrics", flush=True)
+    if http is not None:
+        print(f"vitserve http on http{'s' if security.tls else ''}://{settings.host}:{http.port}", flush=True)
     print(f"vitserve listening on {settings.host}:{port}", flush=True)  # tests and scripts wait for this line
 
     stop = threading.Event()
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
     while not stop.wait(0.2):
         pass
     log.info("shutting down (grace %.1fs)", grace)
+    if http is not None:
+        http.stop()  # no new HTTP connections; requests in flight finish
     server.stop(grace).wait()  # no new calls; in-flight ones finish or are cancelled after `grace`
     try:
         final = plane.close()  # then the final checkpoint, so no acknowledged step is lost

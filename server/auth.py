@@ -195,19 +195,25 @@ class TokenAuth(grpc.ServerInterceptor):
         is_write, is_read = self._matches(presented, self._write), self._matches(presented, self._read)
         return WRITE if is_write else READ if is_read else None
 
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
+    def refusal(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+        """(status, message) when the call's token does not allow `method` (a full gRPC method name), else None.
+        The HTTP door asks the same question with the same method names."""
         needed = required_role(method)
         if needed is None:
-            return continuation(handler_call_details)
-        role = self.role_of(handler_call_details.invocation_metadata)
+            return None
+        role = self.role_of(metadata)
         if role is None:
             log.info("refused %s: missing or invalid bearer token", method)
-            return _abort_handler(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
-                                  UNAUTHENTICATED_MESSAGE)
+            return grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE
         if needed == WRITE and role != WRITE:
             log.info("refused %s: read token on a write RPC", method)
-            name = method[len(SERVICE_PREFIX):]
-            return _abort_handler(continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED,
-                                  f"{name} changes the model and needs the write token (got the read token)")
-        return continuation(handler_call_details)
+            name = method.rsplit("/", 1)[-1]
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"{name} changes the model and needs the write token (got the read token)")
+        return None
+
+    def intercept_service(self, continuation, handler_call_details):
+        refused = self.refusal(handler_call_details.method, handler_call_details.invocation_metadata)
+        if refused is None:
+            return continuation(handler_call_details)
+        return _abort_handler(continuation(handler_call_details), *refused)

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level.")
     log_json: bool = Field(False, description=(
         "Write every log line as one JSON object (for log collectors) instead of plain text."))
+    http_port: int = Field(8000, ge=-1, le=65535, description=(
+        "HTTP port of the KServe v2 REST API and vitserve.v1 over HTTP/JSON, on the same host and certificate as "
+        "gRPC; 0 picks a free one, -1 turns it off."))
     metrics_port: int = Field(8002, description=(
         "HTTP port of the Prometheus endpoint (/metrics) on the same host as gRPC; 0 picks a free one, "
         "-1 turns it off."))

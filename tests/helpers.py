@@ -83,6 +83,7 @@ STOP_TIMEOUT = 15.0  # seconds for a server to exit after SIGTERM
 CALL_TIMEOUT = 60.0  # seconds for one client process
 READY = "vitserve listening on "
 METRICS = "vitserve metrics on "
+HTTP = "vitserve http on "
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -94,6 +95,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["VITSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="vitserve-data-")
     env["VITSERVE_METRICS_PORT"] = "0"  # a free port: parallel servers never collide on the default 8002
+    env["VITSERVE_HTTP_PORT"] = "0"  # nor on the HTTP door's default 8000
     env.update(extra)
     return env
 
@@ -105,6 +107,7 @@ class Server:
         self.proc = proc
         self.address = address
         self.metrics_url = ""  # from the "vitserve metrics on URL" line, when the endpoint is on
+        self.http_url = ""  # from the "vitserve http on URL" line, when the HTTP door is on
         self._stderr = stderr_file
 
     def stderr(self) -> str:
@@ -160,6 +163,8 @@ def start_server(*args: str, env: dict[str, str] | None = None, command: list[st
         seen.append(line)
         if line.startswith(METRICS):
             server.metrics_url = line[len(METRICS):].strip()
+        if line.startswith(HTTP):
+            server.http_url = line[len(HTTP):].strip()
         if line.startswith(READY):
             server.address = line[len(READY):].strip()
             return server
