@@ -110,13 +110,13 @@ def gradient_path_dot(e: Explanation, p: ParameterGradientPath) -> str:
     """The DOT text of the picture: one node per graph node named, edges along the path, q/k/v in colour."""
     on_path = {b.on_path: b.part for b in branches(p) if b.on_path is not None}
     lines = ["digraph gradient_path {",
-             f"  graph [rankdir=TB, labelloc=t, fontname=Helvetica, fontsize=14, nodesep=0.35, ranksep=0.22, "
-             f"label={_quoted(title(p))}];",
+             (f"  graph [rankdir=TB, labelloc=t, fontname=Helvetica, fontsize=14, nodesep=0.35, ranksep=0.22, "
+              f"label={_quoted(title(p))}];"),
              f'  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10, fillcolor="{NODE_FILL}"];',
              "  edge [arrowsize=0.7, fontname=Helvetica, fontsize=9];"]
     if e.loss is not None:
-        lines.append(f"  loss [label={_quoted(f'the loss (forward): {e.loss.op_type}' + chr(10) + e.loss.name)}, "
-                     f'fillcolor="{LOSS_FILL}"];')
+        loss_text = f"the loss (forward): {e.loss.op_type}\n{e.loss.name}"
+        lines.append(f'  loss [label={_quoted(loss_text)}, fillcolor="{LOSS_FILL}"];')
     for i, node in enumerate(p.path):
         text = f"{i + 1}. {node.op_type}\n{node.name}"
         fill, extra = NODE_FILL, ""
@@ -126,7 +126,8 @@ def gradient_path_dot(e: Explanation, p: ParameterGradientPath) -> str:
         if i in on_path:
             part = on_path[i]
             text = f"{part_label(part)}\n{text}"
-            fill, extra = PART_FILL.get(part.part, NODE_FILL), f', color="{PART_COLOURS.get(part.part, "black")}", penwidth=2.5'
+            fill = PART_FILL.get(part.part, NODE_FILL)
+            extra = f', color="{PART_COLOURS.get(part.part, "black")}", penwidth=2.5'
         if i == len(p.path) - 1:
             text += "\ncomputes the parameter's gradient"
             fill = GRADIENT_FILL if i not in on_path else fill
@@ -156,7 +157,7 @@ def render_dot(source: str, path: Path, dot: str) -> None:
     fmt = picture_suffix(path)[1:]
     try:
         done = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=source, text=True, capture_output=True,
-                              timeout=DOT_TIMEOUT)
+                              timeout=DOT_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise ValueError(f"graphviz dot took over {DOT_TIMEOUT:g} s to draw {path}") from None
     if done.returncode != 0:
