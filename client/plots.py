@@ -292,11 +292,13 @@ def gradient_history_figure(history: GradientHistory, pattern: str = "") -> Figu
 
     param_ax = axes[1]
     names = history.parameters()
-    for name in names:
+    colours = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    for i, name in enumerate(names):
         points = [(s.step, g.l2_norm) for s in steps for g in s.gradients if g.name == name and g.l2_norm > 0]
         if points:
             x, y = zip(*points)
-            param_ax.plot(x, y, marker=marker, markersize=3, linewidth=1, label=name)
+            param_ax.plot(x, y, marker=marker, markersize=3, linewidth=1, label=name, color=colours(i % colours.N),
+                          linestyle=["-", "--", ":"][i // colours.N % 3])
     param_ax.set_yscale("log")
     param_ax.set_ylabel("gradient L2 norm (log)")
     param_ax.grid(alpha=0.3)

@@ -498,5 +498,7 @@ def print_parameter_story(e: Explanation, p: ParameterGradientPath) -> None:
         print(f"     so the {kind}'s gradient is {p.qkv_parts[0].part}'s alone")
     print(f"\n  path from the loss gradient to the {kind}'s gradient node ({len(p.path)} ops):")
     width = max((len(node.op_type) for node in p.path), default=0)
+    parts = {part.gradient_node.name: part.part for part in p.qkv_parts if part.gradient_node is not None}
     for i, node in enumerate(p.path, 1):
-        print(f"    {i:>3}  {node.op_type:<{width}}  {node.name}")
+        mark = f"  <- {parts[node.name]} gradient" if node.name in parts else ""
+        print(f"    {i:>3}  {node.op_type:<{width}}  {node.name}{mark}")

@@ -384,6 +384,8 @@ def test_explain_plot_names_every_node(server, tmp_path, renderer):
     out = server.text("explain", "--parameter", bias, "--plot", str(png), env=env)
     assert out.splitlines()[-1] == f"wrote {png} ({drawn})"
     assert f"parameter {bias}  [" in out
+    marks = [line for line in out.splitlines() if re.search(r"  <- [qkv] gradient$", line)]
+    assert len(marks) == 1, out  # the path runs through one part's gradient node, marked in the listing
     if server.layout == "seed":
         assert "q rows [0, 32), k rows [32, 64), v rows [64, 96)" in out  # a fused weight, its rows
     elif server.layout == "timm":
