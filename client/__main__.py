@@ -5,14 +5,18 @@ Commands:
     info                        what model is served (version, training state, auto settings)
     predict IMAGE...            classify image files
     train-step BATCH            fine-tuning steps (--accumulate: gradient accumulation) + gradient summaries
+                                (--heads: and head importance)
     eval-step BATCH             loss and accuracy of the training weights; changes nothing
     optimizer                   show, or set --lr / --schedule / --clip
     checkpoint save|list|restore
     publish                     serve the training weights from Predict (a new model version)
     explain                     where the loss and each parameter's gradient are computed
-    grads --plot FILE.png BATCH one train step and a gradient-flow figure
+                                (--parameter NAME --plot FILE: a picture of its backward path)
+    grads --plot FILE BATCH     one train step and a gradient-flow figure
+    heads BATCH                 head importance per block and head (--plot FILE: a heatmap); changes nothing
+    history                     the gradient history the server kept (--from, --to, --parameter, --plot)
 
-BATCH is `--images FILE... --labels L...` or `--npz FILE`. `--json` prints one
+BATCH is `--images FILE... --labels L...` or `--npz FILE`; a --plot FILE is .png or .svg. `--json` prints one
 JSON document instead of text. Failures print one `error: ...` line on stderr
 and exit with status 1.
 
@@ -28,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.cli import UsageError, build_parser, load_batch, parse_schedule
+from client.cli import UsageError, build_parser, load_batch, parse_schedule, picture
 from client.client import (
     CheckpointList,
     ClientError,
@@ -42,7 +46,9 @@ from client.render import (
     Checkpointed,
     Explained,
     GradientPlot,
+    Heads,
     Health,
+    History,
     Predictions,
     TrainSteps,
     render,
@@ -83,9 +89,10 @@ def train_step(client: ViTClient, args: argparse.Namespace) -> TrainSteps:
     if args.repeat < 1:
         raise UsageError(f"--repeat must be at least 1, got {args.repeat}")
     images, labels = load_batch(args)
-    steps = (client.train_step(images, labels, summaries=not args.no_summaries, accumulate_only=args.accumulate)
+    steps = (client.train_step(images, labels, summaries=not args.no_summaries, accumulate_only=args.accumulate,
+                               head_importance=args.heads)
              for _ in range(args.repeat))
-    return TrainSteps(steps, summaries=not args.no_summaries, top=args.top)
+    return TrainSteps(steps, summaries=not args.no_summaries, top=args.top, heads=args.heads)
 
 
 def eval_step(client: ViTClient, args: argparse.Namespace) -> EvalResult:
@@ -114,20 +121,50 @@ def publish(client: ViTClient, args: argparse.Namespace) -> ModelVersion:
 
 
 def explain(client: ViTClient, args: argparse.Namespace) -> Explained:
-    return Explained(client.explain(args.parameter), detail=bool(args.parameter))
+    plot = picture(args.plot)
+    if plot is not None and not args.parameter:
+        raise UsageError("--plot draws one parameter's path: give --parameter NAME")
+    explanation = client.explain(args.parameter)
+    if plot is None:
+        return Explained(explanation, detail=bool(args.parameter))
+    from client.graphs import draw_gradient_path  # matplotlib loads only for the plots
+
+    return Explained(explanation, detail=True, picture=draw_gradient_path(explanation, args.parameter, plot))
 
 
 def grads(client: ViTClient, args: argparse.Namespace) -> GradientPlot:
-    from client.plots import gradient_flow  # matplotlib loads only for this command
+    from client.plots import gradient_flow
 
+    plot = picture(args.plot)
     images, labels = load_batch(args)
     result = client.train_step(images, labels)
-    return GradientPlot(gradient_flow(result, args.plot), result)
+    return GradientPlot(gradient_flow(result, plot), result)
+
+
+def heads(client: ViTClient, args: argparse.Namespace) -> Heads:
+    plot = picture(args.plot)
+    result = client.head_importance(*load_batch(args))
+    if plot is not None:
+        from client.plots import head_heatmap
+
+        head_heatmap(result, plot)
+    return Heads(result, plot)
+
+
+def history(client: ViTClient, args: argparse.Namespace) -> History:
+    plot = picture(args.plot)
+    result = client.gradient_history(args.first_step, args.last_step, args.parameter)
+    if plot is not None:
+        from client.plots import gradient_history
+
+        gradient_history(result, plot, args.parameter)
+    return History(result, args.parameter, plot)
 
 
 COMMANDS: dict[str, Callable[[ViTClient, argparse.Namespace], Any]] = {
     "health": health, "info": info, "predict": predict, "train-step": train_step, "eval-step": eval_step,
     "optimizer": optimizer, "checkpoint": checkpoint, "publish": publish, "explain": explain, "grads": grads,
+    "heads": heads, "history": history,
 }
 
 

@@ -1,5 +1,5 @@
 """The command line of `python -m client`: its argument parser, and the inputs its arguments name
-(a batch from --images/--labels or --npz, a --schedule), checked before anything is sent."""
+(a batch from --images/--labels or --npz, a --schedule, a --plot picture), checked before anything is sent."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accumulate the gradients only; the next step without --accumulate applies them")
     t.add_argument("--no-summaries", action="store_true", help="skip the gradient summaries")
     t.add_argument("--top", type=int, default=10, metavar="N", help="parameters to show (default 10)")
+    t.add_argument("--heads", action="store_true",
+                   help="also compute head importance (per block and head) in the step and print it")
 
     e = sub.add_parser("eval-step", parents=[common], help="loss and accuracy of the training weights on a batch")
     add_batch_arguments(e)
@@ -80,11 +82,38 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explain", parents=[common], help="where the loss and the gradients are computed")
     x.add_argument("--parameter", default="", metavar="NAME",
                    help="one parameter (e.g. transformer.layers.0.0.fn.to_qkv.weight) in detail")
+    x.add_argument("--plot", metavar="FILE.png|.svg",
+                   help="draw that parameter's backward path, q/k/v branches marked (graphviz's dot if on PATH, "
+                        "else matplotlib)")
 
     g = sub.add_parser("grads", parents=[common], help="run one train step and plot the gradient flow")
-    g.add_argument("--plot", required=True, metavar="FILE.png", help="where to write the figure")
+    g.add_argument("--plot", required=True, metavar="FILE.png|.svg", help="where to write the figure")
     add_batch_arguments(g)
+
+    h = sub.add_parser("heads", parents=[common], help="head importance per block and head on a batch; "
+                                                       "changes nothing")
+    add_batch_arguments(h)
+    h.add_argument("--plot", metavar="FILE.png|.svg", help="also write a blocks x heads heatmap")
+
+    r = sub.add_parser("history", parents=[common], help="the gradient history the server kept, step by step")
+    r.add_argument("--from", dest="first_step", type=int, default=0, metavar="STEP",
+                   help="first step (default: the oldest kept)")
+    r.add_argument("--to", dest="last_step", type=int, default=0, metavar="STEP",
+                   help="last step (default: the newest)")
+    r.add_argument("--parameter", default="", metavar="PATTERN",
+                   help="shell-style pattern of the parameters to show (e.g. '*to_qkv*'); default: none shown")
+    r.add_argument("--plot", metavar="FILE.png|.svg",
+                   help="also plot the loss and the parameters' gradient norms (and q/k/v) over the steps")
     return parser
+
+
+def picture(path: str | None) -> Path | None:
+    """A --plot file: a .png or .svg path, or None when --plot was not given."""
+    if path is None:
+        return None
+    if Path(path).suffix.lower() not in (".png", ".svg"):
+        raise UsageError(f"--plot {path}: the picture must be a .png or .svg file")
+    return Path(path)
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:

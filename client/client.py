@@ -253,6 +253,15 @@ class QkvGradient(_AsDict):
 
 
 @dataclass
+class HeadScores(_AsDict):
+    """One attention module's head importance (Michel et al. 2019): per head, |dL/d xi_h| for a gate xi_h = 1
+    multiplying that head's output, for the batch's mean loss."""
+    block: int
+    module: str
+    importance: tuple[float, ...]
+
+
+@dataclass
 class TrainStepResult(_AsDict):
     """TrainStep: the loss, the update and, unless omitted, every trainable parameter's gradient summary."""
     loss: float
@@ -266,6 +275,7 @@ class TrainStepResult(_AsDict):
     skipped_reason: str = ""
     accumulated_batches: int = 1
     clip_coefficient: float = 1.0
+    head_importance: list[HeadScores] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -276,6 +286,35 @@ class TrainStepResult(_AsDict):
             return f"SKIPPED: {self.skipped_reason}"
         n = self.accumulated_batches
         return f"accumulated ({n} batch{'es' if n != 1 else ''})"
+
+
+@dataclass
+class HeadImportanceResult(_AsDict):
+    """HeadImportance: the batch's loss, the step of the weights used, and each attention module's head
+    importance in block order. Changes nothing on the server."""
+    loss: float
+    step: int
+    heads: list[HeadScores] = field(default_factory=list)
+
+    def matrix(self) -> np.ndarray:
+        """The importance as a [modules, heads] float array in block order (NaN pads modules with fewer heads)."""
+        width = max((len(h.importance) for h in self.heads), default=0)
+        out = np.full((len(self.heads), width), np.nan)
+        for row, h in enumerate(self.heads):
+            out[row, :len(h.importance)] = h.importance
+        return out
+
+
+@dataclass
+class GradientHistory(_AsDict):
+    """GetGradientHistory: the kept applied steps in the asked range, oldest first, each as TrainStep answered it
+    (gradients and attention entries filtered by the parameter pattern), and how many steps the server keeps."""
+    steps: list[TrainStepResult]
+    capacity: int
+
+    def parameters(self) -> list[str]:
+        """The names of the parameters whose gradients the steps hold, in first-seen order."""
+        return list(dict.fromkeys(g.name for step in self.steps for g in step.gradients))
 
 
 @dataclass
@@ -397,7 +436,10 @@ MESSAGES: dict[type, type[Message]] = {
     PredictResult: vitserve_pb2.PredictResponse,
     GradientSummary: vitserve_pb2.GradientSummary,
     QkvGradient: vitserve_pb2.QkvGradient,
+    HeadScores: vitserve_pb2.HeadScores,
     TrainStepResult: vitserve_pb2.TrainStepResponse,
+    HeadImportanceResult: vitserve_pb2.HeadImportanceResponse,
+    GradientHistory: vitserve_pb2.GradientHistoryResponse,
     EvalResult: vitserve_pb2.EvalStepResponse,
     LinearSchedule: vitserve_pb2.LinearSchedule,
     OptimizerState: vitserve_pb2.OptimizerState,
@@ -578,14 +620,29 @@ class ViTClient:
         return from_proto(PredictResult, self._call(self._stub.Predict, request))
 
     def train_step(self, images: ImagesArg, labels: Any, summaries: bool = True,
-                   accumulate_only: bool = False) -> TrainStepResult:
+                   accumulate_only: bool = False, head_importance: bool = False) -> TrainStepResult:
         """One training step; with accumulate_only the gradients are added up and the weights stay put
-        until the next step without it."""
+        until the next step without it. head_importance: also the step's head importance (of the weights
+        before the update) in `.head_importance`."""
         request = vitserve_pb2.TrainStepRequest(images=images_to_proto(images),
                                                 labels=labels_to_proto(labels),
                                                 omit_gradient_summaries=not summaries,
-                                                accumulate_only=accumulate_only)
+                                                accumulate_only=accumulate_only,
+                                                head_importance=head_importance)
         return from_proto(TrainStepResult, self._call(self._stub.TrainStep, request))
+
+    def head_importance(self, images: ImagesArg, labels: Any) -> HeadImportanceResult:
+        """Head importance of the current training weights on a labelled batch, per block and head; changes
+        nothing (ClientError FAILED_PRECONDITION while gradients are being accumulated)."""
+        request = vitserve_pb2.HeadImportanceRequest(images=images_to_proto(images), labels=labels_to_proto(labels))
+        return from_proto(HeadImportanceResult, self._call(self._stub.HeadImportance, request))
+
+    def gradient_history(self, first_step: int = 0, last_step: int = 0, parameter: str = "") -> GradientHistory:
+        """The kept applied steps with first_step <= step <= last_step (0 leaves a side open), oldest first;
+        `parameter`, a shell-style pattern ("*to_qkv*", "blocks.0.*"), keeps only the matching parameters'
+        gradient summaries and the attention modules they belong to ("" keeps all)."""
+        request = vitserve_pb2.GradientHistoryRequest(first_step=first_step, last_step=last_step, parameter=parameter)
+        return from_proto(GradientHistory, self._call(self._stub.GetGradientHistory, request))
 
     def eval_step(self, images: ImagesArg, labels: Any) -> EvalResult:
         """Loss and accuracy of the current training weights on a labelled batch; changes nothing."""

@@ -1,7 +1,9 @@
-"""Figures for training runs: the gradient flow of one train step and a loss/accuracy curve.
+"""Figures for training runs: the gradient flow of one train step, a loss/accuracy curve, the head importance
+of one batch (a blocks x heads heatmap) and the gradient history the server kept.
 
-Both functions draw on a bare `matplotlib.figure.Figure` rendered by the Agg
-backend, so they work without a display and never touch pyplot's global state.
+Every function draws on a bare `matplotlib.figure.Figure` rendered by the Agg backend, so they work without
+a display and never touch pyplot's global state. Pictures are PNG or SVG (by the file's suffix); an SVG
+keeps its text as text (svg.fonttype "none"), so its labels and numbers can be searched and read back.
 """
 from __future__ import annotations
 
@@ -11,24 +13,33 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from client.client import TrainStepResult
+from client.client import GradientHistory, HeadImportanceResult, TrainStepResult
+
+PICTURE_SUFFIXES = (".png", ".svg")
+PART_COLOURS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c"}
 
 # Bar series of the gradient-flow figure: (key, legend label, colour).
 SERIES = [
-    ("q", "q (to_qkv rows)", "#1f77b4"),
-    ("k", "k (to_qkv rows)", "#ff7f0e"),
-    ("v", "v (to_qkv rows)", "#2ca02c"),
-    ("out", "attention out (to_out)", "#9467bd"),
-    ("ff", "feed-forward (fn.net)", "#8c564b"),
+    ("q", "q projection", PART_COLOURS["q"]),
+    ("k", "k projection", PART_COLOURS["k"]),
+    ("v", "v projection", PART_COLOURS["v"]),
+    ("qkv", "q/k/v projection (not split)", "#bcbd22"),
+    ("out", "attention out", "#9467bd"),
+    ("ff", "feed-forward", "#8c564b"),
     ("norm", "LayerNorms", "#7f7f7f"),
     ("embedding", "embedding (patch, pos, cls)", "#17becf"),
     ("head", "head (classifier)", "#d62728"),
 ]
-# GradientSummary.sublayer -> its series; attention.qkv is drawn as q, k and v (TrainStepResult.attention).
+# Attention sub-layers drawn from TrainStepResult.attention (split into q, k, v, weights and biases together);
+# their own summaries are drawn only for a block that has no attention entry.
+ATTENTION_SERIES = {"attention.q": "q", "attention.k": "k", "attention.v": "v", "attention.qkv": "qkv"}
+# GradientSummary.sublayer -> its series.
 SUBLAYER_SERIES = {
     "attention.out": "out",
     "feedforward": "ff",
@@ -49,13 +60,18 @@ def _combined(norms: list[float]) -> float:
 
 def _gradient_groups(result: TrainStepResult) -> dict[str, dict[str, float]]:
     """Gradient L2 norms by x-axis group ("embedding", "block 0", ..., "head") and series key: every
-    parameter of a sub-layer (weights and biases) together, q, k and v from the split qkv gradients."""
+    parameter of a sub-layer (weights and biases) together; q, k and v from the attention entries (fused or
+    separate projections alike, each weight's part with its bias's part)."""
     parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    split = {a.block for a in result.attention}
     for a in result.attention:
-        for key, norm in (("q", a.q_norm), ("k", a.k_norm), ("v", a.v_norm)):
-            parts[f"block {a.block}"][key].append(norm)
+        for key, weight, bias in (("q", a.q_norm, a.q_bias_norm), ("k", a.k_norm, a.k_bias_norm),
+                                  ("v", a.v_norm, a.v_bias_norm)):
+            parts[f"block {a.block}"][key] += [weight, bias]
     for g in result.gradients:
         key = SUBLAYER_SERIES.get(g.sublayer)
+        if g.sublayer in ATTENTION_SERIES and g.block not in split:
+            key = ATTENTION_SERIES[g.sublayer]
         group = f"block {g.block}" if g.block >= 0 else OUTSIDE_BLOCKS.get(g.sublayer)
         if key and group:
             parts[group][key].append(g.l2_norm)
@@ -64,13 +80,37 @@ def _gradient_groups(result: TrainStepResult) -> dict[str, dict[str, float]]:
     return {group: {key: _combined(v) for key, v in parts[group].items()} for group in order}
 
 
+def picture_suffix(path: str | os.PathLike) -> str:
+    """".png" or ".svg", the picture formats the figures are written in (ValueError for another suffix)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_SUFFIXES:
+        raise ValueError(f"{path}: a picture is a .png or .svg file")
+    return suffix
+
+
+def save(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write `fig` as PNG or SVG by `path`'s suffix; an SVG keeps its text as <text> elements."""
+    picture_suffix(path)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(path)
+    return Path(path)
+
+
 def gradient_flow(result: TrainStepResult, path: str | os.PathLike) -> Path:
     """Grouped bars of gradient L2 norms per transformer block (q, k, v, attention out,
-    feed-forward, LayerNorms) plus the embedding and the head, on a log axis. Writes a PNG.
+    feed-forward, LayerNorms) plus the embedding and the head, on a log axis. Writes a PNG or SVG.
 
-    Bars are placed by each gradient's block and sublayer (set at export), never by parameter name."""
+    Bars are placed by each gradient's block and sublayer (set at export), never by parameter name. A model
+    whose parameters are all outside blocks and sub-layers (block -1, "other": a CNN) gets one bar per parameter."""
+    return save(gradient_flow_figure(result), path)
+
+
+def gradient_flow_figure(result: TrainStepResult) -> Figure:
+    """The figure of gradient_flow."""
     groups = _gradient_groups(result)
     if not groups:
+        if result.gradients:
+            return _unplaced_gradients_figure(result)
         raise ValueError("the train step has no gradient summaries to plot (were they omitted?)")
     fig = Figure(figsize=(11, 5.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
@@ -94,15 +134,36 @@ def gradient_flow(result: TrainStepResult, path: str | os.PathLike) -> Path:
     ax.grid(axis="y", which="major", alpha=0.35)
     ax.grid(axis="y", which="minor", alpha=0.12)
     ax.set_axisbelow(True)
-    status = "" if result.applied else f" ({result.status})"
-    ax.set_title(f"Gradient flow at step {result.step}: loss {result.loss:.4f}, "
-                 f"global grad norm {result.grad_norm:.3g}{status}")
+    ax.set_title(_step_title(result))
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: [label for _, label, _ in SERIES].index(labels[i]))
     ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left",
               bbox_to_anchor=(1.01, 1.0), frameon=False, title="gradient of")
-    fig.savefig(path)
-    return Path(path)
+    return fig
+
+
+def _step_title(result: TrainStepResult) -> str:
+    status = "" if result.applied else f" ({result.status})"
+    return (f"Gradient flow at step {result.step}: loss {result.loss:.4f}, "
+            f"global grad norm {result.grad_norm:.3g}{status}")
+
+
+def _unplaced_gradients_figure(result: TrainStepResult) -> Figure:
+    """One bar per parameter in model order, for a model without transformer blocks (nothing placed)."""
+    names = [g.name for g in result.gradients]
+    fig = Figure(figsize=(max(8.0, 0.35 * len(names) + 2), 6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    norms = [g.l2_norm if g.l2_norm > 0 else np.nan for g in result.gradients]
+    ax.bar(range(len(names)), norms, 0.8, color="#7f7f7f")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("parameter, in model order (input side left); the export placed none in a block or sub-layer")
+    ax.set_ylabel("gradient L2 norm (log scale)")
+    ax.grid(axis="y", which="major", alpha=0.35)
+    ax.set_axisbelow(True)
+    ax.set_title(_step_title(result))
+    return fig
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -155,5 +216,117 @@ def loss_curve(history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     fig.suptitle("Training loss and test accuracy")
     ax.legend(lines, [line.get_label() for line in lines], loc="lower center", bbox_to_anchor=(0.5, 1.0),
               ncol=len(lines), frameon=False)
-    fig.savefig(path)
-    return Path(path)
+    return save(fig, path)
+
+
+# ---------------------------------------------------------------- head importance
+
+def head_value(value: float) -> str:
+    """How a head-importance value is written in the heatmap's cells."""
+    return f"{value:.3g}"
+
+
+def head_heatmap(result: HeadImportanceResult, path: str | os.PathLike) -> Path:
+    """Head importance as a blocks x heads heatmap, each cell annotated with its value. Writes a PNG or SVG."""
+    return save(head_heatmap_figure(result), path)
+
+
+def head_heatmap_figure(result: HeadImportanceResult) -> Figure:
+    """The figure of head_heatmap: one image (rows: attention modules in block order, columns: heads) whose
+    array is result.matrix(), and one text per cell."""
+    matrix = result.matrix()
+    if not matrix.size:
+        raise ValueError("no head importance to plot: the model has no attention modules")
+    rows, heads = matrix.shape
+    fig = Figure(figsize=(max(5.0, 1.0 * heads + 3), max(3.0, 0.6 * rows + 1.8)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto")
+    finite = matrix[np.isfinite(matrix)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for r in range(rows):
+        for h in range(heads):
+            value = matrix[r, h]
+            if np.isfinite(value):
+                ax.text(h, r, head_value(value), ha="center", va="center", fontsize=9,
+                        color="black" if value > middle else "white")
+    ax.set_xticks(range(heads), [f"head {h}" for h in range(heads)])
+    ax.set_yticks(range(rows), [f"block {s.block}" for s in result.heads])
+    ax.set_xlabel("head")
+    ax.set_ylabel("transformer block (input side at the top)")
+    fig.colorbar(image, ax=ax, label="|dL/d\u03be_h|")
+    ax.set_title(f"Head importance at step {result.step} (loss {result.loss:.4f})")
+    return fig
+
+
+# ---------------------------------------------------------------- gradient history
+
+def gradient_history(history: GradientHistory, path: str | os.PathLike, pattern: str = "") -> Path:
+    """The kept steps' loss and the matched parameters' gradient L2 norms over the steps, and each block's
+    q, k and v gradient norms when the history holds attention entries. Writes a PNG or SVG."""
+    return save(gradient_history_figure(history, pattern), path)
+
+
+def gradient_history_figure(history: GradientHistory, pattern: str = "") -> Figure:
+    """The figure of gradient_history: 2 panels (loss; parameters' gradient norms), 3 with attention entries."""
+    steps = history.steps
+    if not steps:
+        raise ValueError("no kept steps to plot")
+    attention = any(s.attention for s in steps)
+    fig = Figure(figsize=(11, 9.5 if attention else 7), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3 if attention else 2, 1, sharex=True)
+    marker = "o" if len(steps) <= 40 else None
+    numbers = [s.step for s in steps]
+
+    loss_ax = axes[0]
+    loss_ax.plot(numbers, [s.loss for s in steps], marker=marker, color="#1f77b4", label="loss")
+    loss_ax.set_ylabel("cross-entropy loss")
+    norm_ax = loss_ax.twinx()
+    norm_ax.plot(numbers, [s.grad_norm for s in steps], marker=marker, linestyle="--", color="#7f7f7f",
+                 label="global grad norm")
+    norm_ax.set_ylabel("global gradient L2 norm", color="#7f7f7f")
+    lines = loss_ax.get_lines() + norm_ax.get_lines()
+    loss_ax.legend(lines, [line.get_label() for line in lines], loc="upper right", frameon=False)
+    loss_ax.grid(alpha=0.3)
+
+    param_ax = axes[1]
+    names = history.parameters()
+    colours = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    for i, name in enumerate(names):
+        points = [(s.step, g.l2_norm) for s in steps for g in s.gradients if g.name == name and g.l2_norm > 0]
+        if points:
+            x, y = zip(*points)
+            param_ax.plot(x, y, marker=marker, markersize=3, linewidth=1, label=name, color=colours(i % colours.N),
+                          linestyle=["-", "--", ":"][i // colours.N % 3])
+    param_ax.set_yscale("log")
+    param_ax.set_ylabel("gradient L2 norm (log)")
+    param_ax.grid(alpha=0.3)
+    matched = f"parameters matching {pattern!r}" if pattern else "every parameter"
+    param_ax.set_title(f"{matched}: {len(names)}", fontsize=10)
+    if names:
+        param_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                        fontsize=7 if len(names) <= 16 else 5, ncol=1 + len(names) // 24)
+
+    if attention:
+        qkv_ax = axes[2]
+        blocks = sorted({a.block for s in steps for a in s.attention})
+        styles = ["-", "--", ":", "-."]
+        for i, block in enumerate(blocks):
+            for part in "qkv":
+                points = [(s.step, getattr(a, f"{part}_norm")) for s in steps for a in s.attention
+                          if a.block == block]
+                x, y = zip(*points)
+                qkv_ax.plot(x, [v if v > 0 else np.nan for v in y], marker=marker, markersize=3,
+                            linestyle=styles[i % len(styles)], color=PART_COLOURS[part],
+                            alpha=1.0 - 0.6 * i / max(len(blocks), 1), label=f"block {block} {part}")
+        qkv_ax.set_yscale("log")
+        qkv_ax.set_ylabel("q/k/v weight gradient L2 norm (log)")
+        qkv_ax.grid(alpha=0.3)
+        qkv_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=7,
+                      ncol=1 + len(blocks) // 8)
+    axes[-1].set_xlabel("optimizer step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    first, last = numbers[0], numbers[-1]
+    fig.suptitle(f"Gradient history: steps {first} to {last} ({len(steps)} kept of at most {history.capacity})")
+    return fig

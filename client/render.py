@@ -3,7 +3,8 @@ JSON document (--json).
 
 A result is a dataclass of client.client (ModelInfo, EvalResult, OptimizerState, CheckpointList,
 ModelVersion) or one of the small result objects below for commands that add to what the server said
-(the file names of predict, the several steps of train-step --repeat, the plot of grads, health).
+(the file names of predict, the several steps of train-step --repeat, the plots of grads, heads, history
+and explain --plot, health).
 `text` and `document` dispatch on the result's type (functools.singledispatch): the print_* functions
 are the text of each, and a result's JSON is its as_dict() unless `document` has its own case.
 """
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +25,10 @@ from client.client import (
     CheckpointList,
     EvalResult,
     Explanation,
+    GradientHistory,
     GraphNode,
+    HeadImportanceResult,
+    HeadScores,
     ModelInfo,
     ModelVersion,
     OptimizerState,
@@ -32,6 +36,9 @@ from client.client import (
     PredictResult,
     TrainStepResult,
 )
+
+if TYPE_CHECKING:
+    from client.graphs import PathPicture
 
 
 @dataclass
@@ -54,10 +61,12 @@ class Predictions:
 @dataclass
 class TrainSteps:
     """train-step: its steps, which run as they are read (so text shows each step when it is done); the
-    summaries of the last one unless they were omitted, `top` parameters of them."""
+    summaries of the last one unless they were omitted, `top` parameters of them, and its head importance
+    when it was asked for (`heads`)."""
     steps: Iterable[TrainStepResult]
     summaries: bool
     top: int
+    heads: bool = False
 
 
 @dataclass
@@ -69,9 +78,26 @@ class Checkpointed:
 
 @dataclass
 class Explained:
-    """explain: the explanation, told parameter by parameter in `detail` (explain --parameter) or as a table."""
+    """explain: the explanation, told parameter by parameter in `detail` (explain --parameter) or as a table,
+    and the picture of the parameter's backward path when one was drawn (explain --plot)."""
     explanation: Explanation
     detail: bool
+    picture: PathPicture | None = None
+
+
+@dataclass
+class Heads:
+    """heads: the head importance of one batch, and the heatmap written of it (heads --plot)."""
+    result: HeadImportanceResult
+    plot: Path | None = None
+
+
+@dataclass
+class History:
+    """history: the kept steps, the parameter pattern asked for ("": every parameter) and the plot (--plot)."""
+    history: GradientHistory
+    pattern: str = ""
+    plot: Path | None = None
 
 
 @dataclass
@@ -118,7 +144,20 @@ def _(result: Checkpointed) -> Any:
 
 @document.register
 def _(result: Explained) -> Any:
-    return result.explanation.as_dict()
+    doc = result.explanation.as_dict()
+    if result.picture is not None:
+        doc.update(plot=str(result.picture.path), renderer=result.picture.renderer, plotted_nodes=result.picture.nodes)
+    return doc
+
+
+@document.register
+def _(result: Heads) -> Any:
+    return {**result.result.as_dict(), **({"plot": str(result.plot)} if result.plot else {})}
+
+
+@document.register
+def _(result: History) -> Any:
+    return {**result.history.as_dict(), **({"plot": str(result.plot)} if result.plot else {})}
 
 
 @document.register
@@ -204,6 +243,9 @@ def print_train_steps(result: TrainSteps) -> None:
     if result.summaries and last is not None:
         print_gradients(last, result.top)
         print_attention(last)
+    if result.heads and last is not None:
+        print("\nhead importance |dL/d xi_h| (the weights before the update)")
+        print_head_table(last.head_importance)
 
 
 def print_step(r: TrainStepResult) -> None:
@@ -235,6 +277,75 @@ def print_attention(r: TrainStepResult) -> None:
               f"v ||g|| {a.v_norm:.3e}  ({a.heads} heads x {a.dim_head})")
         for part, norms in (("q", a.q_head_norms), ("k", a.k_head_norms), ("v", a.v_head_norms)):
             print(f"    {part} heads  " + "  ".join(f"{n:.3e}" for n in norms))
+        if a.biases:
+            print(f"    biases   q ||g|| {a.q_bias_norm:.3e}  k ||g|| {a.k_bias_norm:.3e}  v ||g|| {a.v_bias_norm:.3e}")
+
+
+def head_cell(value: float) -> str:
+    return f"{value:.3e}"
+
+
+def print_head_table(heads: list[HeadScores]) -> None:
+    """Head importance as a table: one row per attention module (block order), one column per head."""
+    if not heads:
+        print("  (no attention modules)")
+        return
+    width = max(len(h.importance) for h in heads)
+    rows = [(str(h.block), h.module, *[head_cell(v) for v in h.importance],
+             *[""] * (width - len(h.importance))) for h in heads]
+    print_table(("block", "module", *[f"head {i}" for i in range(width)]), rows,
+                right={0, *range(2, width + 2)})
+
+
+@text.register
+def print_heads(result: Heads) -> None:
+    r = result.result
+    width = max((len(h.importance) for h in r.heads), default=0)
+    print(f"head importance |dL/d xi_h| at step {r.step}  loss {r.loss:.4f}  ({len(r.heads)} attention modules x "
+          f"{width} heads)")
+    print_head_table(r.heads)
+    if result.plot is not None:
+        print(f"wrote {result.plot}")
+
+
+@text.register
+def print_history(result: History) -> None:
+    h = result.history
+    if not h.capacity:
+        print("the server keeps no gradient history (it runs with --gradient-history 0)")
+    elif not h.steps:
+        print(f"no kept steps in that range (the server keeps the last {h.capacity} applied steps)")
+    else:
+        print(f"{len(h.steps)} kept steps, {h.steps[0].step} to {h.steps[-1].step} (the server keeps the last "
+              f"{h.capacity} applied steps)")
+    if not h.steps:
+        return
+    names = h.parameters() if result.pattern else []
+    if result.pattern:
+        print(f"gradient L2 norms of the {len(names)} parameters matching {result.pattern!r}:"
+              if names else f"no parameter matches {result.pattern!r}")
+        for i, name in enumerate(names, 1):
+            print(f"  [{i}] {name}")
+    rows = []
+    for step in h.steps:
+        norms = {g.name: g.l2_norm for g in step.gradients}
+        rows.append((str(step.step), f"{step.loss:.4f}", f"{step.learning_rate:.3g}", f"{step.grad_norm:.3e}",
+                     *[f"{norms[n]:.3e}" if n in norms else "-" for n in names]))
+    header = ("step", "loss", "lr", "grad norm", *[f"[{i}]" for i in range(1, len(names) + 1)])
+    print_table(header, rows, right=set(range(len(header))))
+    attention = [(step.step, a) for step in h.steps for a in step.attention] if result.pattern else []
+    if not result.pattern:
+        print("(--parameter PATTERN adds the gradient L2 norms of the matching parameters and their q/k/v)")
+    if attention:
+        biases = any(a.biases for _, a in attention)
+        print("\nq/k/v gradient L2 norms of their attention modules" + (" (weights, then biases)" if biases else ""))
+        rows = [(str(s), str(a.block), *[f"{v:.3e}" for v in (a.q_norm, a.k_norm, a.v_norm)],
+                 *([f"{v:.3e}" for v in (a.q_bias_norm, a.k_bias_norm, a.v_bias_norm)] if biases else []))
+                for s, a in attention]
+        header = ("step", "block", "q", "k", "v", *(("q bias", "k bias", "v bias") if biases else ()))
+        print_table(header, rows, right=set(range(len(header))))
+    if result.plot is not None:
+        print(f"wrote {result.plot}")
 
 
 @text.register
@@ -328,6 +439,9 @@ def print_explained(result: Explained) -> None:
             print_parameter_story(explanation, p)
     else:
         print_parameter_table(explanation)
+    if result.picture is not None:
+        drawn = "graphviz dot" if result.picture.renderer == "graphviz" else "matplotlib: graphviz's dot is not on PATH"
+        print(f"\nwrote {result.picture.path} ({drawn})")
 
 
 def node_text(node: GraphNode | None) -> str:
@@ -354,22 +468,37 @@ def print_parameter_story(e: Explanation, p: ParameterGradientPath) -> None:
     """The answer to "where are the loss and this weight's gradient (and its q, k, v parts') computed?"."""
     shape = "x".join(map(str, p.shape)) or "scalar"
     where = f"block {p.block}, {p.sublayer}" if p.block >= 0 else p.sublayer
+    kind = "bias" if len(p.shape) == 1 and p.qkv_parts else "weight"
+    fused = len(p.qkv_parts) > 1
     print(f"\nparameter {p.name}  [{shape}]  ({where})")
     if e.loss is not None:
         print(f"  1. the loss is computed by {node_text(e.loss)} from {', '.join(e.loss.inputs)}")
     print(f"  2. backpropagation starts at {node_text(e.loss_gradient)}")
-    print(f"  3. the gradient of the {'fused q/k/v ' if p.qkv_parts else ''}weight, `{p.gradient_tensor}`, "
+    if fused:
+        what = f"fused q/k/v {kind}"
+    elif p.qkv_parts:
+        what = f"{p.qkv_parts[0].part} projection's {kind}"
+    else:
+        what, kind = "parameter", "parameter"
+    print(f"  3. the gradient of the {what}, `{p.gradient_tensor}`, "
           f"is computed by {node_text(p.gradient_node)}, {p.ops_from_loss} ops from the loss gradient")
-    if p.qkv_parts:
-        print("  4. q, k and v get their gradients (the parts of the split to_qkv output) at:")
-        for part in p.qkv_parts:
-            print(f"       {part.part}: {node_text(part.gradient_node)} computes `{part.gradient_tensor}` "
-                  f"(the gradient of `{part.tensor}`)")
-        if p.shape and p.shape[0] % len(p.qkv_parts) == 0:
-            rows = p.shape[0] // len(p.qkv_parts)
-            spans = ", ".join(f"{part.part} rows [{i * rows}, {(i + 1) * rows})" for i, part in enumerate(p.qkv_parts))
-            print(f"     so the fused weight's gradient holds {spans}")
-    print(f"\n  path from the loss gradient to the weight's gradient node ({len(p.path)} ops):")
+    if fused:
+        print("  4. q, k and v get their gradients (the parts of the fused projection's output) at:")
+    elif p.qkv_parts:
+        print(f"  4. {p.qkv_parts[0].part} gets its gradient (the output of its own projection) at:")
+    for part in p.qkv_parts:
+        print(f"       {part.part}: {node_text(part.gradient_node)} computes `{part.gradient_tensor}` "
+              f"(the gradient of `{part.tensor}`)")
+    if fused and p.shape and p.shape[0] % len(p.qkv_parts) == 0:
+        rows = p.shape[0] // len(p.qkv_parts)
+        unit = "rows " if kind == "weight" else ""
+        spans = ", ".join(f"{part.part} {unit}[{i * rows}, {(i + 1) * rows})" for i, part in enumerate(p.qkv_parts))
+        print(f"     so the fused {kind}'s gradient holds {spans}")
+    elif p.qkv_parts:
+        print(f"     so the {kind}'s gradient is {p.qkv_parts[0].part}'s alone")
+    print(f"\n  path from the loss gradient to the {kind}'s gradient node ({len(p.path)} ops):")
     width = max((len(node.op_type) for node in p.path), default=0)
+    parts = {part.gradient_node.name: part.part for part in p.qkv_parts if part.gradient_node is not None}
     for i, node in enumerate(p.path, 1):
-        print(f"    {i:>3}  {node.op_type:<{width}}  {node.name}")
+        mark = f"  <- {parts[node.name]} gradient" if node.name in parts else ""
+        print(f"    {i:>3}  {node.op_type:<{width}}  {node.name}{mark}")
