@@ -81,8 +81,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001
-# gRPC (vitserve.v1, KServe v2, health, reflection) and Prometheus /metrics over HTTP (VITSERVE_METRICS_PORT).
-EXPOSE 50051 8002
+# gRPC (vitserve.v1, KServe v2, health, reflection), HTTP (KServe v2 REST and vitserve.v1 over JSON,
+# VITSERVE_HTTP_PORT) and Prometheus /metrics (VITSERVE_METRICS_PORT). The HEALTHCHECK stays on gRPC's
+# health service: it covers the process and the model; an HTTP probe can use /v2/health/ready instead.
+EXPOSE 50051 8000 8002
 
 # The standard grpc.health.v1 service, asked for "vitserve.v1.VitServe"; through sh so that it follows
 # VITSERVE_PORT when the port is changed at run time.

@@ -32,7 +32,9 @@ RAW_ORT, GRPC, EAGER, COMPILED, ENGINE = "raw ORT in-process", "Predict over gRP
     "engine in-process"
 TRAIN_GRPC = "TrainStep over gRPC"
 GRPC_V2 = "ModelInfer over gRPC (KServe v2, tritonclient)"
-SERVED = (GRPC, GRPC_V2)  # the server's own variants: compared with raw ORT too
+HTTP_V2 = "ModelInfer over HTTP (KServe v2 REST, tritonclient.http, binary data)"
+HTTP_V1 = "Predict over HTTP/JSON (/v1/predict)"
+SERVED = (GRPC, GRPC_V2, HTTP_V2, HTTP_V1)  # the server's own variants: compared with raw ORT too
 
 
 @dataclass
@@ -87,8 +89,10 @@ class Served:
 
     def __init__(self, ctx: Context, folder: Path, **settings):
         from server.app import create_server
+        from server.auth import Security
         from server.config import Settings
         from server.dataplane import DataPlane
+        from server.http import create_http_server
 
         data = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix="data-"))
         self.settings = Settings(artifacts=folder, host="127.0.0.1", port=0, data_dir=data, log_level="WARNING", metrics_port=-1,
@@ -96,6 +100,8 @@ class Served:
         self.plane = DataPlane(self.settings)
         self.server, self.port = create_server(self.settings, self.plane)
         self.address = f"127.0.0.1:{self.port}"
+        self.http = create_http_server(self.settings.model_copy(update={"http_port": 0}), self.plane, Security())
+        self.http_address = f"127.0.0.1:{self.http.port}"
 
     def client(self):
         from client import ViTClient
@@ -103,6 +109,7 @@ class Served:
         return ViTClient(self.address, timeout=600)
 
     def close(self):
+        self.http.stop()
         self.server.stop(None).wait()
         try:
             self.plane.close()
@@ -269,11 +276,17 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
 
     plan = ctx.plan
     folder = ctx.cache.ensure(preset)
+    import base64
+    import json
+    import urllib.request
+
     import tritonclient.grpc as tc
+    import tritonclient.http as th
 
     served = Served(ctx, folder)
     client = served.client()
     v2 = tc.InferenceServerClient(served.address)
+    v2_http = th.InferenceServerClient(served.http_address)
     model_name = served.plane.manifest.name
     settings = served.settings
     served_note = (f"server defaults: dynamic batching {'on' if settings.dynamic_batching else 'off'}, "
@@ -289,6 +302,17 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
             xt = torch.from_numpy(x)
             v2_input = tc.InferInput("images", list(x.shape), "FP32")
             v2_input.set_data_from_numpy(x)
+            http_input = th.InferInput("images", list(x.shape), "FP32")
+            http_input.set_data_from_numpy(x, binary_data=True)
+            http_output = [th.InferRequestedOutput("logits", binary_data=True)]
+            v1_body = json.dumps({"images": {"tensor": {"dtype": "FLOAT32", "shape": list(x.shape),
+                                                        "data": base64.b64encode(x.tobytes()).decode()}}}).encode()
+
+            def v1_http():
+                request = urllib.request.Request(f"http://{served.http_address}/v1/predict", data=v1_body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=600) as answer:
+                    return answer.read()
 
             def eager():
                 with torch.inference_mode():
@@ -297,6 +321,8 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
             return {RAW_ORT: lambda: session.run(["logits"], {"images": x})[0],
                     GRPC: lambda: client.predict(x, return_logits=False),
                     GRPC_V2: lambda: v2.infer(model_name, [v2_input]).as_numpy("logits"),
+                    HTTP_V2: lambda: v2_http.infer(model_name, [http_input], outputs=http_output).as_numpy("logits"),
+                    HTTP_V1: v1_http,
                     EAGER: eager}
 
         # batch 1: latency
@@ -342,6 +368,7 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
     finally:
         client.close()
         v2.close()
+        v2_http.close()
         served.close()
     return rows
 

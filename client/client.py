@@ -353,12 +353,14 @@ class OptimizerState(_AsDict):
 
 @dataclass
 class CheckpointInfo(_AsDict):
-    """A checkpoint in the server's data directory; reason is "manual", "auto" or "shutdown"."""
+    """A checkpoint in the server's data directory; reason is "manual", "auto" or "shutdown"; problem says why a
+    damaged one cannot be restored ("" when intact)."""
     name: str
     step: int
     created_unix: float
     size_bytes: int
     reason: str
+    problem: str = ""
 
 
 @dataclass

@@ -396,7 +396,8 @@ def print_checkpoints(listing: CheckpointList) -> None:
         print("no checkpoints")
         return
     rows = [(c.name + (" *" if c.name == listing.latest else ""), str(c.step), local_time(c.created_unix),
-             human_size(c.size_bytes), c.reason) for c in listing.checkpoints]
+             human_size(c.size_bytes), f"DAMAGED: {c.problem}" if c.problem else c.reason)
+            for c in listing.checkpoints]
     print_table(("name", "step", "written", "size", "reason"), rows, right={1, 3})
     print(f"latest: {listing.latest} (*)")
 

@@ -86,8 +86,20 @@ def error(code: grpc.StatusCode, message: str) -> JSONResponse:
 
 
 def to_json(message: Message) -> dict:
+    """protobuf's JSON mapping (the /v1 routes): field names as in the proto, int64 as strings, bytes as base64."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
+
+
+def v2_json(message: Message) -> dict:
+    """A v2 answer as the REST protocol writes it: like to_json, but shapes are JSON numbers."""
+    def numbers(value):
+        if isinstance(value, dict):
+            return {k: [int(d) for d in v] if k == "shape" else numbers(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [numbers(v) for v in value]
+        return value
+    return numbers(to_json(message))
 
 
 @dataclass
@@ -199,13 +211,13 @@ def build_app(plane: DataPlane, security: Security) -> FastAPI:
     @app.get("/v2")
     async def server_metadata(request: Request):
         answer, refused = await v2_call(request, "ServerMetadata", v2.ServerMetadataRequest())
-        return refused or to_json(answer)
+        return refused or v2_json(answer)
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     async def model_metadata(request: Request, model: str, version: str = ""):
         answer, refused = await v2_call(request, "ModelMetadata", v2.ModelMetadataRequest(name=model, version=version))
-        return refused or to_json(answer)
+        return refused or v2_json(answer)
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")

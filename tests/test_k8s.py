@@ -7,6 +7,8 @@ VITSERVE_* variables), server/__main__.py (the drain grace), the Dockerfile (USE
 from __future__ import annotations
 
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -15,8 +17,9 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.__main__ import parse_args
-from server.app import SERVICE_NAME
+from server.auth import Security
 from server.config import ENV_PREFIX, Settings
+from server.http import create_http_server
 from tests.helpers import REPO
 
 K8S = REPO / "deploy" / "k8s"
@@ -99,11 +102,12 @@ def test_env_vars_are_settings_fields_with_the_decided_values(env, settings):
     fields = {ENV_PREFIX + name.upper(): name for name in Settings.model_fields}
     unknown = sorted(set(env) - set(fields))
     assert not unknown, f"not Settings fields: {unknown}"
-    assert set(env) == {"VITSERVE_HOST", "VITSERVE_PORT", "VITSERVE_METRICS_PORT", "VITSERVE_DATA_DIR",
+    assert set(env) == {"VITSERVE_HOST", "VITSERVE_PORT", "VITSERVE_HTTP_PORT", "VITSERVE_METRICS_PORT", "VITSERVE_DATA_DIR",
                         "VITSERVE_LOG_JSON", "VITSERVE_CHECKPOINT_EVERY_STEPS", "VITSERVE_INTRA_OP_THREADS"}
     assert settings.host == "0.0.0.0"  # the kubelet probes the pod IP
     assert settings.port == 50051
     assert settings.metrics_port == 8002
+    assert settings.http_port == 8000
     assert settings.data_dir == Path("/data")
     assert settings.log_json is True
     assert settings.checkpoint_every_steps == 100
@@ -111,29 +115,43 @@ def test_env_vars_are_settings_fields_with_the_decided_values(env, settings):
 
 
 def test_container_ports_and_scrape_annotations_match_settings(deployment, ports, settings):
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
-    assert ports == {"grpc": 50051, "metrics": 8002}
+    assert ports == {"grpc": settings.port, "http": settings.http_port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": 50051, "http": 8000, "metrics": 8002}
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port),
                            "prometheus.io/path": "/metrics"}
 
 
-def test_probes_are_grpc_on_the_grpc_port(container, settings):
-    for name in PROBES:
+def test_probes_are_grpc_health_and_v2_http_readiness(container, settings):
+    for name in ("startupProbe", "livenessProbe"):
         probe = container[name]
         handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & set(probe)
         assert handlers == {"grpc"}, f"{name}: {handlers}"
         assert probe["grpc"]["port"] == settings.port == 50051, name
-    assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME == "vitserve.v1.VitServe"
-    assert container["livenessProbe"]["grpc"]["service"] == ""
+        assert probe["grpc"]["service"] == ""
+    ready = container["readinessProbe"]
+    assert {"grpc", "httpGet", "tcpSocket", "exec"} & set(ready) == {"httpGet"}
+    assert ready["httpGet"] == {"path": "/v2/health/ready", "port": settings.http_port}
+    assert settings.http_port == 8000
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] == 60  # a slow model load is not killed
 
 
-def test_probe_services_are_serving_on_a_real_server(container, serve):
-    services = {container[name]["grpc"].get("service", "") for name in PROBES}
-    assert services == {"", "vitserve.v1.VitServe"}
-    stub = health_pb2_grpc.HealthStub(serve().channel)
+def test_probes_answer_on_a_real_server(container, serve):
+    services = {container[name]["grpc"].get("service", "") for name in ("startupProbe", "livenessProbe")}
+    assert services == {""}
+    running = serve()
+    door = create_http_server(running.plane.settings.model_copy(update={"http_port": 0}), running.plane, Security())
+    try:
+        path = container["readinessProbe"]["httpGet"]["path"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{door.port}{path}", timeout=10) as answer:
+            assert answer.status == 200
+        with pytest.raises(urllib.error.HTTPError) as missing:  # the check can fail: a path that is not served
+            urllib.request.urlopen(f"http://127.0.0.1:{door.port}/v2/health/nope", timeout=10)
+        assert missing.value.code == 404
+    finally:
+        door.stop()
+    stub = health_pb2_grpc.HealthStub(running.channel)
     for service in sorted(services):
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert response.status == health_pb2.HealthCheckResponse.SERVING, service
@@ -146,7 +164,7 @@ def test_service_targets_existing_container_ports(service, ports, deployment):
     spec = service["spec"]
     assert spec["type"] == "ClusterIP"
     assert [(p["name"], p["port"], p["targetPort"]) for p in spec["ports"]] == [
-        ("grpc", 50051, "grpc"), ("metrics", 8002, "metrics")]
+        ("grpc", 50051, "grpc"), ("http", 8000, "http"), ("metrics", 8002, "metrics")]
     for p in spec["ports"]:
         target = p["targetPort"]
         assert target in (ports if isinstance(target, str) else ports.values()), p

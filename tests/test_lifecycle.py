@@ -303,7 +303,9 @@ def test_a_failed_checkpoint_write_leaves_no_entry(running, monkeypatch):
     monkeypatch.setattr(running.plane.training, "save_checkpoint", crash)
     with pytest.raises(grpc.RpcError) as err:
         running.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="good"))  # would replace "good"
-    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # a write failure names the folder
+    assert err.value.details() == (f"checkpoint 'good' could not be written to "
+                                   f"{running.plane.checkpoints.root}: disk full")
     listing = running.stub.ListCheckpoints(pb.ListCheckpointsRequest())
     assert [(c.name, c.created_unix) for c in listing.checkpoints] == [("good", good.created_unix)]
     folder = running.plane.checkpoints._dirs.root

@@ -208,6 +208,7 @@ fi
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 ADDRESS=127.0.0.1:$PORT
 METRICS_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+HTTP_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 eng volume create "$VOLUME" >/dev/null
 
 start_container() {  # start_container NAME
@@ -216,7 +217,7 @@ start_container() {  # start_container NAME
     # docker runs the first health check only after --interval (30 s in the image): check often here.
     [ "$ENGINE" = docker ] && health=(--health-interval 2s)
     eng run -d --name "$1" "${RUN_FLAGS[@]}" "${health[@]}" -v "$VOLUME:/data" -e "VITSERVE_PORT=$PORT" \
-        -e "VITSERVE_METRICS_PORT=$METRICS_PORT" "$IMAGE" >/dev/null
+        -e "VITSERVE_METRICS_PORT=$METRICS_PORT" -e "VITSERVE_HTTP_PORT=$HTTP_PORT" "$IMAGE" >/dev/null
 }
 
 # The image's own HEALTHCHECK (vitserve health inside the container) until it passes.
@@ -351,6 +352,13 @@ if metrics=$("$PY" -c 'import sys, urllib.request; print(urllib.request.urlopen(
     pass "the metrics endpoint (VITSERVE_METRICS_PORT=$METRICS_PORT) counts the 3 TrainSteps and the ModelInfer"
 else
     fail "the metrics endpoint counts the calls (got: $(grep -E '^vitserve_(train_step|requests_total)' <<<"$metrics" | head -20))"
+fi
+
+if ready=$("$PY" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).status)' \
+        "http://127.0.0.1:$HTTP_PORT/v2/health/ready" 2>&1) && [ "$ready" = 200 ]; then
+    pass "the HTTP door (VITSERVE_HTTP_PORT=$HTTP_PORT) answers /v2/health/ready with 200"
+else
+    fail "the HTTP door answers /v2/health/ready (got: $ready)"
 fi
 
 # ---- (4) SIGTERM: clean exit, final checkpoint in the volume --------------------------------------------
