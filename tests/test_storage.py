@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from engine.manifest import MANIFEST, Manifest
 from proto import vitserve_pb2 as pb
 from proto.vitserve_pb2_grpc import VitServeStub
 from tests.helpers import (
+    REPO,
     STOP_TIMEOUT,
     assert_one_error_line,
     batch,
@@ -30,6 +32,7 @@ from tests.helpers import (
     run_server_to_exit,
     start_server,
     tensor,
+    wait_for,
 )
 
 CHECKPOINT = "checkpoint"
@@ -337,3 +340,30 @@ def test_every_mutated_manifest_is_one_config_error_naming_the_field(exported, t
     assert str(folder / MANIFEST) in message or "artifact" in message
     named = ".".join(str(p) for p in target)
     assert named.split(".")[0] in message or "artifact" in message, (named, message)
+
+
+def test_sigkill_right_after_a_quarantine_move_loses_nothing(exported, serve, tmp_path):
+    """Kill -9 a real server process the moment it logs the quarantine; the next start resumes from the same
+    intact checkpoint, with the damaged one quarantined exactly once."""
+    data = tmp_path / "data"
+    at_one = two_checkpoints(serve, data)
+    overwrite_middle(checkpoints_at(data) / "two" / CHECKPOINT)
+    log = tmp_path / "stderr"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--artifacts", str(exported[0]), "--port", "0"],
+                                cwd=REPO, env=clean_env(VITSERVE_DATA_DIR=str(data)), stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+        try:
+            wait_for(lambda: "moved aside to" in log.read_text() or proc.poll() is not None, seconds=60,
+                     what="the quarantine WARNING")
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+    assert "checkpoint two is damaged (checkpoint does not match the sha256 written with it" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    again = serve(data_dir=data)
+    assert again.plane.training.step == 1
+    weights = again.plane.training.parameters()
+    assert all(np.array_equal(weights[n], at_one[n]) for n in at_one)
+    quarantined = [p.name for p in (data / "digits4" / "quarantine" / "checkpoints").iterdir()]
+    assert len(quarantined) == 1 and quarantined[0].startswith("two-")
