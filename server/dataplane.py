@@ -325,8 +325,8 @@ class DataPlane:
         return model_config(self.manifest, self.settings.max_batch_size, gpu=self.settings.device.startswith("cuda"))
 
     def model_statistics(self, name: str = "", version: str = "") -> ModelStatisticsList:
-        """The statistics of the model (name "" : the one served) per version: the served one and every other
-        that has statistics in this process ("" : all of them, oldest first)."""
+        """The statistics of the model (name "": the one served) per version: the served one and every other
+        that has statistics in this process (version "": all of them, oldest first)."""
         if name not in ("", self.manifest.name):
             raise self._unknown_model(name)
         known = sorted({self.model_version, *self.statistics.versions()})
