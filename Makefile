@@ -20,7 +20,7 @@ help:
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
 	@echo "make soak     minutes of training + Predict + frequent Publish; fails on RSS growth >= 5% (SOAK_SECONDS=240)"
 	@echo "make bench    benchmark vs PyTorch eager and raw ONNX Runtime (BENCH_FLAGS=--quick: ~2 min)"
-	@echo "make proto    regenerate the stubs proto/*_pb2*.py from proto/vitserve.proto and proto/open_inference.proto"
+	@echo "make proto    regenerate the stubs proto/*_pb2*.py from proto/vitserve.proto, open_inference.proto and model_config.proto"
 	@echo "make docs     regenerate docs/settings.md (the settings table) from server/config.py"
 
 # The virtual environment, rebuilt when a requirements file changes.
@@ -84,10 +84,11 @@ soak: export
 bench: install
 	$(BIN)/python -m bench $(BENCH_FLAGS)
 
-# open_inference.proto: the v2 protocol's messages only (server/kserve.py serves them as inference.GRPCInferenceService).
+# open_inference.proto and model_config.proto (Triton's, vendored): the v2 protocol's messages only (server/kserve.py
+# serves them as inference.GRPCInferenceService).
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/vitserve.proto
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. proto/open_inference.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. proto/open_inference.proto proto/model_config.proto
 
 # docs/settings.md is generated from the Settings fields; tests/test_settings.py fails when it is stale.
 docs: install

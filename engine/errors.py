@@ -43,6 +43,12 @@ class Unavailable(VitServeError):
     code = "UNAVAILABLE"
 
 
+class Unimplemented(VitServeError):
+    """The request asks for something vitserve does not do (a v2 method or option it does not serve)."""
+
+    code = "UNIMPLEMENTED"
+
+
 class ConfigError(VitServeError):
     """The server cannot start as configured (bad artifacts, unavailable device...)."""
 

@@ -11,12 +11,13 @@ Layout (<name> is the manifest's model name):
     <out>/<name>/labels.txt       the class names, one a line (label_filename of the output: classification)
     <out>/<name>/1/model.onnx     a byte copy of the inference model
 
-config.pbtxt is a tritonclient ModelConfig message written with protobuf's text format, so
-it is valid by construction (tritonclient is a dev dependency: requirements/dev.txt). The
-ONNX graph's input and output are checked against the manifest first (names, float32, a
-dynamic batch axis, [C, H, W] and [num_classes]). The model folder is built aside and
-renamed into place, so a half-written repository is never left behind; an existing one is
-replaced only with --force. No torch.
+config.pbtxt is a ModelConfig message written with protobuf's text format, so it is valid by
+construction: proto/model_config.proto vendors Triton's messages with Triton's field names and
+numbers, so the text (and the bytes) are those of Triton's own proto. The server answers the
+same message, from the same builder, to the v2 ModelConfig RPC. The ONNX graph's input and
+output are checked against the manifest first (names, float32, a dynamic batch axis, [C, H, W]
+and [num_classes]). The model folder is built aside and renamed into place, so a half-written
+repository is never left behind; an existing one is replaced only with --force. No torch, no grpc.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from engine import DEFAULT_MAX_BATCH_SIZE
 from engine.errors import ConfigError
 from engine.manifest import INFERENCE_MODEL, Manifest, sha256
 from engine.store import NAME, AtomicDirs
+from proto import model_config_pb2 as mc
 
 VERSION = "1"
 MODEL_FILE = "model.onnx"
@@ -85,12 +87,11 @@ def contrib_ops(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def model_config(manifest: Manifest, max_batch_size: int, gpu: bool, instances: int,
-                 queue_delay_us: int):
-    """Triton's ModelConfig for the manifest's model; dims leave out the batch axis (max_batch_size > 0)."""
-    # Imported here: the package tritonclient.grpc imports grpc, which importing the engine must not.
-    from tritonclient.grpc import model_config_pb2 as mc
+def model_config(manifest: Manifest, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, gpu: bool = False,
+                 instances: int = 1, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> mc.ModelConfig:
+    """Triton's ModelConfig for the manifest's model; dims leave out the batch axis (max_batch_size > 0).
 
+    The defaults are those of `python -m engine.triton` (and so of `make export-triton`)."""
     return mc.ModelConfig(
         name=manifest.name,
         platform=PLATFORM,

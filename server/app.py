@@ -6,10 +6,9 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from proto import vitserve_pb2, vitserve_pb2_grpc
-from server import kserve
+from server import kserve, reflection
 from server.auth import Security, log_mode
 from server.config import Settings
 from server.dataplane import DataPlane
@@ -17,15 +16,16 @@ from server.observability import RpcObserver
 from server.servicer import VitServeServicer
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].full_name  # "vitserve.v1.VitServe"
+SERVICE = vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"]
+SERVICE_NAME = SERVICE.full_name  # "vitserve.v1.VitServe"
 
 
 def create_server(settings: Settings, plane: DataPlane | None = None,
                   security: Security | None = None) -> tuple[grpc.Server, int]:
     """Build and start a server on settings.host:settings.port (port 0 picks one); returns it and its port.
 
-    It serves vitserve.v1.VitServe, the KServe v2 inference.GRPCInferenceService, health and reflection on
-    that port, and Prometheus metrics over HTTP on settings.metrics_port (plane.metrics.port; -1: none).
+    It serves vitserve.v1.VitServe, the KServe v2 inference.GRPCInferenceService, health and reflection (v1 and
+    v1alpha, describing all of them) on that port, and Prometheus metrics over HTTP on settings.metrics_port (plane.metrics.port; -1: none).
     `security` (TLS credentials, tokens) defaults to Security.from_settings(settings); ConfigError when invalid.
     """
     security = security or Security.from_settings(settings)
@@ -44,8 +44,7 @@ def create_server(settings: Settings, plane: DataPlane | None = None,
     for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    reflection.enable(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"]))
 
     address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
     if security.credentials is not None:

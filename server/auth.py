@@ -4,8 +4,9 @@
   client certificates signed by tls_client_ca when that is set (mutual TLS); None means plaintext.
 * Tokens: `TokenAuth` is a grpc.ServerInterceptor. A VitServe call must carry `authorization: Bearer <token>`;
   read-only RPCs accept the read or the write token, everything else (unknown methods included) only the write
-  token; the KServe v2 inference methods need the read token. Health, reflection and v2 ServerLive/ServerReady
-  stay open for probes. Token values are never logged.
+  token; the KServe v2 inference and read methods (metadata, configuration, statistics, repository index) need
+  the read token. Health, reflection and v2 ServerLive/ServerReady stay open for probes. Token values are never
+  logged.
 """
 from __future__ import annotations
 
@@ -39,9 +40,11 @@ V2_ROLES: dict[str, str | None] = {
     V2_PREFIX + name: role for name, role in (
         ("ServerLive", None), ("ServerReady", None),  # open like grpc.health.v1: probes carry no token
         ("ModelReady", READ), ("ServerMetadata", READ), ("ModelMetadata", READ), ("ModelInfer", READ),
+        ("ModelConfig", READ), ("ModelStatistics", READ), ("RepositoryIndex", READ),
     )
 }
-"""The KServe v2 methods (server/kserve.py): inference reads like Predict; others need the write token."""
+"""The KServe v2 methods served (server/kserve.py): inference and the reads read like Predict and ModelMetadata;
+the unsupported ones (repository load/unload, shared memory...) need the write token, then answer UNIMPLEMENTED."""
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
 

@@ -1,7 +1,8 @@
-"""Records <-> vitserve.v1 messages: the one place where the server's records meet the wire schema.
+"""Records <-> messages: the one place where the server's records meet the wire schema.
 
-Each record (a frozen dataclass in engine/ or server/dataplane.py) is defined once and maps to one
-proto message, field by field and by name (RECORDS). Conversion is generic: nested records become
+Each record (a frozen dataclass in engine/, server/dataplane.py or server/statistics.py) is defined
+once and maps to one proto message, field by field and by name (RECORDS): vitserve.v1's, and the
+KServe v2 messages built from records (statistics, repository index). Conversion is generic: nested records become
 nested messages, sequences repeated fields, str values of enum fields their numbers. A test checks
 every pair both ways, so a proto field without a counterpart fails the suite.
 """
@@ -19,9 +20,11 @@ from engine.manifest import Parameter, Preprocessing, QkvLayout, Unplaced
 from engine.schedule import LinearSchedule
 from engine.store import CheckpointInfo, CheckpointList, ModelVersion
 from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult
+from proto import open_inference_pb2 as v2
 from proto import vitserve_pb2 as pb
-from server.dataplane import GradientHistory, ModelInfo, Prediction
+from server.dataplane import GradientHistory, ModelIndex, ModelInfo, Prediction, RepositoryIndex
 from server.decode import encode_tensor
+from server.statistics import BatchStatistics, Duration, InferStatistics, ModelStatistics, ModelStatisticsList
 
 RECORDS: dict[type, type[Message]] = {
     GradientSummary: pb.GradientSummary,
@@ -45,6 +48,14 @@ RECORDS: dict[type, type[Message]] = {
     HeadScores: pb.HeadScores,
     HeadImportanceResult: pb.HeadImportanceResponse,
     GradientHistory: pb.GradientHistoryResponse,
+    # KServe v2 (proto/open_inference.proto)
+    Duration: v2.StatisticDuration,
+    InferStatistics: v2.InferStatistics,
+    BatchStatistics: v2.InferBatchStatistics,
+    ModelStatistics: v2.ModelStatistics,
+    ModelStatisticsList: v2.ModelStatisticsResponse,
+    ModelIndex: v2.RepositoryIndexResponse.ModelIndex,
+    RepositoryIndex: v2.RepositoryIndexResponse,
 }
 """Record type -> its message. Every field of the message is an attribute of the record (a field or a property)."""
 

@@ -5,7 +5,10 @@ against the model (shape, dtype, finiteness, labels, batch limits) before
 anything runs, and answers in plain Python/numpy. A rejected request raises
 before it touches any state, so weights and the step counter stay exactly as
 they were. It also owns the lifecycle around the engines: resuming from the
-latest checkpoint, automatic and final checkpoints, publishing versions.
+latest checkpoint, automatic and final checkpoints, publishing versions. Every
+inference request (Predict and ModelInfer alike) is timed for the statistics
+(server/statistics.py); the v2 protocol's view of the model (its served version,
+Triton configuration, repository index) is answered here too.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import ConfigError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from engine.errors import (ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable,
+                           Unimplemented)
 from engine.explain import Explanation, GradientExplainer
 from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine, top_k
@@ -41,10 +45,13 @@ from engine.store import (
     os_errno,
 )
 from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
-from server.batching import DynamicBatcher
+from engine.triton import model_config
+from proto import model_config_pb2
+from server.batching import Answer, DynamicBatcher, Run, execute
 from server.config import Settings
 from server.decode import BatchValidator
 from server.metrics import Metrics
+from server.statistics import ModelStatisticsList, Statistics
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,51 @@ class Prediction:
     model_version: int
 
 
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"  # Triton's model states
+UNLOADED = "unloaded"  # Triton's reason for a version it no longer serves
+
+
+@dataclass(frozen=True)
+class ModelIndex:
+    """One version of the model in the repository index (proto: RepositoryIndexResponse.ModelIndex)."""
+    name: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str  # why it is not READY ("" when it is)
+
+
+@dataclass(frozen=True)
+class RepositoryIndex:
+    """RepositoryIndex's answer (proto: RepositoryIndexResponse): the model's versions, oldest first."""
+    models: tuple[ModelIndex, ...]
+
+
+class InferenceRequest:
+    """One inference request to the model, from DataPlane.inference_request: it runs the batch and keeps
+    what the statistics need (the answer and the images)."""
+
+    def __init__(self, plane: "DataPlane") -> None:
+        self._plane = plane
+        self.answer: Answer | None = None
+        self.images = 0
+
+    def logits(self, images: np.ndarray) -> tuple[int, np.ndarray]:
+        """(model version, logits (b, classes)) through the dynamic batcher when it is on."""
+        self.answer = self._plane._answer(images)
+        self.images = len(images)
+        return self.answer.version, self.answer.logits
+
+    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
+        """Top-k classes (and the logits when asked for) of the batch."""
+        manifest = self._plane.manifest
+        k = min(k or DEFAULT_TOP_K, manifest.num_classes)
+        version, logits = self.logits(images)
+        names = manifest.class_names
+        indices, probs = top_k(logits, k)
+        return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
+                          logits if return_logits else None, version)
+
+
 class DataPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -137,8 +189,9 @@ class DataPlane:
         if resumed:
             log.info("resumed from checkpoint %s (step %d)", resumed.name, resumed.step)
         self.metrics = Metrics()
+        self.statistics = Statistics()
         self.batcher = DynamicBatcher(self._run_serving, settings.max_dynamic_batch, settings.max_batch_delay_ms / 1000,
-                                      on_batch=self.metrics.batch_size.observe) if settings.dynamic_batching else None
+                                      on_batch=self._batched) if settings.dynamic_batching else None
         log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
                  ", ".join(self.inference.providers), version)
 
@@ -208,17 +261,97 @@ class DataPlane:
         """The published version being served (0: the exported model)."""
         return self._serving[0]
 
+    def _batched(self, run: Run) -> None:
+        """Every run of the dynamic batcher: the batch-size histogram and the statistics."""
+        self.metrics.batch_size.observe(run.batch_size)
+        self.statistics.record_run(run)
+
+    def _answer(self, images: np.ndarray) -> Answer:
+        """This batch's logits through the dynamic batcher, or run alone (and timed) when batching is off."""
+        if self.batcher:
+            return self.batcher.answer(images)
+        run, (logits,) = execute(self._run_serving, [images])
+        self.statistics.record_run(run)
+        return Answer(logits, run, 0)
+
+    @contextlib.contextmanager
+    def inference_request(self):
+        """One inference request to the model, timed for the statistics from here to the end of the block:
+
+            with plane.inference_request() as request:
+                images = decode(...)  # an invalid request raises here: counted as a failure
+                answer = convert(request.predict(images))  # or request.logits(images)
+
+        A block that raises counts as a failed request of the version that ran it (else the one served)."""
+        request = InferenceRequest(self)
+        start = time.perf_counter_ns()
+        try:
+            yield request
+        except BaseException:
+            version = request.answer.version if request.answer else self.model_version
+            self.statistics.record_failure(version, time.perf_counter_ns() - start)
+            raise
+        if request.answer is not None:
+            self.statistics.record_success(request.answer, request.images, time.perf_counter_ns() - start)
+
     def logits(self, images: np.ndarray) -> tuple[int, np.ndarray]:
-        """(model version, logits (b, classes)) through the dynamic batcher when it is on."""
-        return (self.batcher.submit if self.batcher else self._run_serving)(images)
+        """(model version, logits (b, classes)) through the dynamic batcher when it is on; one request."""
+        with self.inference_request() as request:
+            return request.logits(images)
 
     def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
-        k = min(k or DEFAULT_TOP_K, self.manifest.num_classes)
-        version, logits = self.logits(images)
-        indices, probs = top_k(logits, k)
-        names = self.manifest.class_names
-        return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
-                          logits if return_logits else None, version)
+        """Top-k classes of a validated batch; one request."""
+        with self.inference_request() as request:
+            return request.predict(images, k, return_logits)
+
+    # -- the v2 protocol's view of the model ----------------------------------------------------------
+
+    def _unknown_model(self, name: str) -> NotFound:
+        return NotFound(f"model '{name}' is not served here; this server serves '{self.manifest.name}'")
+
+    def served_version(self, name: str, version: str) -> str:
+        """The version being served, as a string, or NotFound naming what is served instead."""
+        served = str(self.model_version)
+        if name != self.manifest.name:
+            raise self._unknown_model(name)
+        if version not in ("", served):
+            raise NotFound(f"model '{name}' version '{version}' is not served; the version being served is {served} "
+                           "(leave the version empty for it)")
+        return served
+
+    def triton_config(self) -> model_config_pb2.ModelConfig:
+        """The model's Triton configuration: what `python -m engine.triton` writes for it, with this server's
+        batch limit and device (`make export-triton` with the defaults, for a server with the defaults)."""
+        return model_config(self.manifest, self.settings.max_batch_size, gpu=self.settings.device.startswith("cuda"))
+
+    def model_statistics(self, name: str = "", version: str = "") -> ModelStatisticsList:
+        """The statistics of the model (name "": the one served) per version: the served one and every other
+        that has statistics in this process (version "": all of them, oldest first)."""
+        if name not in ("", self.manifest.name):
+            raise self._unknown_model(name)
+        known = sorted({self.model_version, *self.statistics.versions()})
+        if version and version not in map(str, known):
+            raise NotFound(f"model '{self.manifest.name}' version '{version}' has no statistics; the versions with "
+                           f"statistics are {', '.join(map(str, known))} (leave the version empty for all)")
+        wanted = [int(version)] if version else known
+        return ModelStatisticsList(tuple(self.statistics.model_statistics(self.manifest.name, v) for v in wanted))
+
+    def repository_index(self, repository_name: str = "", ready: bool = False) -> RepositoryIndex:
+        """The model's versions with Triton's states: READY for the one served (until shutdown begins),
+        UNAVAILABLE ("unloaded") for the others; `ready` keeps only the READY ones."""
+        if repository_name:
+            raise Unimplemented(f"repository_name '{repository_name}': naming a repository is not supported by "
+                                "vitserve (it has one, the model's data directory): leave it empty")
+        served, name = self.model_version, self.manifest.name
+        models = []
+        for v in self.model_versions():
+            if v.version != served:
+                models.append(ModelIndex(name, str(v.version), UNAVAILABLE, UNLOADED))
+            elif self.ready:
+                models.append(ModelIndex(name, str(v.version), READY, ""))
+            else:
+                models.append(ModelIndex(name, str(v.version), UNAVAILABLE, "the server is shutting down"))
+        return RepositoryIndex(tuple(m for m in models if m.state == READY or not ready))
 
     # -- training -------------------------------------------------------------------------------------
 

@@ -1,10 +1,16 @@
 """KServe v2 / Open Inference Protocol over gRPC: `inference.GRPCInferenceService` on vitserve's port.
 
 Off-the-shelf v2 clients (tritonclient, KServe's, MLServer's) ask it for liveness, readiness and
-metadata and run ModelInfer. Inference goes through the same data plane, validation and dynamic
-batcher as Predict; the model version is the published version being served ("0" before any
-Publish). Messages come from proto/open_inference.proto (why their package is not `inference` is
-written there); this module registers them under the standard service name.
+metadata and run ModelInfer; Triton's extensions that a one-model server can answer are served too:
+ModelConfig (the Triton configuration `python -m engine.triton` writes), ModelStatistics (measured
+on the inference path) and RepositoryIndex (the versions and their states). Inference goes through
+the same data plane, validation and dynamic batcher as Predict; the model version is the published
+version being served ("0" before any Publish). Every other method of Triton's service answers
+UNIMPLEMENTED saying that vitserve does not support it, and why.
+
+Messages come from proto/open_inference.proto (why their package is not `inference` is written
+there); this module registers them under the standard service name, and server/reflection.py
+describes the same methods (METHODS) to reflection clients.
 """
 from __future__ import annotations
 
@@ -13,14 +19,17 @@ from importlib import metadata
 import grpc
 import numpy as np
 
-from engine.errors import InvalidArgument, NotFound
+from engine.errors import InvalidArgument, NotFound, Unimplemented
 from proto import open_inference_pb2 as v2
+from server.convert import to_proto
 from server.dataplane import DataPlane
 from server.decode import FP32
 from server.grpc_errors import grpc_errors
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model run by ONNX Runtime
+# Triton's names of the extensions served: ModelConfig, ModelStatistics, RepositoryIndex (the index only)
+EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
 
 def server_version() -> str:
@@ -41,16 +50,6 @@ class InferenceServicer:
         self._output = v2.ModelMetadataResponse.TensorMetadata(name=m.output_name, datatype=FP32,
                                                                shape=[-1, m.num_classes])
 
-    def _check_model(self, name: str, version: str) -> str:
-        """The version string being served, or NotFound naming what is served instead."""
-        served = str(self.plane.model_version)
-        if name != self.plane.manifest.name:
-            raise NotFound(f"model '{name}' is not served here; this server serves '{self.plane.manifest.name}'")
-        if version not in ("", served):
-            raise NotFound(f"model '{name}' version '{version}' is not served; the version being served is {served} "
-                           "(leave the version empty for it)")
-        return served
-
     @grpc_errors
     def ServerLive(self, request: v2.ServerLiveRequest, context) -> v2.ServerLiveResponse:
         return v2.ServerLiveResponse(live=True)
@@ -62,35 +61,49 @@ class InferenceServicer:
     @grpc_errors
     def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
         try:
-            self._check_model(request.name, request.version)
+            self.plane.served_version(request.name, request.version)
         except NotFound:  # readiness is a question, not an error: another model or version is just not ready
             return v2.ModelReadyResponse(ready=False)
         return v2.ModelReadyResponse(ready=self.plane.ready)
 
     @grpc_errors
     def ServerMetadata(self, request: v2.ServerMetadataRequest, context) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(name="vitserve", version=server_version(), extensions=[])
+        return v2.ServerMetadataResponse(name="vitserve", version=server_version(), extensions=EXTENSIONS)
 
     @grpc_errors
     def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
-        version = self._check_model(request.name, request.version)
+        version = self.plane.served_version(request.name, request.version)
         return v2.ModelMetadataResponse(name=request.name, versions=[version], platform=PLATFORM,
                                         inputs=[self._input], outputs=[self._output])
 
     @grpc_errors
     def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
-        self._check_model(request.model_name, request.model_version)
-        images = self.plane.decoder.v2_images(request, self._input.name)
-        for wanted in request.outputs:
-            if wanted.name != self._output.name:
-                raise InvalidArgument(f"outputs: unknown output '{wanted.name}'; the model's output is "
-                                      f"'{self._output.name}'")
-        version, logits = self.plane.logits(images)
-        return v2.ModelInferResponse(
-            model_name=request.model_name, model_version=str(version), id=request.id,
-            outputs=[v2.ModelInferResponse.InferOutputTensor(name=self._output.name, datatype=FP32,
-                                                             shape=list(logits.shape))],
-            raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
+        self.plane.served_version(request.model_name, request.model_version)
+        with self.plane.inference_request() as call:
+            images = self.plane.decoder.v2_images(request, self._input.name)
+            for wanted in request.outputs:
+                if wanted.name != self._output.name:
+                    raise InvalidArgument(f"outputs: unknown output '{wanted.name}'; the model's output is "
+                                          f"'{self._output.name}'")
+            version, logits = call.logits(images)
+            return v2.ModelInferResponse(
+                model_name=request.model_name, model_version=str(version), id=request.id,
+                outputs=[v2.ModelInferResponse.InferOutputTensor(name=self._output.name, datatype=FP32,
+                                                                 shape=list(logits.shape))],
+                raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
+
+    @grpc_errors
+    def ModelConfig(self, request: v2.ModelConfigRequest, context) -> v2.ModelConfigResponse:
+        self.plane.served_version(request.name, request.version)
+        return v2.ModelConfigResponse(config=self.plane.triton_config())
+
+    @grpc_errors
+    def ModelStatistics(self, request: v2.ModelStatisticsRequest, context) -> v2.ModelStatisticsResponse:
+        return to_proto(self.plane.model_statistics(request.name, request.version))
+
+    @grpc_errors
+    def RepositoryIndex(self, request: v2.RepositoryIndexRequest, context) -> v2.RepositoryIndexResponse:
+        return to_proto(self.plane.repository_index(request.repository_name, request.ready))
 
 
 METHODS = {  # served method -> (request, response) message types
@@ -100,14 +113,48 @@ METHODS = {  # served method -> (request, response) message types
     "ServerMetadata": (v2.ServerMetadataRequest, v2.ServerMetadataResponse),
     "ModelMetadata": (v2.ModelMetadataRequest, v2.ModelMetadataResponse),
     "ModelInfer": (v2.ModelInferRequest, v2.ModelInferResponse),
+    "ModelConfig": (v2.ModelConfigRequest, v2.ModelConfigResponse),
+    "ModelStatistics": (v2.ModelStatisticsRequest, v2.ModelStatisticsResponse),
+    "RepositoryIndex": (v2.RepositoryIndexRequest, v2.RepositoryIndexResponse),
 }
+
+_ONE_MODEL = "vitserve serves one model, loaded at startup (vitserve.v1 Publish changes the version it serves)"
+_IN_MESSAGES = "tensors travel in the request and response messages"
+UNSUPPORTED = {  # the rest of Triton's service -> why vitserve does not serve it
+    "ModelStreamInfer": "use ModelInfer (one request, one response)",
+    "RepositoryModelLoad": _ONE_MODEL,
+    "RepositoryModelUnload": _ONE_MODEL,
+    "SystemSharedMemoryStatus": _IN_MESSAGES,
+    "SystemSharedMemoryRegister": _IN_MESSAGES,
+    "SystemSharedMemoryUnregister": _IN_MESSAGES,
+    "CudaSharedMemoryStatus": _IN_MESSAGES,
+    "CudaSharedMemoryRegister": _IN_MESSAGES,
+    "CudaSharedMemoryUnregister": _IN_MESSAGES,
+    "TraceSetting": "every RPC is logged with its duration and request id instead (--log-json for JSON lines)",
+    "LogSettings": "logging is set at startup (--log-level, --log-json)",
+}
+STREAMING = {"ModelStreamInfer"}  # bidirectional streams; the others are unary
+
+
+class Unsupported:
+    """A method of Triton's service that vitserve does not serve: UNIMPLEMENTED, saying so and why."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    @grpc_errors
+    def __call__(self, request, context):
+        raise Unimplemented(f"{self.method} is not supported by vitserve: {UNSUPPORTED[self.method]}")
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.Server) -> None:
-    """Register the v2 methods under `inference.GRPCInferenceService` (others answer UNIMPLEMENTED)."""
+    """Register the v2 methods under `inference.GRPCInferenceService`, and UNSUPPORTED's answering UNIMPLEMENTED."""
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=req.FromString,
                                                   response_serializer=resp.SerializeToString)
         for name, (req, resp) in METHODS.items()
     }
+    for name in UNSUPPORTED:  # the request is never read: no deserializer
+        kind = grpc.stream_stream_rpc_method_handler if name in STREAMING else grpc.unary_unary_rpc_method_handler
+        handlers[name] = kind(Unsupported(name))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

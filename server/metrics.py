@@ -3,13 +3,21 @@
 Each server has a registry of its own, so several servers can live in one process (the tests do).
 Per-RPC counts and latencies come from server/observability.py; the data plane reports batches,
 train steps and reads its live state (queue depths, step, learning rate, model version) on scrape.
+
+The endpoint serves /metrics only: every other path is 404. (prometheus-client's own server
+answers every path with the metrics, so an HTTP health probe of another protocol, e.g.
+tritonclient.http's is_server_ready() asking /v2/health/ready, took the port for a ready server.)
 """
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from engine.errors import ConfigError
 
@@ -19,6 +27,39 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Rows per dynamically batched run: powers of two up to the largest --max-dynamic-batch people use.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+METRICS_PATH = "/metrics"
+
+
+def metrics_only(app: Callable) -> Callable:
+    """A WSGI app that is `app` at METRICS_PATH and 404 Not Found everywhere else."""
+    body = f"404 Not Found: the metrics are at {METRICS_PATH}\n".encode()
+
+    def wrapped(environ, start_response):
+        if environ.get("PATH_INFO") == METRICS_PATH:
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                          ("Content-Length", str(len(body)))])
+        return [body]
+
+    return wrapped
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> ThreadingWSGIServer:
+    """The registry's metrics at http://host:port/metrics (404 elsewhere), served by a daemon thread."""
+    # IPv4 or IPv6, as the host resolves (what prometheus-client's start_http_server does)
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    httpd = make_server(address[0], port, metrics_only(make_wsgi_app(registry)), server_class,
+                        handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="vitserve-metrics", daemon=True).start()
+    return httpd
 
 
 class Metrics:
@@ -71,7 +112,7 @@ class Metrics:
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint on host:port (0 picks a free port); returns the port."""
         try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+            self._http = start_metrics_server(host, port, self.registry)
         except OSError as e:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
                               "(choose another --metrics-port, or -1 for none)") from None

@@ -27,8 +27,9 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
 
     @grpc_errors
     def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        images = self.decode.images(request.images)
-        return prediction_proto(self.plane.predict(images, request.top_k, request.return_logits))
+        with self.plane.inference_request() as call:  # timed for the v2 ModelStatistics, failures included
+            images = self.decode.images(request.images)
+            return prediction_proto(call.predict(images, request.top_k, request.return_logits))
 
     @grpc_errors
     def TrainStep(self, request: pb.TrainStepRequest, context) -> pb.TrainStepResponse:
