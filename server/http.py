@@ -11,6 +11,7 @@ extension (`Inference-Header-Content-Length`) both ways.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
@@ -92,14 +93,28 @@ def to_json(message: Message) -> dict:
 
 
 def v2_json(message: Message) -> dict:
-    """A v2 answer as the REST protocol writes it: like to_json, but shapes are JSON numbers."""
-    def numbers(value):
-        if isinstance(value, dict):
-            return {k: [int(d) for d in v] if k == "shape" else numbers(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [numbers(v) for v in value]
-        return value
-    return numbers(to_json(message))
+    """A v2 answer as the REST protocol writes it: every field, enums by name, 64-bit integers as JSON numbers
+    (protobuf's JSON mapping would write them as strings)."""
+    def value(field, v):
+        if field.message_type is not None:
+            return v2_json(v)
+        if field.enum_type is not None:
+            return field.enum_type.values_by_number[v].name
+        if field.type == field.TYPE_BYTES:
+            return base64.b64encode(v).decode()
+        return v
+
+    out = {}
+    for field in message.DESCRIPTOR.fields:
+        v = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            item = field.message_type.fields_by_name["value"]
+            out[field.name] = {k: value(item, x) for k, x in v.items()}
+        elif field.is_repeated:
+            out[field.name] = [value(field, x) for x in v]
+        elif field.message_type is None or message.HasField(field.name):
+            out[field.name] = value(field, v)
+    return out
 
 
 @dataclass
@@ -212,6 +227,30 @@ def build_app(plane: DataPlane, security: Security) -> FastAPI:
     async def server_metadata(request: Request):
         answer, refused = await v2_call(request, "ServerMetadata", v2.ServerMetadataRequest())
         return refused or v2_json(answer)
+
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{model}/stats")
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def statistics(request: Request, model: str = "", version: str = ""):
+        answer, refused = await v2_call(request, "ModelStatistics",
+                                        v2.ModelStatisticsRequest(name=model, version=version))
+        return refused or v2_json(answer)
+
+    @app.get("/v2/models/{model}/config")
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def config(request: Request, model: str, version: str = ""):
+        answer, refused = await v2_call(request, "ModelConfig", v2.ModelConfigRequest(name=model, version=version))
+        return refused or v2_json(answer.config)
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request):
+        try:
+            ready = bool(json.loads(await request.body() or b"{}").get("ready", False))
+        except (ValueError, AttributeError):
+            return error(grpc.StatusCode.INVALID_ARGUMENT, "the request body must be a JSON object like "
+                                                           '{"ready": true}')
+        answer, refused = await v2_call(request, "RepositoryIndex", v2.RepositoryIndexRequest(ready=ready))
+        return refused or v2_json(answer)["models"]
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")

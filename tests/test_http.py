@@ -160,3 +160,27 @@ def test_tokens_guard_http_like_grpc(http, tmp_path):
     assert server.plane.training.step == 0
     with pytest.raises(InferenceServerException):
         triton_http.InferenceServerClient(url=url).get_model_metadata(MODEL)  # no token: refused
+
+
+def test_tritonclient_http_config_statistics_and_repository_index_equal_grpc(http):
+    import tritonclient.grpc as triton_grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    server, url = http()
+    client = triton_http.InferenceServerClient(url=url)
+    grpc_client = triton_grpc.InferenceServerClient(server.address)
+    config = client.get_model_config(MODEL)
+    parsed = json_format.ParseDict(config, model_config_pb2.ModelConfig())  # Triton's own proto, from the JSON
+    assert parsed == grpc_client.get_model_config(MODEL).config  # field for field the gRPC answer
+    assert config["name"] == MODEL and config["max_batch_size"] == 32 and config["input"][0]["dims"] == [1, 8, 8]
+    images, _ = batch(3)
+    inputs = [triton_http.InferInput("images", list(images.shape), "FP32")]
+    inputs[0].set_data_from_numpy(images)
+    client.infer(MODEL, inputs)
+    client.infer(MODEL, inputs)
+    stats = client.get_inference_statistics(MODEL)["model_stats"][0]
+    assert stats["name"] == MODEL and stats["inference_count"] == 6 and stats["execution_count"] == 2
+    assert stats["inference_stats"]["success"]["count"] == 2
+    assert client.get_model_repository_index() == [
+        {"name": MODEL, "version": "0", "state": "READY", "reason": ""}]
