@@ -17,12 +17,22 @@ from pathlib import Path
 import pytest
 
 from client.client import ClientError, ViTClient
+from engine.errors import ConfigError
 from proto import vitserve_pb2
 from server import __main__ as server_main
-from server.auth import (READ, ROLES, SERVICE_PREFIX, V2_PREFIX, V2_ROLES, WRITE, Security, TokenAuth, is_loopback,
-                         required_role)
+from server.auth import (
+    READ,
+    ROLES,
+    SERVICE_PREFIX,
+    V2_PREFIX,
+    V2_ROLES,
+    WRITE,
+    Security,
+    TokenAuth,
+    is_loopback,
+    required_role,
+)
 from server.config import Settings
-from engine.errors import ConfigError
 from tests.helpers import LEARNING_RATE, REPO, batch
 
 ALL_RPCS = [m.name for m in vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].methods]
@@ -101,6 +111,52 @@ def test_mutual_tls_needs_a_client_certificate(serve, pki):
     with ViTClient(server.address, timeout=20, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem",
                    tls_key=pki / "client.key") as client:
         assert len(client.predict(images).predictions) == 1
+
+
+def https_door(server, pki: Path, mutual: bool = False):
+    """The HTTP door of `server` on a free port with the same certificate (and client CA) as its gRPC port."""
+    from server.auth import Security
+    from server.http import create_http_server
+
+    settings = server.plane.settings.model_copy(update={"http_port": 0, **tls_settings(pki, mutual)})
+    return create_http_server(settings, server.plane, Security.from_settings(settings))
+
+
+def test_the_http_door_serves_https_with_the_grpc_certificate(serve, pki):
+    import ssl
+    import urllib.request
+
+    server = serve(**tls_settings(pki))
+    door = https_door(server, pki)
+    try:
+        trusted = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with urllib.request.urlopen(f"https://127.0.0.1:{door.port}/v2/health/ready", context=trusted,
+                                    timeout=10) as answer:
+            assert answer.status == 200
+        with pytest.raises(urllib.error.URLError) as refused:  # a client that does not trust the CA
+            urllib.request.urlopen(f"https://127.0.0.1:{door.port}/v2/health/ready", timeout=10)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+    finally:
+        door.stop()
+
+
+def test_the_https_door_with_a_client_ca_needs_a_client_certificate(serve, pki):
+    import ssl
+    import urllib.request
+
+    server = serve(**tls_settings(pki, mutual=True))
+    door = https_door(server, pki, mutual=True)
+    try:
+        anonymous = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            urllib.request.urlopen(f"https://127.0.0.1:{door.port}/v2/health/ready", context=anonymous, timeout=10)
+        known = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        known.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        with urllib.request.urlopen(f"https://127.0.0.1:{door.port}/v2/health/ready", context=known,
+                                    timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        door.stop()
 
 
 def test_tls_settings_are_checked(pki):
