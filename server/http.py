@@ -216,12 +216,12 @@ def build_app(plane: DataPlane, security: Security) -> FastAPI:
     @app.get("/v2/health/live")
     async def live(request: Request):
         answer, refused = await v2_call(request, "ServerLive", v2.ServerLiveRequest())
-        return refused or Response(status_code=200 if answer.live else 503)
+        return refused or JSONResponse({"live": answer.live}, status_code=200 if answer.live else 503)
 
     @app.get("/v2/health/ready")
     async def ready(request: Request):
         answer, refused = await v2_call(request, "ServerReady", v2.ServerReadyRequest())
-        return refused or Response(status_code=200 if answer.ready else 503)
+        return refused or JSONResponse({"ready": answer.ready}, status_code=200 if answer.ready else 503)
 
     @app.get("/v2")
     async def server_metadata(request: Request):
@@ -262,7 +262,8 @@ def build_app(plane: DataPlane, security: Security) -> FastAPI:
     @app.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(request: Request, model: str, version: str = ""):
         answer, refused = await v2_call(request, "ModelReady", v2.ModelReadyRequest(name=model, version=version))
-        return refused or Response(status_code=200 if answer.ready else 400)
+        return refused or JSONResponse({"name": model, "ready": answer.ready},
+                                       status_code=200 if answer.ready else 503)
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")

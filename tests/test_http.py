@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from proto import vitserve_pb2 as pb
 from server.auth import Security
 from server.http import create_http_server
-from tests.helpers import MODEL, batch, images_msg, tensor
+from tests.helpers import MODEL, REPO, batch, images_msg, tensor
 
 
 @pytest.fixture
@@ -184,3 +184,25 @@ def test_tritonclient_http_config_statistics_and_repository_index_equal_grpc(htt
     assert stats["inference_stats"]["success"]["count"] == 2
     assert client.get_model_repository_index() == [
         {"name": MODEL, "version": "0", "state": "READY", "reason": ""}]
+
+
+def test_the_kserve_sdk_rest_and_grpc_clients_get_predicts_logits(http, tmp_path):
+    """kserve's InferenceRESTClient and InferenceGRPCClient, in their own process (tests/kserve_sdk_client.py)."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("the kserve SDK is not installed (requirements/dev.txt installs it)")
+    server, url = http()
+    images, _ = batch(3)
+    np.save(tmp_path / "images.npy", images)
+    done = subprocess.run([sys.executable, "tests/kserve_sdk_client.py", url, server.address, MODEL,
+                           str(tmp_path / "images.npy")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = np.frombuffer(server.stub.Predict(pb.PredictRequest(images=images_msg(images), return_logits=True))
+                             .logits.data, "<f4").reshape(3, 10)
+    for door in ("rest", "grpc"):
+        answer = answers[door]
+        assert answer["live"] and answer["ready"] and answer["model_ready"], (door, answer)
+        np.testing.assert_array_equal(np.asarray(answer["logits"], "<f4"), expected)
