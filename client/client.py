@@ -26,7 +26,6 @@ from typing import Any, Callable, TypeVar, Union
 import grpc
 import numpy as np
 from google.protobuf.message import Message
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import vitserve_pb2, vitserve_pb2_grpc
@@ -193,6 +192,7 @@ class ModelInfo(_AsDict):
     publish_every_steps: int = 0
     attention: list[AttentionModule] = field(default_factory=list)
     unplaced: list[UnplacedParameter] = field(default_factory=list)
+    role: str = "all"
 
     @property
     def num_classes(self) -> int:

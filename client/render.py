@@ -205,6 +205,8 @@ def print_info(info: ModelInfo) -> None:
         ("auto checkpoint", auto_checkpoint_text(info)),
         ("auto publish", f"every {info.publish_every_steps} steps" if info.publish_every_steps else "off"),
     ]
+    if info.role != "all":  # a replica of a fleet says which part it plays
+        rows.insert(1, ("role", info.role + (" (inference only)" if info.role == "predict" else "")))
     for key, value in rows:
         print(f"{key:<15} {value}")
 

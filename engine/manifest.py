@@ -142,9 +142,10 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, folder: Path) -> "Manifest":
-        """Read `folder`/manifest.json, every field checked for presence and type, and every artifact against its
-        sha256. ConfigError (one line naming the field or file) on any problem."""
+    def load(cls, folder: Path, files: tuple[str, ...] = ARTIFACT_FILES) -> "Manifest":
+        """Read `folder`/manifest.json, every field checked for presence and type, and the artifacts in `files` (all
+        of them by default; an inference-only replica needs only inference.onnx) against their sha256.
+        ConfigError (one line naming the field or file) on any problem."""
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
@@ -156,12 +157,12 @@ class Manifest:
         except OSError as e:
             raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from None
         manifest = dataclasses.replace(manifest, folder=folder)
-        manifest.verify_files()
+        manifest.verify_files(files)
         return manifest
 
-    def verify_files(self) -> None:
-        """Every artifact is listed, exists and has the sha256 the export recorded."""
-        for name in ARTIFACT_FILES:
+    def verify_files(self, files: tuple[str, ...] = ARTIFACT_FILES) -> None:
+        """Every artifact in `files` is listed, exists and has the sha256 the export recorded."""
+        for name in files:
             path = self.folder / name
             if name not in self.files:
                 raise ConfigError(f"{self.folder / MANIFEST}: field files.{name} is missing: re-run the export")

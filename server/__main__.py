@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import typing
 
 from engine.errors import ConfigError, VitServeError
 from server.app import create_server
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> dict:
         help_ = f"{field.description} (env {env_var(name)}; default {format_default(name)})".replace("%", "%%")
         if field.annotation is bool:
             p.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(field.annotation) is typing.Literal:  # a choice: argparse lists and checks them
+            p.add_argument(flag(name), choices=typing.get_args(field.annotation), default=None, help=help_)
         else:
             p.add_argument(flag(name), type=field.annotation, default=None, help=help_)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get to finish on SIGTERM")

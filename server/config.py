@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -35,6 +35,10 @@ class Settings(BaseSettings):
 
     artifacts: Path = Field(Path("artifacts/digits"), description=(
         "Folder written by `make export` (manifest.json, inference.onnx, training artifacts)."))
+    role: Literal["all", "train", "predict"] = Field("all", description=(
+        "What this replica serves: 'all' (inference and training), 'train' (the trainer of a fleet: the same), or "
+        "'predict' (inference only, from the inference graph and the manifest; training and checkpoint RPCs get "
+        "FAILED_PRECONDITION)."))
     host: str = Field("127.0.0.1", description=(
         "Address to bind. Loopback by default; 0.0.0.0 to listen on every interface."))
     port: int = Field(50051, description="TCP port; 0 picks a free one (tests use this).")

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import fnmatch
+import functools
 import json
 import logging
 import threading
@@ -26,12 +27,29 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import (ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable,
-                           Unimplemented)
+from engine.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
 from engine.explain import Explanation, GradientExplainer
 from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine, top_k
-from engine.manifest import CHECKPOINT, INFERENCE_MODEL, TRAINING_MODEL, Manifest, Parameter, Preprocessing, QkvLayout, Unplaced
+from engine.manifest import (
+    ARTIFACT_FILES,
+    CHECKPOINT,
+    INFERENCE_MODEL,
+    TRAINING_MODEL,
+    Manifest,
+    Parameter,
+    Preprocessing,
+    QkvLayout,
+    Unplaced,
+)
 from engine.runtime import providers_for, quiet_default_logger, release_freed_memory, session_options
 from engine.schedule import LinearSchedule
 from engine.store import (
@@ -101,6 +119,7 @@ class ModelInfo:
     publish_every_steps: int
     attention: tuple[QkvLayout, ...]
     unplaced: tuple[Unplaced, ...]
+    role: str  # all | train | predict
 
 
 @dataclass(frozen=True)
@@ -164,25 +183,45 @@ class InferenceRequest:
                           logits if return_logits else None, version)
 
 
+def trainer_only(method):
+    """A DataPlane method that needs the training engine: FAILED_PRECONDITION on an inference-only replica."""
+    what = method.__name__.replace("_", " ")
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.training is None:
+            raise FailedPrecondition(f"{what} is not served by this replica (--role {self.settings.role}: inference "
+                                     "only); send it to a trainer (--role train or all)")
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class DataPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.manifest = m = Manifest.load(settings.artifacts)
+        predict_only = settings.role == "predict"
+        self.manifest = m = Manifest.load(settings.artifacts, (INFERENCE_MODEL,) if predict_only else ARTIFACT_FILES)
         self.decoder = BatchValidator(m.input_shape, m.num_classes, settings.max_batch_size, m.preprocessing)
         quiet_default_logger()
         self._providers = providers_for(settings.device)
         self._options = session_options(settings.intra_op_threads, training=True)
         self._inference_options = session_options(settings.intra_op_threads, training=False)
         folder = settings.data_dir / m.name
-        for sub in ("checkpoints", "models", "quarantine"):  # every folder the server writes, checked up front
-            check_writable(folder / sub)
-        self.checkpoints = CheckpointStore(folder / "checkpoints", m.files[TRAINING_MODEL], settings.keep_checkpoints,
-                                           quarantine=folder / "quarantine" / "checkpoints")
-        self.versions = VersionStore(folder / "models", quarantine=folder / "quarantine" / "models")
-        newest = self.versions.newest_intact()
+        if predict_only:  # writes nothing: serves the newest intact version a trainer published there, if any
+            self.checkpoints = None
+            self.versions = VersionStore(folder / "models") if (folder / "models").is_dir() else None
+            newest = self.versions.versions()[-1] if self.versions and self.versions.versions() else None
+        else:
+            for sub in ("checkpoints", "models", "quarantine"):  # every folder the server writes, checked up front
+                check_writable(folder / sub)
+            self.checkpoints = CheckpointStore(folder / "checkpoints", m.files[TRAINING_MODEL],
+                                               settings.keep_checkpoints, quarantine=folder / "quarantine" / "checkpoints")
+            self.versions = VersionStore(folder / "models", quarantine=folder / "quarantine" / "models")
+            newest = self.versions.newest_intact()
         version = newest.version if newest else 0
         try:
-            self.training, resumed = self._resume(m, settings)
+            self.training, resumed = (None, None) if predict_only else self._resume(m, settings)
             self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
         except RuntimeError as e:  # e.g. a CUDA build of ORT on a machine without the CUDA libraries or a GPU
             raise ConfigError(f"cannot open the model on {settings.device}: {str(e).strip().splitlines()[0]}") from None
@@ -211,8 +250,9 @@ class DataPlane:
         self._last_checkpoint = time.monotonic()
         self._stop = threading.Event()
         self.metrics.watch(batcher_queue=lambda: self.batcher.pending() if self.batcher else 0,
-                           train_queue=lambda: self._train_calls, step=lambda: self.training.step,
-                           learning_rate=lambda: self.training.learning_rate, model_version=lambda: self.model_version)
+                           train_queue=lambda: self._train_calls, step=lambda: self.step,
+                           learning_rate=lambda: self.training.learning_rate if self.training else 0.0,
+                           model_version=lambda: self.model_version)
         self._autosave = None
         if settings.checkpoint_every_seconds > 0:
             self._autosave = threading.Thread(target=self._autosave_loop, name="vitserve-autosave", daemon=True)
@@ -355,6 +395,7 @@ class DataPlane:
 
     # -- training -------------------------------------------------------------------------------------
 
+    @trainer_only
     def train_step(self, images: np.ndarray, labels: np.ndarray, summaries: bool = True,
                    accumulate_only: bool = False, deadline: float | None = None,
                    head_importance: bool = False) -> StepResult:
@@ -392,12 +433,15 @@ class DataPlane:
                 self.publish()
         return result
 
+    @trainer_only
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> EvalResult:
         return self.training.eval_step(images, labels)
 
+    @trainer_only
     def head_importance(self, images: np.ndarray, labels: np.ndarray) -> HeadImportanceResult:
         return self.training.head_importance(images, labels)
 
+    @trainer_only
     def gradient_history(self, first_step: int = 0, last_step: int = 0, parameter: str = "") -> GradientHistory:
         """The kept applied steps with first_step <= step <= last_step (0: open), oldest first; with `parameter`
         (a shell-style pattern) only the matching parameters' summaries and attention modules."""
@@ -415,9 +459,11 @@ class DataPlane:
                     for r in kept]
         return GradientHistory(tuple(kept), capacity)
 
+    @trainer_only
     def optimizer(self) -> OptimizerState:
         return self.training.optimizer_state()
 
+    @trainer_only
     def set_optimizer(self, learning_rate: float | None, schedule: LinearSchedule | None,
                       clip_grad_norm: float | None) -> OptimizerState:
         state = self.training.set_optimizer(learning_rate, schedule, clip_grad_norm)
@@ -426,6 +472,7 @@ class DataPlane:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
+    @trainer_only
     def save_checkpoint(self, name: str = "", reason: str = "manual") -> CheckpointInfo:
         """Atomically write the training state. Empty name: manual-<step> or step-<step> (automatic)."""
         with self._checkpoint_lock, self.training.lock:  # no step between naming and writing
@@ -457,9 +504,11 @@ class DataPlane:
             raise type(e)(f"{e}; the step was rolled back (weights, optimizer state and step as before the call)") \
                 from None
 
+    @trainer_only
     def list_checkpoints(self) -> CheckpointList:
         return CheckpointList(tuple(self.checkpoints.list()))
 
+    @trainer_only
     def restore_checkpoint(self, name: str) -> CheckpointInfo:
         with self._checkpoint_lock:
             info = self.checkpoints.get(name)
@@ -503,6 +552,7 @@ class DataPlane:
 
     # -- publishing -----------------------------------------------------------------------------------
 
+    @trainer_only
     def publish(self) -> ModelVersion:
         """Export the current training weights as the next model version and switch Predict to it."""
         m = self.manifest
@@ -520,14 +570,21 @@ class DataPlane:
         return version
 
     def model_versions(self) -> list[ModelVersion]:
-        return [ModelVersion(0, 0, self.manifest.path(INFERENCE_MODEL).stat().st_mtime), *self.versions.versions()]
+        published = self.versions.versions() if self.versions else []
+        return [ModelVersion(0, 0, self.manifest.path(INFERENCE_MODEL).stat().st_mtime), *published]
 
     # -- explaining ----------------------------------------------------------------------------------
 
+    @trainer_only
     def explain(self, parameter: str = "") -> Explanation:
         if self._explainer is None:
             self._explainer = GradientExplainer(self.manifest.path(TRAINING_MODEL), self.manifest)
         return self._explainer.explain(parameter)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps applied so far (0 on an inference-only replica)."""
+        return self.training.step if self.training else 0
 
     def model_info(self) -> ModelInfo:
         m, s = self.manifest, self.settings
@@ -535,9 +592,10 @@ class DataPlane:
             name=m.name, config_json=json.dumps(m.source), input_name=m.input_name, input_shape=m.input_shape,
             input_dtype="FLOAT32", preprocessing=m.preprocessing, class_names=m.class_names, parameters=m.parameters,
             execution_providers=self.inference.providers, device=s.device, opset=m.opset,
-            optimizer=m.optimizer["name"], step=self.training.step, learning_rate=self.training.learning_rate,
+            optimizer=m.optimizer["name"], step=self.step,
+            learning_rate=self.training.learning_rate if self.training else 0.0,
             max_batch_size=s.max_batch_size, export_versions=m.versions, loss_node=m.loss.name,
             loss_op_type=m.loss.op_type, model_version=self.model_version, versions=self.model_versions(),
             checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
-            publish_every_steps=s.publish_every_steps, attention=m.attention, unplaced=m.unplaced,
+            publish_every_steps=s.publish_every_steps, attention=m.attention, unplaced=m.unplaced, role=s.role,
         )

@@ -32,6 +32,11 @@ PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model run by ONNX Run
 EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
 
+def server_name(role: str) -> str:
+    """The v2 server name: "vitserve", or "vitserve-train" / "vitserve-predict" for a replica of a fleet."""
+    return "vitserve" if role == "all" else f"vitserve-{role}"
+
+
 def server_version() -> str:
     try:
         return metadata.version("vitserve")
@@ -68,7 +73,7 @@ class InferenceServicer:
 
     @grpc_errors
     def ServerMetadata(self, request: v2.ServerMetadataRequest, context) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(name="vitserve", version=server_version(), extensions=EXTENSIONS)
+        return v2.ServerMetadataResponse(name=server_name(self.plane.settings.role), version=server_version(), extensions=EXTENSIONS)
 
     @grpc_errors
     def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:

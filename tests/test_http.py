@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from proto import vitserve_pb2 as pb
 from server.auth import Security
 from server.http import create_http_server
-from tests.helpers import MODEL, REPO, batch, images_msg, tensor
+from tests.helpers import MODEL, REPO, batch, images_msg
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_curl_infers_json_and_fine_tunes_one_step(http):
 
 
 BAD = {  # name -> (HTTP call, the gRPC request that must fail the same way)
-    "unknown model": (("POST", f"/v2/models/nope/infer", {"inputs": []}),
+    "unknown model": (("POST", "/v2/models/nope/infer", {"inputs": []}),
                       ("ModelInfer", dict(model_name="nope"))),
     "datatype": (("POST", f"/v2/models/{MODEL}/infer",
                   {"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}]}),

@@ -9,14 +9,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from engine.errors import ConfigError
 from server.__main__ import parse_args
-from server.config import ENV_PREFIX, SECRET_FIELDS, Settings, default_of, env_var, flag, render_markdown
-from tests.test_cli import CALL_TIMEOUT, assert_one_error_line, clean_env, run_server_to_exit
+from server.config import (
+    ENV_PREFIX,
+    SECRET_FIELDS,
+    Settings,
+    default_of,
+    env_var,
+    flag,
+    render_markdown,
+)
+from tests.test_cli import (
+    CALL_TIMEOUT,
+    assert_one_error_line,
+    clean_env,
+    run_server_to_exit,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "settings.md"
@@ -68,7 +82,9 @@ def test_fields_have_real_types_and_the_engine_default():
     from engine import DEFAULT_MAX_BATCH_SIZE
 
     types = {name: f.annotation for name, f in Settings.model_fields.items()}
-    assert set(types.values()) <= {Path, int, float, bool, str}, types
+    choices = {name: t for name, t in types.items() if typing.get_origin(t) is typing.Literal}
+    assert choices == {"role": typing.Literal["all", "train", "predict"]}  # the one setting that is a choice
+    assert {t for name, t in types.items() if name not in choices} <= {Path, int, float, bool, str}, types
     assert types["artifacts"] is Path and types["port"] is int and types["dynamic_batching"] is bool
     assert default_of("max_batch_size") == Settings.from_env({}).max_batch_size == DEFAULT_MAX_BATCH_SIZE
 
