@@ -266,6 +266,10 @@ class CheckpointStore:
         problem = info.problem or self._dirs.verify(info.name)
         if problem:
             raise FailedPrecondition(f"checkpoint {info.name!r} is damaged: {problem}; nothing was restored")
+        return self._file(info)
+
+    def _file(self, info: CheckpointInfo) -> Path:
+        """The checkpoint file of a verified entry; InvalidArgument when other training artifacts made it."""
         meta = json.loads((self._dirs.root / info.name / META).read_text())
         if meta.get("artifacts_sha") != self._artifacts_sha:
             raise InvalidArgument(f"checkpoint {info.name!r} was made from other training artifacts")
@@ -275,10 +279,11 @@ class CheckpointStore:
         """Newest first, every checkpoint that verifies, with its file; damaged ones are quarantined on the way
         (`quarantine(name, problem)` is the caller's to call for a checkpoint it then fails to load)."""
         for info in reversed(self.list()):
-            try:
-                yield info, self.path(info)
-            except FailedPrecondition:
-                self.quarantine(info.name, info.problem or self._dirs.verify(info.name))
+            problem = info.problem or self._dirs.verify(info.name)  # every file's sha256 read once
+            if problem:
+                self.quarantine(info.name, problem)
+                continue
+            yield info, self._file(info)
 
     def quarantine(self, name: str, problem: str) -> Path:
         target = self._dirs.quarantine(name)
@@ -325,9 +330,10 @@ class VersionStore:
 
     def newest_intact(self) -> ModelVersion | None:
         """The newest version that verifies byte for byte; damaged ones are quarantined on the way."""
+        intact = {f"v{v.version:06d}": v for v in self.versions()}  # listed once, not once per entry
         for e in reversed(self._dirs.entries()):
             problem = e.problem or self._dirs.verify(e.name)
-            version = next((v for v in self.versions() if f"v{v.version:06d}" == e.name), None)
+            version = intact.get(e.name)
             if not problem and version is not None:
                 return version
             target = self._dirs.quarantine(e.name)

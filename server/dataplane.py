@@ -562,8 +562,9 @@ class DataPlane:
             optimize_inference_model(path, [q.heads for q in m.qkv], m.input_name, m.input_shape)
             return step
 
-        with self._publish_lock, write_errors("the next model version", self.versions.root):
-            version = self.versions.publish(write)
+        with self._publish_lock:
+            with write_errors("the next model version", self.versions.root):  # only the write is a write failure
+                version = self.versions.publish(write)
             self._serving = (version.version, self._inference_engine(version.version))
         release_freed_memory()  # the dropped sessions' arenas, which glibc would otherwise keep
         log.info("published model version %d (step %d)", version.version, version.step)
