@@ -61,6 +61,21 @@ class Settings(BaseSettings):
         "`tensorboard --logdir DIR` shows them."))
     tensorboard_histogram_every: int = Field(10, ge=1, description=(
         "Gradient histograms of every parameter go into the TensorBoard events every N applied steps."))
+    model_repository: str = Field("", description=(
+        "A Triton-layout model repository shared by a fleet ('': none). A trainer publishes every version into it "
+        "(<repo>/<model>/<version>/model.onnx, config.pbtxt, labels.txt, manifest.json), atomically; a predict "
+        "replica serves every model in it and follows it (Triton's poll mode)."))
+    repository_poll_seconds: float = Field(5.0, gt=0, description=(
+        "How often a predict replica scans --model-repository for new, changed and removed models and versions."))
+    repository_versions: int = Field(1, ge=1, description=(
+        "Versions of its model a trainer's config.pbtxt tells replicas (and Triton) to serve: version_policy "
+        "latest num_versions."))
+    data_parallel: bool = Field(False, description=(
+        "Train data-parallel over MPI (start under `mpiexec -n W`): rank 0 serves, every TrainStep's batch is split "
+        "across the ranks and the gradients are all-reduced."))
+    checksum_every_steps: int = Field(10, ge=0, description=(
+        "With --data-parallel: the ranks compare a checksum of the weights every N applied steps and stop on "
+        "divergence (0: never)."))
     learning_rate: float = Field(1e-3, description="Initial learning rate of the optimizer.")
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, description=(
         "Largest batch one Predict or TrainStep request may carry."))
