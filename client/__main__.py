@@ -77,11 +77,12 @@ def health(client: ViTClient, args: argparse.Namespace) -> Health:
 
 
 def info(client: ViTClient, args: argparse.Namespace) -> ModelInfo:
-    return client.model_info()
+    return client.model_info(args.model)
 
 
 def predict(client: ViTClient, args: argparse.Namespace) -> Predictions:
-    return Predictions(args.images, client.predict([Path(f) for f in args.images], args.top_k, args.logits))
+    return Predictions(args.images, client.predict([Path(f) for f in args.images], args.top_k, args.logits,
+                                                   model=args.model))
 
 
 def train_step(client: ViTClient, args: argparse.Namespace) -> TrainSteps:

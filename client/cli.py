@@ -39,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("health", parents=[common], help="standard gRPC health check (exit 0 only when SERVING)")
-    sub.add_parser("info", parents=[common], help="show the served model")
+    i = sub.add_parser("info", parents=[common], help="show the served model")
+    i.add_argument("--model", default="", metavar="NAME", help="which model (a replica of a repository serves many)")
 
     p = sub.add_parser("predict", parents=[common], help="classify image files")
+    p.add_argument("--model", default="", metavar="NAME", help="which model (default: the only one)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes per image (default 5)")
     p.add_argument("--logits", action="store_true", help="also print the raw logits")

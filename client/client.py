@@ -611,14 +611,18 @@ class ViTClient:
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def model_info(self) -> ModelInfo:
-        return from_proto(ModelInfo, self._call(self._stub.GetModelInfo, vitserve_pb2.GetModelInfoRequest()))
+    def model_info(self, model: str = "") -> ModelInfo:
+        """The model `model` serves under that name ("": the only model, or the trainer's own)."""
+        request = vitserve_pb2.GetModelInfoRequest(model=model)
+        return from_proto(ModelInfo, self._call(self._stub.GetModelInfo, request))
 
-    def predict(self, images: ImagesArg, top_k: int = 5, return_logits: bool = False) -> PredictResult:
+    def predict(self, images: ImagesArg, top_k: int = 5, return_logits: bool = False,
+                model: str = "") -> PredictResult:
+        """Top-k classes per image of the model named `model` ("": the only model, or the trainer's own)."""
         if top_k < 0:  # top_k is a uint32 on the wire
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         request = vitserve_pb2.PredictRequest(images=images_to_proto(images), top_k=top_k,
-                                              return_logits=return_logits)
+                                              return_logits=return_logits, model=model)
         return from_proto(PredictResult, self._call(self._stub.Predict, request))
 
     def train_step(self, images: ImagesArg, labels: Any, summaries: bool = True,

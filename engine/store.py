@@ -341,10 +341,12 @@ class VersionStore:
                         problem or f"{META} has no valid version record", target)
         return None
 
-    def publish(self, write) -> ModelVersion:
-        """`write(path) -> step` writes the inference model; returns the new version."""
+    def publish(self, write, after: int = 0) -> ModelVersion:
+        """`write(path) -> step` writes the inference model; returns the new version, numbered after every version
+        here and after `after` (a model repository's newest, so a fleet never sees a version number go back)."""
         names = [e.name for e in self._dirs.entries()]
         version = max((int(n[1:]) for n in names if re.fullmatch(r"v\d{6}", n)), default=0) + 1
+        version = max(version, after + 1)
         with self._dirs.write(f"v{version:06d}") as (folder, meta):
             step = write(folder / MODEL_FILE)
             meta.update(version=version, step=step, created_unix=time.time())

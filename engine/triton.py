@@ -9,7 +9,9 @@ Layout (<name> is the manifest's model name):
 
     <out>/<name>/config.pbtxt     platform onnxruntime_onnx, inputs/outputs from the manifest, dynamic batching
     <out>/<name>/labels.txt       the class names, one a line (label_filename of the output: classification)
+    <out>/<name>/manifest.json    the export's manifest (a vitserve predict replica serves the folder with it)
     <out>/<name>/1/model.onnx     a byte copy of the inference model
+    <out>/<name>/1/meta.json      its size and sha256 (Triton ignores both vitserve files)
 
 config.pbtxt is a ModelConfig message written with protobuf's text format, so it is valid by
 construction: proto/model_config.proto vendors Triton's messages with Triton's field names and
@@ -23,24 +25,21 @@ from __future__ import annotations
 
 import argparse
 import collections
-import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf import text_format
 
 from engine import DEFAULT_MAX_BATCH_SIZE
 from engine.errors import ConfigError
 from engine.manifest import INFERENCE_MODEL, Manifest, sha256
+from engine.repository import CONFIG_FILE, LABELS_FILE, MODEL_FILE, write_model_files, write_version_files
 from engine.store import NAME, AtomicDirs
 from proto import model_config_pb2 as mc
 
 VERSION = "1"
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.pbtxt"
-LABELS_FILE = "labels.txt"
 PLATFORM, BACKEND = "onnxruntime_onnx", "onnxruntime"
 DEFAULT_QUEUE_DELAY_US = 100  # long enough for concurrent requests to meet in one batch, short next to a run
 CONTRIB_DOMAINS = ("com.microsoft",)
@@ -88,7 +87,8 @@ def contrib_ops(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def model_config(manifest: Manifest, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, gpu: bool = False,
-                 instances: int = 1, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> mc.ModelConfig:
+                 instances: int = 1, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+                 num_versions: int = 1) -> mc.ModelConfig:
     """Triton's ModelConfig for the manifest's model; dims leave out the batch axis (max_batch_size > 0).
 
     The defaults are those of `python -m engine.triton` (and so of `make export-triton`)."""
@@ -97,7 +97,7 @@ def model_config(manifest: Manifest, max_batch_size: int = DEFAULT_MAX_BATCH_SIZ
         platform=PLATFORM,
         backend=BACKEND,
         max_batch_size=max_batch_size,
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=num_versions)),
         input=[mc.ModelInput(name=manifest.input_name, data_type=mc.TYPE_FP32, dims=list(manifest.input_shape[1:]))],
         output=[mc.ModelOutput(name=manifest.output_name, data_type=mc.TYPE_FP32, dims=[manifest.num_classes],
                                label_filename=LABELS_FILE)],
@@ -151,9 +151,8 @@ def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, m
               f"# {VERSION}/{MODEL_FILE}: {source} (sha256 {sha256(source)})\n")
     with folders.write(manifest.name, meta_file=False) as (staging, _):  # built aside, renamed into place
         (staging / VERSION).mkdir()
-        shutil.copyfile(source, staging / VERSION / MODEL_FILE)
-        (staging / CONFIG_FILE).write_text(header + text_format.MessageToString(config))
-        (staging / LABELS_FILE).write_text("".join(f"{n}\n" for n in manifest.class_names))
+        write_version_files(staging / VERSION, source, int(VERSION), 0, time.time())
+        write_model_files(staging, manifest, config, header)
     return Written(final, source, contrib_ops(graph))
 
 

@@ -49,14 +49,16 @@ class Images(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("images", "top_k", "return_logits")
+    __slots__ = ("images", "top_k", "return_logits", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: Images
     top_k: int
     return_logits: bool
-    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "probability")
@@ -433,8 +435,10 @@ class ExplainGradientsResponse(_message.Message):
     def __init__(self, loss: _Optional[_Union[GraphNode, _Mapping]] = ..., loss_gradient: _Optional[_Union[GraphNode, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[ParameterGradientPath, _Mapping]]] = ..., forward_nodes: _Optional[int] = ..., backward_nodes: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
     __slots__ = ("height", "width", "channels", "mean", "std")

@@ -41,8 +41,12 @@ def create_server(settings: Settings, plane: DataPlane | None = None,
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    def health_follows(ready: bool) -> None:  # a replica with no model loaded is not ready for traffic
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
+            health_servicer.set(name, status)
+
+    plane.watch_ready(health_follows)
 
     reflection.enable(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"]))
 

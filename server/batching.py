@@ -94,8 +94,16 @@ class DynamicBatcher:
         return self._queue.qsize()
 
     def close(self) -> None:
+        """Answer what is queued, then stop; a request that raced in behind the stop is run on its own."""
         self._queue.put(None)
         self._worker.join()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._execute([item])
 
     def _gather(self, first) -> tuple[list, object]:
         """The first request plus queued ones up to max_batch rows; returns (batch, a request that did not fit)."""

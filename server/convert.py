@@ -22,7 +22,8 @@ from engine.store import CheckpointInfo, CheckpointList, ModelVersion
 from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult
 from proto import open_inference_pb2 as v2
 from proto import vitserve_pb2 as pb
-from server.dataplane import GradientHistory, ModelIndex, ModelInfo, Prediction, RepositoryIndex
+from server.dataplane import GradientHistory, ModelIndex, ModelInfo, RepositoryIndex
+from server.models import Prediction
 from server.decode import encode_tensor
 from server.statistics import BatchStatistics, Duration, InferStatistics, ModelStatistics, ModelStatisticsList
 

@@ -5,10 +5,12 @@ against the model (shape, dtype, finiteness, labels, batch limits) before
 anything runs, and answers in plain Python/numpy. A rejected request raises
 before it touches any state, so weights and the step counter stay exactly as
 they were. It also owns the lifecycle around the engines: resuming from the
-latest checkpoint, automatic and final checkpoints, publishing versions. Every
-inference request (Predict and ModelInfer alike) is timed for the statistics
-(server/statistics.py); the v2 protocol's view of the model (its served version,
-Triton configuration, repository index) is answered here too.
+latest checkpoint, automatic and final checkpoints, publishing versions (and
+handing them over to a fleet's model repository). Inference goes to the models
+served by name (server/models.py): the own model of --artifacts, or, on a predict
+replica over --model-repository, every model in the repository as a poll thread
+finds them (engine/follower.py). The v2 protocol's view of the models (served
+versions, Triton configurations, statistics, repository index) is answered here too.
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ from engine.errors import (
     Unimplemented,
 )
 from engine.explain import Explanation, GradientExplainer
+from engine.follower import READY, UNAVAILABLE, UNLOADED, LoadedVersion, ModelState, RepositoryFollower, poll_forever
 from engine.fusion import optimize_inference_model
-from engine.inference import InferenceEngine, top_k
+from engine.inference import InferenceEngine
 from engine.manifest import (
     ARTIFACT_FILES,
     CHECKPOINT,
@@ -50,7 +53,8 @@ from engine.manifest import (
     QkvLayout,
     Unplaced,
 )
-from engine.runtime import providers_for, quiet_default_logger, release_freed_memory, session_options
+from engine.repository import RepositoryWriter
+from engine.runtime import providers_for, quiet_default_logger, release_freed_memory, resident_bytes, session_options
 from engine.schedule import LinearSchedule
 from engine.store import (
     CheckpointInfo,
@@ -65,11 +69,12 @@ from engine.store import (
 from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
 from engine.triton import model_config
 from proto import model_config_pb2
-from server.batching import Answer, DynamicBatcher, Run, execute
+from server.batching import DynamicBatcher
 from server.config import Settings
 from server.decode import BatchValidator
 from server.metrics import Metrics
-from server.statistics import ModelStatisticsList, Statistics
+from server.models import Prediction, ServedModel
+from server.statistics import ModelStatisticsList
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +92,6 @@ def write_errors(what: str, folder: Path):
         if full:
             raise ResourceExhausted(f"{message} (the disk is full)") from None
         raise FailedPrecondition(message) from None
-
-DEFAULT_TOP_K = 5
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -130,57 +132,23 @@ class GradientHistory:
 
 
 @dataclass(frozen=True)
-class Prediction:
-    indices: np.ndarray  # (b, k) class indices, best first
-    probabilities: np.ndarray  # (b, k)
-    labels: list[list[str]]  # (b, k) class names
-    logits: np.ndarray | None  # (b, classes) when asked for
-    model_version: int
-
-
-READY, UNAVAILABLE = "READY", "UNAVAILABLE"  # Triton's model states
-UNLOADED = "unloaded"  # Triton's reason for a version it no longer serves
-
-
-@dataclass(frozen=True)
 class ModelIndex:
-    """One version of the model in the repository index (proto: RepositoryIndexResponse.ModelIndex)."""
+    """One version of a model in the repository index (proto: RepositoryIndexResponse.ModelIndex)."""
     name: str
-    version: str
+    version: str  # "" for a model none of whose versions can be listed
     state: str  # READY or UNAVAILABLE
     reason: str  # why it is not READY ("" when it is)
 
 
 @dataclass(frozen=True)
 class RepositoryIndex:
-    """RepositoryIndex's answer (proto: RepositoryIndexResponse): the model's versions, oldest first."""
+    """RepositoryIndex's answer (proto: RepositoryIndexResponse): every model's versions, by name, oldest first."""
     models: tuple[ModelIndex, ...]
 
 
-class InferenceRequest:
-    """One inference request to the model, from DataPlane.inference_request: it runs the batch and keeps
-    what the statistics need (the answer and the images)."""
-
-    def __init__(self, plane: "DataPlane") -> None:
-        self._plane = plane
-        self.answer: Answer | None = None
-        self.images = 0
-
-    def logits(self, images: np.ndarray) -> tuple[int, np.ndarray]:
-        """(model version, logits (b, classes)) through the dynamic batcher when it is on."""
-        self.answer = self._plane._answer(images)
-        self.images = len(images)
-        return self.answer.version, self.answer.logits
-
-    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
-        """Top-k classes (and the logits when asked for) of the batch."""
-        manifest = self._plane.manifest
-        k = min(k or DEFAULT_TOP_K, manifest.num_classes)
-        version, logits = self.logits(images)
-        names = manifest.class_names
-        indices, probs = top_k(logits, k)
-        return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
-                          logits if return_logits else None, version)
+def not_served(what: str, role: str) -> FailedPrecondition:
+    return FailedPrecondition(f"{what} is not served by this replica (--role {role}: inference only); send it to a "
+                              "trainer (--role train or all)")
 
 
 def trainer_only(method):
@@ -190,8 +158,7 @@ def trainer_only(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if self.training is None:
-            raise FailedPrecondition(f"{what} is not served by this replica (--role {self.settings.role}: inference "
-                                     "only); send it to a trainer (--role train or all)")
+            raise not_served(what, self.settings.role)
         return method(self, *args, **kwargs)
 
     return wrapper
@@ -200,16 +167,54 @@ def trainer_only(method):
 class DataPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
-        predict_only = settings.role == "predict"
-        self.manifest = m = Manifest.load(settings.artifacts, (INFERENCE_MODEL,) if predict_only else ARTIFACT_FILES)
-        self.decoder = BatchValidator(m.input_shape, m.num_classes, settings.max_batch_size, m.preprocessing)
         quiet_default_logger()
         self._providers = providers_for(settings.device)
         self._options = session_options(settings.intra_op_threads, training=True)
         self._inference_options = session_options(settings.intra_op_threads, training=False)
+        self.metrics = Metrics()
+        self._states: dict[str, ModelState] = {}  # the repository's models as last polled (a replica of one)
+        self.training = self.checkpoints = self.versions = self.repository = self.follower = None
+        self.manifest: Manifest | None = None  # the trainer's model (or the one model of --artifacts)
+        self._models: dict[str, ServedModel] = {}  # by name; replaced whole
+        self._closing = False
+        self._stop = threading.Event()
+        self._poller = None
+        self._ready_watchers: list = []  # called with `ready` whenever it changes (the gRPC health service)
+        predict_only = settings.role == "predict"
+        if predict_only and settings.model_repository:
+            self._follow_repository(Path(settings.model_repository))
+        else:
+            self._open_own_model(settings, predict_only)
+
+        self._history = collections.deque(maxlen=settings.gradient_history) if settings.gradient_history else None
+        self.board = None
+        if settings.tensorboard_dir and self.training is not None:
+            from server.tensorboard import GradientBoard  # tensorboardX loads only when asked for
+
+            self.board = GradientBoard(Path(settings.tensorboard_dir), settings.tensorboard_histogram_every)
+        self._checkpoint_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._train_gate = threading.Condition()
+        self._train_calls = 0  # TrainSteps running or waiting
+        self._explainer = None  # built on first use: reading the training graph costs a moment
+        self._dirty = False  # training state changed since the last checkpoint
+        self._last_checkpoint = time.monotonic()
+        self.metrics.watch(batcher_queue=lambda: sum(m.batcher.pending() for m in self._models.values() if m.batcher),
+                           train_queue=lambda: self._train_calls, step=lambda: self.step,
+                           learning_rate=lambda: self.training.learning_rate if self.training else 0.0,
+                           model_version=lambda: self.model_version)
+        self._autosave = None
+        if settings.checkpoint_every_seconds > 0 and self.training is not None:
+            self._autosave = threading.Thread(target=self._autosave_loop, name="vitserve-autosave", daemon=True)
+            self._autosave.start()
+        if self.repository is not None:
+            self._hand_over()
+
+    def _open_own_model(self, settings: Settings, predict_only: bool) -> None:
+        """The model of --artifacts: trained here (role all/train), or only served (role predict)."""
+        self.manifest = m = Manifest.load(settings.artifacts, (INFERENCE_MODEL,) if predict_only else ARTIFACT_FILES)
         folder = settings.data_dir / m.name
         if predict_only:  # writes nothing: serves the newest intact version a trainer published there, if any
-            self.checkpoints = None
             self.versions = VersionStore(folder / "models") if (folder / "models").is_dir() else None
             newest = self.versions.versions()[-1] if self.versions and self.versions.versions() else None
         else:
@@ -219,44 +224,66 @@ class DataPlane:
                                                settings.keep_checkpoints, quarantine=folder / "quarantine" / "checkpoints")
             self.versions = VersionStore(folder / "models", quarantine=folder / "quarantine" / "models")
             newest = self.versions.newest_intact()
-        version = newest.version if newest else 0
+            if settings.model_repository:
+                self.repository = RepositoryWriter(Path(settings.model_repository), m, self.triton_config())
+        resumed = None
         try:
-            self.training, resumed = (None, None) if predict_only else self._resume(m, settings)
-            self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
+            if not predict_only:
+                self.training, resumed = self._resume(m, settings)
+            served = self._load_own_version(newest)
         except RuntimeError as e:  # e.g. a CUDA build of ORT on a machine without the CUDA libraries or a GPU
             raise ConfigError(f"cannot open the model on {settings.device}: {str(e).strip().splitlines()[0]}") from None
         if resumed:
             log.info("resumed from checkpoint %s (step %d)", resumed.name, resumed.step)
-        self.metrics = Metrics()
-        self.statistics = Statistics()
-        self.batcher = DynamicBatcher(self._run_serving, settings.max_dynamic_batch, settings.max_batch_delay_ms / 1000,
-                                      on_batch=self._batched) if settings.dynamic_batching else None
+        self._models = {m.name: ServedModel(m.name, m, self.triton_config(), settings, self.metrics, (served,))}
         log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
-                 ", ".join(self.inference.providers), version)
+                 ", ".join(self.inference.providers), served.version)
 
-        self._history = collections.deque(maxlen=settings.gradient_history) if settings.gradient_history else None
-        self.board = None
-        if settings.tensorboard_dir:
-            from server.tensorboard import GradientBoard  # tensorboardX loads only when asked for
+    def _follow_repository(self, root: Path) -> None:
+        """Serve every model of the repository; a thread polls it for new, changed and removed ones."""
+        if not root.is_dir():
+            raise ConfigError(f"model repository {root} is not a folder")
+        self.follower = RepositoryFollower(root, self._open_repository_version)
+        self._apply(self.follower.poll())
+        log.info("serving %d models from the model repository %s (polled every %gs): %s", len(self._models), root,
+                 self.settings.repository_poll_seconds, ", ".join(self._models) or "none yet")
+        self._poller = threading.Thread(target=poll_forever, name="vitserve-repository", daemon=True,
+                                        args=(self.follower, self.settings.repository_poll_seconds, self._stop,
+                                              self._apply))
+        self._poller.start()
 
-            self.board = GradientBoard(Path(settings.tensorboard_dir), settings.tensorboard_histogram_every)
-        self._checkpoint_lock = threading.Lock()
-        self._publish_lock = threading.Lock()
-        self._train_gate = threading.Condition()
-        self._train_calls = 0  # TrainSteps running or waiting
-        self._closing = False
-        self._explainer = None  # built on first use: reading the training graph costs a moment
-        self._dirty = False  # training state changed since the last checkpoint
-        self._last_checkpoint = time.monotonic()
-        self._stop = threading.Event()
-        self.metrics.watch(batcher_queue=lambda: self.batcher.pending() if self.batcher else 0,
-                           train_queue=lambda: self._train_calls, step=lambda: self.step,
-                           learning_rate=lambda: self.training.learning_rate if self.training else 0.0,
-                           model_version=lambda: self.model_version)
-        self._autosave = None
-        if settings.checkpoint_every_seconds > 0:
-            self._autosave = threading.Thread(target=self._autosave_loop, name="vitserve-autosave", daemon=True)
-            self._autosave.start()
+    def _open_repository_version(self, path: Path, manifest: Manifest) -> InferenceEngine:
+        """A session on a repository version, checked with one run of the manifest's input shape."""
+        engine = InferenceEngine(path, manifest.input_name, manifest.output_name, self._providers,
+                                 self._inference_options)
+        logits = engine.logits(np.zeros((1, *manifest.input_shape[1:]), np.float32))
+        if logits.shape != (1, manifest.num_classes):
+            raise InvalidArgument(f"its output has shape {list(logits.shape)} for one image, the manifest says "
+                                  f"[1, {manifest.num_classes}]")
+        return engine
+
+    def _apply(self, states: dict[str, ModelState]) -> None:
+        """Swap in a poll's models: same manifest and configuration -> new versions; otherwise a new ServedModel."""
+        old, models = self._models, {}
+        for name, state in states.items():
+            if not state.served:
+                continue
+            current = old.get(name)
+            if current is not None and current.manifest == state.manifest and current.config == state.config:
+                current.serve(state.served)
+                models[name] = current
+            else:
+                models[name] = ServedModel(name, state.manifest, state.config, self.settings, self.metrics,
+                                           state.served)
+        was_ready = self.ready
+        self._models = models
+        self._states = states
+        if self.ready != was_ready:
+            for watcher in self._ready_watchers:
+                watcher(self.ready)
+        for name, model in old.items():
+            if models.get(name) is not model:
+                model.close()  # requests it already queued are answered first
 
     def _resume(self, m: Manifest, settings: Settings) -> tuple[TrainingEngine, CheckpointInfo | None]:
         """A training engine on the newest checkpoint that verifies and loads, else on the export's checkpoint.
@@ -276,121 +303,146 @@ class DataPlane:
             raise ConfigError(f"{e}: use another --data-dir for these artifacts") from None
         return TrainingEngine(m, settings.device, self._options, settings.learning_rate), None
 
-    def _inference_engine(self, version: int) -> InferenceEngine:
-        path = self.versions.model_path(version) if version else self.manifest.path(INFERENCE_MODEL)
-        return InferenceEngine(path, self.manifest.input_name, self.manifest.output_name, self._providers,
-                               self._inference_options)
+    def _load_own_version(self, version: ModelVersion | None) -> LoadedVersion:
+        """A session on a published version of the own model (None: the export's inference graph)."""
+        path = self.versions.model_path(version.version) if version else self.manifest.path(INFERENCE_MODEL)
+        before = resident_bytes()
+        engine = InferenceEngine(path, self.manifest.input_name, self.manifest.output_name, self._providers,
+                                 self._inference_options)
+        return LoadedVersion(version.version if version else 0, version.step if version else 0,
+                             version.created_unix if version else path.stat().st_mtime, engine,
+                             path.stat().st_size, max(0, resident_bytes() - before), ())
+
+    # -- the models served ----------------------------------------------------------------------------
+
+    def model(self, name: str = "") -> ServedModel:
+        """The model served under `name`; "" is the only (or the trainer's) one. NotFound names those served."""
+        models = self._models
+        if name:
+            found = models.get(name)
+            if found is None:
+                raise self._unknown_model(name)
+            return found
+        if self.manifest is not None and self.manifest.name in models:
+            return models[self.manifest.name]
+        if len(models) == 1:
+            return next(iter(models.values()))
+        if not models:
+            raise Unavailable(f"no model is loaded yet from the model repository {self.settings.model_repository}")
+        raise InvalidArgument(f"this replica serves {len(models)} models ({', '.join(sorted(models))}): name one "
+                              "in the request's model field")
+
+    def _unknown_model(self, name: str) -> NotFound:
+        served = ", ".join(f"'{n}'" for n in sorted(self._models)) or "no model yet"
+        return NotFound(f"model '{name}' is not served here; this server serves {served}")
+
+    @property
+    def decoder(self) -> BatchValidator:
+        """The validator of labelled batches: the trainer's model's."""
+        if self.manifest is None:
+            raise not_served("training", self.settings.role)
+        return self.model().decoder
 
     @property
     def inference(self) -> InferenceEngine:
-        return self._serving[1]
+        """The default model's newest engine."""
+        return self.model().latest.engine
+
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        """The default model's dynamic batcher (None when batching is off)."""
+        return self.model().batcher
 
     # -- inference ------------------------------------------------------------------------------------
 
-    def _run_serving(self, images: np.ndarray) -> tuple[int, np.ndarray]:
-        version, engine = self._serving  # one read: a concurrent publish cannot mix versions
-        return version, engine.logits(images)
-
     @property
     def ready(self) -> bool:
-        """Inference calls are taken (false once shutdown began)."""
-        return not self._closing
+        """Inference calls are taken: a model is served and shutdown has not begun."""
+        return not self._closing and bool(self._models)
+
+    def watch_ready(self, watcher) -> None:
+        """Call `watcher(ready)` now and whenever readiness changes (a replica's first model arrives, its last
+        one leaves)."""
+        self._ready_watchers.append(watcher)
+        watcher(self.ready)
 
     @property
     def model_version(self) -> int:
-        """The published version being served (0: the exported model)."""
-        return self._serving[0]
-
-    def _batched(self, run: Run) -> None:
-        """Every run of the dynamic batcher: the batch-size histogram and the statistics."""
-        self.metrics.batch_size.observe(run.batch_size)
-        self.statistics.record_run(run)
-
-    def _answer(self, images: np.ndarray) -> Answer:
-        """This batch's logits through the dynamic batcher, or run alone (and timed) when batching is off."""
-        if self.batcher:
-            return self.batcher.answer(images)
-        run, (logits,) = execute(self._run_serving, [images])
-        self.statistics.record_run(run)
-        return Answer(logits, run, 0)
-
-    @contextlib.contextmanager
-    def inference_request(self):
-        """One inference request to the model, timed for the statistics from here to the end of the block:
-
-            with plane.inference_request() as request:
-                images = decode(...)  # an invalid request raises here: counted as a failure
-                answer = convert(request.predict(images))  # or request.logits(images)
-
-        A block that raises counts as a failed request of the version that ran it (else the one served)."""
-        request = InferenceRequest(self)
-        start = time.perf_counter_ns()
+        """The newest version the default model serves (0: the exported model; 0 too with no model)."""
         try:
-            yield request
-        except BaseException:
-            version = request.answer.version if request.answer else self.model_version
-            self.statistics.record_failure(version, time.perf_counter_ns() - start)
-            raise
-        if request.answer is not None:
-            self.statistics.record_success(request.answer, request.images, time.perf_counter_ns() - start)
+            return self.model().latest.version
+        except (InvalidArgument, Unavailable):
+            return 0
 
-    def logits(self, images: np.ndarray) -> tuple[int, np.ndarray]:
+    def inference_request(self, model: str = "", version: str = ""):
+        """One timed inference request to a model (see ServedModel.inference_request)."""
+        return self.model(model).inference_request(version)
+
+    def logits(self, images: np.ndarray, model: str = "") -> tuple[int, np.ndarray]:
         """(model version, logits (b, classes)) through the dynamic batcher when it is on; one request."""
-        with self.inference_request() as request:
+        with self.inference_request(model) as request:
             return request.logits(images)
 
-    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
+    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False, model: str = "") -> Prediction:
         """Top-k classes of a validated batch; one request."""
-        with self.inference_request() as request:
+        with self.inference_request(model) as request:
             return request.predict(images, k, return_logits)
 
-    # -- the v2 protocol's view of the model ----------------------------------------------------------
+    # -- the v2 protocol's view of the models ---------------------------------------------------------
 
-    def _unknown_model(self, name: str) -> NotFound:
-        return NotFound(f"model '{name}' is not served here; this server serves '{self.manifest.name}'")
-
-    def served_version(self, name: str, version: str) -> str:
-        """The version being served, as a string, or NotFound naming what is served instead."""
-        served = str(self.model_version)
-        if name != self.manifest.name:
+    def v2_model(self, name: str, version: str = "") -> tuple[ServedModel, str]:
+        """The model and version a v2 call names (the name is required; version "" is the newest), or NotFound."""
+        model = self.model(name) if name else None
+        if model is None:
             raise self._unknown_model(name)
-        if version not in ("", served):
-            raise NotFound(f"model '{name}' version '{version}' is not served; the version being served is {served} "
-                           "(leave the version empty for it)")
-        return served
+        return model, str(model.version(version).version)
 
-    def triton_config(self) -> model_config_pb2.ModelConfig:
-        """The model's Triton configuration: what `python -m engine.triton` writes for it, with this server's
-        batch limit and device (`make export-triton` with the defaults, for a server with the defaults)."""
-        return model_config(self.manifest, self.settings.max_batch_size, gpu=self.settings.device.startswith("cuda"))
+    def triton_config(self, name: str = "") -> model_config_pb2.ModelConfig:
+        """A model's Triton configuration. The own model's is what `python -m engine.triton` writes for it, with this
+        server's batch limit, device and --repository-versions; a repository model's is its config.pbtxt."""
+        if self.manifest is not None and name in ("", self.manifest.name):
+            return model_config(self.manifest, self.settings.max_batch_size,
+                                gpu=self.settings.device.startswith("cuda"),
+                                num_versions=self.settings.repository_versions)
+        return self.model(name).config
 
     def model_statistics(self, name: str = "", version: str = "") -> ModelStatisticsList:
-        """The statistics of the model (name "": the one served) per version: the served one and every other
-        that has statistics in this process (version "": all of them, oldest first)."""
-        if name not in ("", self.manifest.name):
-            raise self._unknown_model(name)
-        known = sorted({self.model_version, *self.statistics.versions()})
-        if version and version not in map(str, known):
-            raise NotFound(f"model '{self.manifest.name}' version '{version}' has no statistics; the versions with "
-                           f"statistics are {', '.join(map(str, known))} (leave the version empty for all)")
-        wanted = [int(version)] if version else known
-        return ModelStatisticsList(tuple(self.statistics.model_statistics(self.manifest.name, v) for v in wanted))
+        """The statistics per model and version: the versions served and every other that has statistics in this
+        process (name "": every model; version "": all of its versions, oldest first)."""
+        if version and not name:
+            raise InvalidArgument(f"version '{version}' needs a model name")
+        models = [self.model(name)] if name else [self._models[n] for n in sorted(self._models)]
+        out = []
+        for model in models:
+            known = sorted({*(v.version for v in model.served), *model.statistics.versions()})
+            if version and version not in map(str, known):
+                raise NotFound(f"model '{model.name}' version '{version}' has no statistics; the versions with "
+                               f"statistics are {', '.join(map(str, known))} (leave the version empty for all)")
+            wanted = [int(version)] if version else known
+            out.extend(model.statistics.model_statistics(model.name, v) for v in wanted)
+        return ModelStatisticsList(tuple(out))
 
     def repository_index(self, repository_name: str = "", ready: bool = False) -> RepositoryIndex:
-        """The model's versions with Triton's states: READY for the one served (until shutdown begins),
-        UNAVAILABLE ("unloaded") for the others; `ready` keeps only the READY ones."""
+        """Every model's versions with Triton's states, by name: READY for those served (until shutdown begins),
+        UNAVAILABLE with the reason for the others; `ready` keeps only the READY ones."""
         if repository_name:
             raise Unimplemented(f"repository_name '{repository_name}': naming a repository is not supported by "
-                                "vitserve (it has one, the model's data directory): leave it empty")
-        served, name = self.model_version, self.manifest.name
+                                "vitserve (a server has one: its model's data directory, or its --model-repository): leave it empty")
         models = []
-        for v in self.model_versions():
-            if v.version != served:
-                models.append(ModelIndex(name, str(v.version), UNAVAILABLE, UNLOADED))
-            elif self.ready:
-                models.append(ModelIndex(name, str(v.version), READY, ""))
-            else:
-                models.append(ModelIndex(name, str(v.version), UNAVAILABLE, "the server is shutting down"))
+        if self.follower is not None:
+            for name, state in sorted(self._states.items()):
+                if not state.index:
+                    models.append(ModelIndex(name, "", UNAVAILABLE, state.problem))
+                for v in state.index:
+                    models.append(ModelIndex(name, str(v.version), v.state, v.reason))
+        else:
+            served, name = self.model_version, self.manifest.name
+            for v in self.model_versions():
+                models.append(ModelIndex(name, str(v.version), READY if v.version == served else UNAVAILABLE,
+                                         "" if v.version == served else UNLOADED))
+        if self._closing:
+            models = [dataclasses.replace(m, state=UNAVAILABLE, reason="the server is shutting down")
+                      if m.state == READY else m for m in models]
         return RepositoryIndex(tuple(m for m in models if m.state == READY or not ready))
 
     # -- training -------------------------------------------------------------------------------------
@@ -532,19 +584,21 @@ class DataPlane:
                     log.exception("automatic checkpoint failed")
 
     def close(self) -> CheckpointInfo | None:
-        """Refuse new train steps, let running ones finish, stop the batcher and the timer, and write a final
-        checkpoint if the training state changed since the last one (so it holds every applied step)."""
+        """Refuse new train steps, let running ones finish, stop the repository poll, the batchers and the timer,
+        and write a final checkpoint if the training state changed since the last one (so it holds every
+        applied step)."""
         with self._train_gate:
             self._closing = True
             self._train_gate.wait_for(lambda: self._train_calls == 0)
-        if self.batcher:
-            self.batcher.close()
-            self.batcher = None
         self._stop.set()
+        if self._poller:
+            self._poller.join()
+        for model in self._models.values():
+            model.close()
         if self._autosave:
             self._autosave.join()
         try:
-            return self.save_checkpoint("", reason="shutdown") if self._dirty else None
+            return self.save_checkpoint("", reason="shutdown") if self._dirty and self.training else None
         finally:
             self.metrics.close()
             if self.board:
@@ -554,7 +608,8 @@ class DataPlane:
 
     @trainer_only
     def publish(self) -> ModelVersion:
-        """Export the current training weights as the next model version and switch Predict to it."""
+        """Export the current training weights as the next model version and switch Predict to it; with a model
+        repository the version is handed over there too (<repo>/<model>/<version>/), after the data directory."""
         m = self.manifest
 
         def write(path) -> int:
@@ -563,12 +618,37 @@ class DataPlane:
             return step
 
         with self._publish_lock:
+            floor = max(self.repository.versions(), default=0) if self.repository else 0
             with write_errors("the next model version", self.versions.root):  # only the write is a write failure
-                version = self.versions.publish(write)
-            self._serving = (version.version, self._inference_engine(version.version))
+                version = self.versions.publish(write, after=floor)
+            self._serve_own(version)
+            if self.repository is not None:
+                self._hand_over_version(version)
         release_freed_memory()  # the dropped sessions' arenas, which glibc would otherwise keep
         log.info("published model version %d (step %d)", version.version, version.step)
         return version
+
+    def _serve_own(self, version: ModelVersion) -> None:
+        own = self.model()
+        own.serve((self._load_own_version(version),))
+
+    def _hand_over_version(self, version: ModelVersion) -> None:
+        with write_errors(f"model version {version.version}", self.repository.folder):
+            self.repository.publish(self.versions.model_path(version.version), version.version, version.step,
+                                    version.created_unix)
+        log.info("model version %d handed over to the model repository %s", version.version, self.repository.folder)
+
+    def _hand_over(self) -> None:
+        """At startup: the repository gets the trainer's newest version if it lacks it (a crash between the data
+        directory and the repository, or a new repository); with no version anywhere the trainer publishes one,
+        so replicas have a model to serve from the start."""
+        published = self.versions.versions()
+        if not published and not self.repository.versions():
+            self.publish()
+            return
+        if published and published[-1].version not in self.repository.versions() \
+                and published[-1].version > max(self.repository.versions(), default=0):
+            self._hand_over_version(published[-1])
 
     def model_versions(self) -> list[ModelVersion]:
         published = self.versions.versions() if self.versions else []
@@ -587,16 +667,20 @@ class DataPlane:
         """Optimizer steps applied so far (0 on an inference-only replica)."""
         return self.training.step if self.training else 0
 
-    def model_info(self) -> ModelInfo:
-        m, s = self.manifest, self.settings
+    def model_info(self, name: str = "") -> ModelInfo:
+        """The model `name` ("" for the only or the trainer's one): the export, the training state and the settings."""
+        model, s = self.model(name), self.settings
+        m, own = model.manifest, model.manifest is self.manifest
+        versions = (self.model_versions() if own else
+                    [ModelVersion(v.version, v.step, v.created_unix) for v in model.served])
         return ModelInfo(
-            name=m.name, config_json=json.dumps(m.source), input_name=m.input_name, input_shape=m.input_shape,
+            name=model.name, config_json=json.dumps(m.source), input_name=m.input_name, input_shape=m.input_shape,
             input_dtype="FLOAT32", preprocessing=m.preprocessing, class_names=m.class_names, parameters=m.parameters,
-            execution_providers=self.inference.providers, device=s.device, opset=m.opset,
-            optimizer=m.optimizer["name"], step=self.step,
+            execution_providers=model.latest.engine.providers, device=s.device, opset=m.opset,
+            optimizer=m.optimizer["name"], step=self.step if own else model.latest.step,
             learning_rate=self.training.learning_rate if self.training else 0.0,
             max_batch_size=s.max_batch_size, export_versions=m.versions, loss_node=m.loss.name,
-            loss_op_type=m.loss.op_type, model_version=self.model_version, versions=self.model_versions(),
+            loss_op_type=m.loss.op_type, model_version=model.latest.version, versions=versions,
             checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
             publish_every_steps=s.publish_every_steps, attention=m.attention, unplaced=m.unplaced, role=s.role,
         )

@@ -25,6 +25,7 @@ from server.convert import to_proto
 from server.dataplane import DataPlane
 from server.decode import FP32
 from server.grpc_errors import grpc_errors
+from server.models import ServedModel
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model run by ONNX Runtime
@@ -44,16 +45,18 @@ def server_version() -> str:
         return "unknown"
 
 
+def tensor_metadata(model: ServedModel) -> tuple[v2.ModelMetadataResponse.TensorMetadata, ...]:
+    """The model's input and output as v2 metadata (the batch axis is -1)."""
+    m = model.manifest
+    return (v2.ModelMetadataResponse.TensorMetadata(name=m.input_name, datatype=FP32, shape=[-1, *m.input_shape[1:]]),
+            v2.ModelMetadataResponse.TensorMetadata(name=m.output_name, datatype=FP32, shape=[-1, m.num_classes]))
+
+
 class InferenceServicer:
     """The v2 methods, over the same DataPlane as vitserve.v1.VitServe."""
 
     def __init__(self, plane: DataPlane):
         self.plane = plane
-        m = plane.manifest
-        self._input = v2.ModelMetadataResponse.TensorMetadata(name=m.input_name, datatype=FP32,
-                                                              shape=[-1, *m.input_shape[1:]])
-        self._output = v2.ModelMetadataResponse.TensorMetadata(name=m.output_name, datatype=FP32,
-                                                               shape=[-1, m.num_classes])
 
     @grpc_errors
     def ServerLive(self, request: v2.ServerLiveRequest, context) -> v2.ServerLiveResponse:
@@ -66,41 +69,44 @@ class InferenceServicer:
     @grpc_errors
     def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
         try:
-            self.plane.served_version(request.name, request.version)
+            self.plane.v2_model(request.name, request.version)
         except NotFound:  # readiness is a question, not an error: another model or version is just not ready
             return v2.ModelReadyResponse(ready=False)
         return v2.ModelReadyResponse(ready=self.plane.ready)
 
     @grpc_errors
     def ServerMetadata(self, request: v2.ServerMetadataRequest, context) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(name=server_name(self.plane.settings.role), version=server_version(), extensions=EXTENSIONS)
+        return v2.ServerMetadataResponse(name=server_name(self.plane.settings.role), version=server_version(),
+                                         extensions=EXTENSIONS)
 
     @grpc_errors
     def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
-        version = self.plane.served_version(request.name, request.version)
+        model, version = self.plane.v2_model(request.name, request.version)
+        inputs, outputs = tensor_metadata(model)
         return v2.ModelMetadataResponse(name=request.name, versions=[version], platform=PLATFORM,
-                                        inputs=[self._input], outputs=[self._output])
+                                        inputs=[inputs], outputs=[outputs])
 
     @grpc_errors
     def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
-        self.plane.served_version(request.model_name, request.model_version)
-        with self.plane.inference_request() as call:
-            images = self.plane.decoder.v2_images(request, self._input.name)
+        model, _ = self.plane.v2_model(request.model_name, request.model_version)
+        output = model.manifest.output_name
+        with model.inference_request(request.model_version) as call:
+            images = model.decoder.v2_images(request, model.manifest.input_name)
             for wanted in request.outputs:
-                if wanted.name != self._output.name:
+                if wanted.name != output:
                     raise InvalidArgument(f"outputs: unknown output '{wanted.name}'; the model's output is "
-                                          f"'{self._output.name}'")
+                                          f"'{output}'")
             version, logits = call.logits(images)
             return v2.ModelInferResponse(
                 model_name=request.model_name, model_version=str(version), id=request.id,
-                outputs=[v2.ModelInferResponse.InferOutputTensor(name=self._output.name, datatype=FP32,
+                outputs=[v2.ModelInferResponse.InferOutputTensor(name=output, datatype=FP32,
                                                                  shape=list(logits.shape))],
                 raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
 
     @grpc_errors
     def ModelConfig(self, request: v2.ModelConfigRequest, context) -> v2.ModelConfigResponse:
-        self.plane.served_version(request.name, request.version)
-        return v2.ModelConfigResponse(config=self.plane.triton_config())
+        self.plane.v2_model(request.name, request.version)
+        return v2.ModelConfigResponse(config=self.plane.triton_config(request.name))
 
     @grpc_errors
     def ModelStatistics(self, request: v2.ModelStatisticsRequest, context) -> v2.ModelStatisticsResponse:
@@ -123,7 +129,8 @@ METHODS = {  # served method -> (request, response) message types
     "RepositoryIndex": (v2.RepositoryIndexRequest, v2.RepositoryIndexResponse),
 }
 
-_ONE_MODEL = "vitserve serves one model, loaded at startup (vitserve.v1 Publish changes the version it serves)"
+_ONE_MODEL = ("vitserve loads models itself: a trainer serves its own (vitserve.v1 Publish changes the version), a "
+              "predict replica follows its --model-repository (poll mode)")
 _IN_MESSAGES = "tensors travel in the request and response messages"
 UNSUPPORTED = {  # the rest of Triton's service -> why vitserve does not serve it
     "ModelStreamInfer": "use ModelInfer (one request, one response)",

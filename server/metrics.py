@@ -86,6 +86,11 @@ class Metrics:
         self.learning_rate = Gauge("vitserve_learning_rate", "Learning rate the next applied step uses", registry=r)
         self.model_version = Gauge("vitserve_model_version", "Published model version that Predict and ModelInfer serve",
                                    registry=r)
+        self.model_weights = Gauge("vitserve_model_weights_bytes", "Size of a loaded model version's ONNX graph",
+                                   ["model", "version"], registry=r)
+        self.model_memory = Gauge("vitserve_model_memory_bytes", "How much the server's resident memory grew while "
+                                  "it loaded a model version (its session, weights and arena)", ["model", "version"],
+                                  registry=r)
         self._http = None
         self.port: int | None = None  # the HTTP port once serve() ran
 
@@ -97,6 +102,18 @@ class Metrics:
         self.step.set_function(step)
         self.learning_rate.set_function(learning_rate)
         self.model_version.set_function(model_version)
+
+    def model_version_loaded(self, model: str, version: int, weights_bytes: int, memory_bytes: int) -> None:
+        self.model_weights.labels(model, str(version)).set(weights_bytes)
+        self.model_memory.labels(model, str(version)).set(memory_bytes)
+
+    def forget_model_version(self, model: str, version: int) -> None:
+        """A version that is no longer loaded leaves the gauges."""
+        for gauge in (self.model_weights, self.model_memory):
+            try:
+                gauge.remove(model, str(version))
+            except KeyError:
+                pass
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()

@@ -23,12 +23,16 @@ def _optional(request, name: str):
 class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
     def __init__(self, plane: DataPlane):
         self.plane = plane
-        self.decode = plane.decoder
+
+    @property
+    def decode(self):
+        return self.plane.decoder  # labelled batches: the trainer's model
 
     @grpc_errors
     def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        with self.plane.inference_request() as call:  # timed for the v2 ModelStatistics, failures included
-            images = self.decode.images(request.images)
+        model = self.plane.model(request.model)
+        with model.inference_request() as call:  # timed for the v2 ModelStatistics, failures included
+            images = model.decoder.images(request.images)
             return prediction_proto(call.predict(images, request.top_k, request.return_logits))
 
     @grpc_errors
@@ -84,4 +88,4 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
 
     @grpc_errors
     def GetModelInfo(self, request, context) -> pb.ModelInfo:
-        return to_proto(self.plane.model_info())
+        return to_proto(self.plane.model_info(request.model))

@@ -6,6 +6,8 @@ run ModelInfer; and the metrics port answering /metrics only.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 import threading
@@ -135,13 +137,14 @@ def test_statistics_count_every_request_and_run(v2, serve):
     assert grpc_error(running.stub.Predict, pb.PredictRequest())[0] == "INVALID_ARGUMENT"
     with pytest.raises(InferenceServerException):
         infer(client, batch(1)[0], model="resnet50")  # NOT_FOUND: not this model's request
-    serving = running.plane._serving
-    running.plane._serving = (0, BrokenEngine())
+    model = running.plane.model()
+    serving = model.served
+    model.serve((dataclasses.replace(serving[-1], engine=BrokenEngine()),))
     try:
         assert grpc_error(running.stub.Predict, pb.PredictRequest(images=images_msg(batch(2)[0]))) == (
             "INTERNAL", "Predict failed on the server; see its log")
     finally:
-        running.plane._serving = serving
+        model.serve(serving)
 
     stats = one(client.get_inference_statistics(MODEL, "0"))
     assert stats == one(client.get_inference_statistics())  # no name: every model (the one served)
@@ -253,8 +256,8 @@ def test_repository_index_after_publish(v2):
     ready = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=30)
     assert [(m.version, m.state) for m in ready.models] == [("2", "READY")]
     assert grpc_error(stub.RepositoryIndex, service_pb2.RepositoryIndexRequest(repository_name="models")) == (
-        "UNIMPLEMENTED", "repository_name 'models': naming a repository is not supported by vitserve (it has one, "
-                         "the model's data directory): leave it empty")
+        "UNIMPLEMENTED", "repository_name 'models': naming a repository is not supported by vitserve (a server "
+                         "has one: its model's data directory, or its --model-repository): leave it empty")
     running.plane.close()  # shutdown began: nothing is ready any more
     assert index(client)[-1] == (MODEL, "2", "UNAVAILABLE", "the server is shutting down")
     assert stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=30).models == []
@@ -270,8 +273,9 @@ def test_server_metadata_lists_the_extensions_served(v2):
 
 UNSUPPORTED_MESSAGES = {
     "ModelStreamInfer": "ModelStreamInfer is not supported by vitserve: use ModelInfer (one request, one response)",
-    "RepositoryModelLoad": "RepositoryModelLoad is not supported by vitserve: vitserve serves one model, loaded at "
-                           "startup (vitserve.v1 Publish changes the version it serves)",
+    "RepositoryModelLoad": "RepositoryModelLoad is not supported by vitserve: vitserve loads models itself: a trainer "
+                           "serves its own (vitserve.v1 Publish changes the version), a predict replica follows its "
+                           "--model-repository (poll mode)",
     "SystemSharedMemoryRegister": "SystemSharedMemoryRegister is not supported by vitserve: tensors travel in the "
                                   "request and response messages",
     "TraceSetting": "TraceSetting is not supported by vitserve: every RPC is logged with its duration and request "
@@ -303,8 +307,9 @@ def test_every_method_of_tritons_service_is_served_or_says_it_is_not(running):
     with pytest.raises(InferenceServerException) as e:
         client.unload_model(MODEL)
     assert (e.value.status(), e.value.message()) == (
-        "StatusCode.UNIMPLEMENTED", "RepositoryModelUnload is not supported by vitserve: vitserve serves one model, "
-                                    "loaded at startup (vitserve.v1 Publish changes the version it serves)")
+        "StatusCode.UNIMPLEMENTED", "RepositoryModelUnload is not supported by vitserve: vitserve "
+                                    "loads models itself: a trainer serves its own (vitserve.v1 Publish changes the version), a "
+                                    "predict replica follows its --model-repository (poll mode)")
     client.close()
 
 

@@ -61,7 +61,8 @@ def test_layout(repo, exported):
     manifest = Manifest.load(exported[0])
     assert manifest.name == "digits4"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert files == ["digits4", "digits4/1", "digits4/1/model.onnx", "digits4/config.pbtxt", "digits4/labels.txt"]
+    assert files == ["digits4", "digits4/1", "digits4/1/meta.json", "digits4/1/model.onnx", "digits4/config.pbtxt",
+                     "digits4/labels.txt", "digits4/manifest.json"]
     assert (out / "digits4/1/model.onnx").read_bytes() == manifest.path(INFERENCE_MODEL).read_bytes()
     assert (out / "digits4/labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
     assert run.stdout.startswith(f"wrote {out / 'digits4'}: config.pbtxt, labels.txt, 1/model.onnx")

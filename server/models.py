@@ -1,0 +1,164 @@
+"""The models a server answers inference calls for, by name: each with its decoder, batcher, statistics and versions.
+
+A trainer (or an `all` server) serves one model, its own; a predict replica over a model repository
+serves every model in it (engine/follower.py keeps their versions). Either way a `ServedModel` holds
+what an inference call needs: the manifest and the validator built from it, the Triton configuration,
+the dynamic batcher (one per model: a batch never mixes models), the v2 statistics, and the versions
+being served as one tuple that is replaced whole (a call reads it once, so a switch never fails or
+mixes a call in flight). A call that names no version runs on the newest.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import NotFound, Unavailable
+from engine.follower import LoadedVersion
+from engine.inference import top_k
+from engine.manifest import Manifest
+from proto import model_config_pb2
+from server.batching import Answer, DynamicBatcher, Run, execute
+from server.config import Settings
+from server.decode import BatchValidator
+from server.metrics import Metrics
+from server.statistics import Statistics
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Prediction:
+    indices: np.ndarray  # (b, k) class indices, best first
+    probabilities: np.ndarray  # (b, k)
+    labels: list[list[str]]  # (b, k) class names
+    logits: np.ndarray | None  # (b, classes) when asked for
+    model_version: int
+
+
+class ServedModel:
+    def __init__(self, name: str, manifest: Manifest, config: model_config_pb2.ModelConfig, settings: Settings,
+                 metrics: Metrics, versions: tuple[LoadedVersion, ...] = ()):
+        self.name, self.manifest, self.config = name, manifest, config
+        self.decoder = BatchValidator(manifest.input_shape, manifest.num_classes, settings.max_batch_size,
+                                      manifest.preprocessing)
+        self.statistics = Statistics()
+        self._metrics = metrics
+        self._served: tuple[LoadedVersion, ...] = ()
+        self.serve(versions)
+        self.batcher = DynamicBatcher(self._run_latest, settings.max_dynamic_batch, settings.max_batch_delay_ms / 1000,
+                                      on_batch=self._batched) if settings.dynamic_batching else None
+
+    # -- versions -------------------------------------------------------------------------------------
+
+    def serve(self, versions: tuple[LoadedVersion, ...]) -> None:
+        """Serve exactly `versions` (ascending) from now on; the memory gauges follow."""
+        old, self._served = self._served, tuple(sorted(versions, key=lambda v: v.version))
+        for v in old:
+            if v not in self._served:
+                self._metrics.forget_model_version(self.name, v.version)
+        for v in self._served:
+            self._metrics.model_version_loaded(self.name, v.version, v.weights_bytes, v.memory_bytes)
+
+    @property
+    def served(self) -> tuple[LoadedVersion, ...]:
+        return self._served
+
+    @property
+    def latest(self) -> LoadedVersion:
+        served = self._served
+        if not served:
+            raise Unavailable(f"model '{self.name}' has no version loaded")
+        return served[-1]
+
+    def version(self, version: str) -> LoadedVersion:
+        """The version named ("" for the newest served), or NotFound naming the versions served."""
+        served = self._served
+        if version in ("", None):
+            return self.latest
+        for v in served:
+            if str(v.version) == version:
+                return v
+        if len(served) == 1:
+            raise NotFound(f"model '{self.name}' version '{version}' is not served; the version being served is "
+                           f"{served[0].version} (leave the version empty for it)")
+        names = ", ".join(str(v.version) for v in served) or "none"
+        raise NotFound(f"model '{self.name}' version '{version}' is not served; the versions being served are "
+                       f"{names} (leave the version empty for the newest)")
+
+    # -- running --------------------------------------------------------------------------------------
+
+    def _run_latest(self, images: np.ndarray) -> tuple[int, np.ndarray]:
+        v = self.latest  # one read: a concurrent switch cannot mix versions
+        return v.version, v.engine.logits(images)
+
+    def _batched(self, run: Run) -> None:
+        self._metrics.batch_size.observe(run.batch_size)
+        self.statistics.record_run(run)
+
+    def answer(self, images: np.ndarray, version: str = "") -> Answer:
+        """This batch's logits: through the dynamic batcher for the newest version, else run alone (timed)."""
+        if self.batcher and not version:
+            return self.batcher.answer(images)
+        chosen = self.version(version)
+        run, (logits,) = execute(lambda x: (chosen.version, chosen.engine.logits(x)), [images])
+        self.statistics.record_run(run)
+        return Answer(logits, run, 0)
+
+    @contextlib.contextmanager
+    def inference_request(self, version: str = ""):
+        """One inference request, timed for the statistics from here to the end of the block:
+
+            with model.inference_request() as request:
+                images = model.decoder.images(...)  # an invalid request raises here: counted as a failure
+                answer = convert(request.predict(images))  # or request.logits(images)
+
+        A block that raises counts as a failed request of the version that ran it (else the newest served)."""
+        request = InferenceRequest(self, version)
+        start = time.perf_counter_ns()
+        try:
+            yield request
+        except BaseException:
+            ran = request.answer.version if request.answer else (self._served[-1].version if self._served else 0)
+            self.statistics.record_failure(ran, time.perf_counter_ns() - start)
+            raise
+        if request.answer is not None:
+            self.statistics.record_success(request.answer, request.images, time.perf_counter_ns() - start)
+
+    def close(self) -> None:
+        """Stop the batcher (requests already queued are answered first) and forget the gauges. The versions stay:
+        a call that found this model before it was dropped still runs."""
+        batcher, self.batcher = self.batcher, None
+        if batcher:
+            batcher.close()
+        for v in self._served:
+            self._metrics.forget_model_version(self.name, v.version)
+
+
+class InferenceRequest:
+    """One inference request to a model, from ServedModel.inference_request: it runs the batch and keeps what
+    the statistics need (the answer and the images)."""
+
+    def __init__(self, model: ServedModel, version: str = "") -> None:
+        self._model = model
+        self._version = version
+        self.answer: Answer | None = None
+        self.images = 0
+
+    def logits(self, images: np.ndarray) -> tuple[int, np.ndarray]:
+        """(model version, logits (b, classes))."""
+        self.answer = self._model.answer(images, self._version)
+        self.images = len(images)
+        return self.answer.version, self.answer.logits
+
+    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
+        """Top-k classes (and the logits when asked for) of the batch."""
+        manifest = self._model.manifest
+        k = min(k or DEFAULT_TOP_K, manifest.num_classes)
+        version, logits = self.logits(images)
+        names = manifest.class_names
+        indices, probs = top_k(logits, k)
+        return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
+                          logits if return_logits else None, version)
