@@ -6,11 +6,13 @@ logits is a fresh ONNX Runtime session on the very file the repository holds.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import shutil
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -19,6 +21,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as triton_http
 from google.protobuf import text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2 as triton_model_config
@@ -71,8 +74,8 @@ class Replica:
         self.server.stop()
 
 
-def start(*args: str) -> Replica:
-    return Replica(start_server("--port", "0", *args, env=clean_env(VITSERVE_HTTP_PORT="-1")))
+def start(*args: str, http: bool = False) -> Replica:
+    return Replica(start_server("--port", "0", *args, env=clean_env(VITSERVE_HTTP_PORT="0" if http else "-1")))
 
 
 def oracle(path: Path, images: np.ndarray) -> np.ndarray:
@@ -229,7 +232,8 @@ def test_a_replica_serves_every_model_of_the_repository_by_name(exported, tmp_pa
     add_model(repo, "alpha", manifest, graphs["alpha"])
     add_model(repo, "beta", manifest, graphs["beta"], versions=(1, 2), num_versions=1)
     (repo / "broken").mkdir()  # a folder without a manifest: listed, never served
-    replica = start("--role", "predict", "--model-repository", str(repo), "--repository-poll-seconds", str(POLL))
+    replica = start("--role", "predict", "--model-repository", str(repo), "--repository-poll-seconds", str(POLL),
+                    http=True)
     try:
         images, _ = batch(4, seed=5)
         for name in ("alpha", "beta"):
@@ -261,6 +265,19 @@ def test_a_replica_serves_every_model_of_the_repository_by_name(exported, tmp_pa
         within_two_polls(lambda: ("gamma", "1", "READY", "") in replica.index(), "gamma served")
         np.testing.assert_allclose(replica.logits(images, "gamma")[1], oracle(graphs["gamma"], images),
                                    rtol=1e-6, atol=1e-6)
+        # Over HTTP too: the v2 REST API by model name, and vitserve.v1's model field in JSON.
+        rest = triton_http.InferenceServerClient(url=replica.server.http_url.removeprefix("http://"))
+        inputs = [triton_http.InferInput("images", list(images.shape), "FP32")]
+        inputs[0].set_data_from_numpy(images)
+        np.testing.assert_array_equal(rest.infer("gamma", inputs).as_numpy("logits"), replica.logits(images, "gamma")[1])
+        body = json.dumps({"model": "alpha", "images": {"tensor": {"dtype": "FLOAT32", "shape": list(images.shape),
+                           "data": base64.b64encode(images.tobytes()).decode()}}, "returnLogits": True}).encode()
+        request = urllib.request.Request(f"{replica.server.http_url}/v1/predict", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        np.testing.assert_array_equal(np.frombuffer(base64.b64decode(answer["logits"]["data"]), "<f4").reshape(4, -1),
+                                      replica.logits(images, "alpha")[1])
 
         # A removed model disappears: NOT_FOUND naming what is served, gone from the index and the metrics.
         shutil.rmtree(repo / "beta")
