@@ -1,4 +1,4 @@
-"""deploy/k8s: the Kubernetes manifests agree with the server's settings, health service and image.
+"""deploy/k8s/single: the all-in-one Kubernetes manifests agree with the server's settings, health service and image.
 
 No cluster and no kubectl: the YAML is parsed and checked against server/config.py (Settings and its
 VITSERVE_* variables), server/__main__.py (the drain grace), the Dockerfile (USER) and a real server
@@ -22,7 +22,7 @@ from server.config import ENV_PREFIX, Settings
 from server.http import create_http_server
 from tests.helpers import REPO
 
-K8S = REPO / "deploy" / "k8s"
+K8S = REPO / "deploy" / "k8s" / "single"
 MANIFESTS = {"deployment.yaml", "service.yaml", "pvc.yaml"}
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
 
@@ -95,7 +95,7 @@ def test_every_manifest_has_a_header_with_the_apply_command(name):
     text = (K8S / name).read_text()
     header = text[:text.index("\napiVersion:")]
     assert header.startswith("# ") and all(line.startswith("#") for line in header.splitlines())
-    assert "kubectl apply -k deploy/k8s" in header
+    assert "kubectl apply -k deploy/k8s/single" in header
 
 
 def test_env_vars_are_settings_fields_with_the_decided_values(env, settings):
