@@ -132,12 +132,18 @@ DOCKER_RUN_FLAGS ?=
 DATA_VOLUME ?= vitserve-data
 HADOLINT_VERSION ?= 2.15.1
 
-.PHONY: docker docker-run test-docker lint-docker
+.PHONY: docker docker-predict docker-run test-docker lint-docker
 
 # The CPU image with $(ARTIFACTS) baked in (ARTIFACTS must lie inside the repository: the build context).
 docker: export
 	$(DOCKER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg MODEL=$(PRESET) \
 		--build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(IMAGE) -f Dockerfile .
+
+# The inference-only image: plain onnxruntime (requirements/predict.txt) on Python 3.13, VITSERVE_ROLE=predict.
+PREDICT_IMAGE ?= vitserve:predict
+docker-predict: export
+	$(DOCKER) build --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),python:3.13-slim) --build-arg ROLE=predict \
+		--build-arg MODEL=$(PRESET) --build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(PREDICT_IMAGE) -f Dockerfile .
 
 # Serves on $(HOST):$(PORT) with checkpoints in the volume $(DATA_VOLUME); Ctrl-C stops it gracefully.
 docker-run:

@@ -9,6 +9,11 @@ cold pip cache). CI reaches PyPI: a failed install fails the test, it never skip
 Both servers are real `python -m server` processes on 127.0.0.1 started from the repository root (so both run
 this checkout's code; only the interpreter and its site-packages differ), asked the same batch through
 Predict (client.ViTClient) and KServe v2 ModelInfer (tritonclient.grpc).
+
+The predict image (Dockerfile, --build-arg ROLE=predict) cannot be built here (no container engine; the image
+test, tests/docker/run.sh, builds the default one): its install step runs under sh with a stub Python to show
+which lock each role installs, and the rest is checked for consistency (ARGs, VITSERVE_ROLE, the build context,
+make docker-predict).
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import fcntl
 import hashlib
 import json
 import shutil
+import re
 import subprocess
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +32,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from client.client import ViTClient
+from server.config import Settings
 from tests.helpers import MODEL, REPO, START_TIMEOUT, assert_one_error_line, batch, clean_env, ok, start_server
 
 CACHE = REPO / ".cache"
@@ -157,3 +165,76 @@ def test_training_roles_on_plain_onnxruntime_are_one_error_line(predict_python, 
     line = assert_one_error_line(result, 2)
     assert "training needs ONNX Runtime's training build (onnxruntime-training-cpu" in line, line
     assert "onnxruntime 1.31." in line and line.endswith("start it with --role predict"), line
+
+
+# ---------------------------------------------------------------- the image: Dockerfile's ROLE=predict
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's stages, each a list of (INSTRUCTION, arguments) as a builder reads them: comment lines
+    dropped, a line ending in a backslash joined to the next with both removed (one shell line for RUN)."""
+    stages: list[list[tuple[str, str]]] = [[]]
+    logical = ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        logical += line.rstrip()
+        if logical.endswith("\\"):
+            logical = logical[:-1]
+            continue
+        instruction, _, args = logical.strip().partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), args.strip()))
+        logical = ""
+    return stages[1:]  # stages[0]: the global ARGs before the first FROM
+
+
+def lock_step(stage: list[tuple[str, str]]) -> str:
+    (run,) = [args for instruction, args in stage if instruction == "RUN" and 'case "$ROLE"' in args]
+    return run
+
+
+def run_lock_step(tmp_path: Path, role: str) -> subprocess.CompletedProcess:
+    """The builder's install step as sh runs it in the image, with /opt/venv/bin/python a stub that prints its
+    arguments (so nothing is installed: the step's choice of lock is what is tested)."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "python $*"\n')
+    stub.chmod(0o755)
+    script = lock_step(dockerfile_stages()[0]).replace("/opt/venv/bin/python", str(stub))
+    return subprocess.run(["sh", "-c", script], env={"ROLE": role, "PATH": "/usr/bin:/bin"}, capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.mark.parametrize("role, lock", [("all", "serve.txt"), ("train", "serve.txt"), ("predict", "predict.txt")])
+def test_the_dockerfiles_role_picks_the_lock(tmp_path, role, lock):
+    result = run_lock_step(tmp_path, role)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"python -m pip install -r /tmp/requirements/{lock}", result.stdout
+
+
+def test_the_dockerfile_refuses_an_unknown_role(tmp_path):
+    result = run_lock_step(tmp_path, "predcit")
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr == "error: ROLE must be all, train or predict, got 'predcit'\n", result.stderr
+
+
+def test_the_dockerfiles_predict_image_is_consistent():
+    """Both stages take ROLE (default all), the runtime sets VITSERVE_ROLE from it, the roles are the server's,
+    the locks are copied into the builder and allowed into the build context, and make docker-predict builds
+    ROLE=predict on python:3.13-slim."""
+    builder, runtime = dockerfile_stages()
+    for stage in (builder, runtime):
+        assert ("ARG", "ROLE=all") in stage, stage
+    env = "\n".join(args for instruction, args in runtime if instruction == "ENV")
+    assert "VITSERVE_ROLE=${ROLE}" in env.split(), env
+    roles = {role for case in re.findall(r"(\S+)\) lock=", lock_step(builder)) for role in case.split("|")}
+    assert roles == set(typing.get_args(Settings.model_fields["role"].annotation)), roles
+    (copy,) = [args.split() for instruction, args in builder if instruction == "COPY" and "/tmp/requirements/" in args]
+    assert copy[-1] == "/tmp/requirements/" and sorted(copy[:-1]) == ["requirements/predict.txt", "requirements/serve.txt"]
+    allowed = (REPO / ".dockerignore").read_text().splitlines()
+    for source in copy[:-1]:
+        assert (REPO / source).is_file() and f"!{source}" in allowed, source
+    make = ok(subprocess.run(["make", "-n", "--no-print-directory", "docker-predict", "DOCKER=docker"], cwd=REPO,
+                             env=clean_env(), capture_output=True, text=True, timeout=60)).stdout
+    (build,) = [line for line in make.replace("\\\n", " ").splitlines() if line.startswith("docker build ")]
+    assert "--build-arg BASE_IMAGE=python:3.13-slim" in build and "--build-arg ROLE=predict" in build, build
