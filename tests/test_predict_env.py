@@ -156,6 +156,37 @@ def test_predict_replica_on_onnxruntime_1_31_gives_the_training_builds_logits(pr
           f"{np.abs(new_predict - old_predict).max():.3g} (logits up to {np.abs(old_predict).max():.3g})")
 
 
+
+def test_a_predict_replica_on_onnxruntime_1_31_serves_what_a_trainer_published(predict_python, exported, tmp_path):
+    """A trainer (training build) takes steps and publishes (attention fused into com.microsoft.MultiHeadAttention);
+    a predict replica on plain onnxruntime 1.31 started on the same data folder serves that version, same logits."""
+    images, labels = batch(16, seed=8)
+    flags = ("--artifacts", str(exported[0]), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+             "--http-port", "-1")
+    trainer = start_server(*flags, env=clean_env(VITSERVE_DATA_DIR=str(tmp_path)))
+    try:
+        with ViTClient(trainer.address, timeout=60) as client:
+            fresh = client.predict(images, return_logits=True).logits
+            for seed in (1, 2):
+                client.train_step(*batch(16, seed=seed), summaries=False)
+            assert client.publish().version == 1
+            published = client.predict(images, return_logits=True)
+        assert published.model_version == 1 and not np.allclose(published.logits, fresh, atol=1e-3)
+        replica = start_server(*flags, "--role", "predict", command=[str(predict_python), "-m", "server"],
+                               env=venv_env(VITSERVE_DATA_DIR=str(tmp_path)))
+        try:
+            with ViTClient(replica.address, timeout=60) as client:
+                served = client.predict(images, return_logits=True)
+        finally:
+            replica.stop()
+    finally:
+        trainer.stop()
+    assert served.model_version == 1
+    np.testing.assert_allclose(served.logits, published.logits, rtol=RTOL, atol=ATOL)
+    print(f"\nmax |logit difference| of published version 1, onnxruntime 1.31 vs 1.19.2 training build: "
+          f"{np.abs(served.logits - published.logits).max():.3g}")
+
+
 @pytest.mark.parametrize("role", ["train", "all"])
 def test_training_roles_on_plain_onnxruntime_are_one_error_line(predict_python, exported, tmp_path, role):
     result = subprocess.run([str(predict_python), "-m", "server", "--artifacts", str(exported[0]), "--role", role,
