@@ -9,6 +9,10 @@
 # Build arguments:
 #   BASE_IMAGE  any Debian-like image with python3 >= 3.11 and its venv module
 #               (default python:3.11-slim-bookworm; tests/docker/run.sh uses a local debootstrapped bookworm)
+#   ROLE        the server's default role (VITSERVE_ROLE) and with it the ONNX Runtime it gets: all (default) or
+#               train install requirements/serve.txt (the training build, Python <= 3.12); predict installs
+#               requirements/predict.txt (plain onnxruntime 1.31, inference only), meant for Python 3.13:
+#               make docker-predict = docker build --build-arg ROLE=predict --build-arg BASE_IMAGE=python:3.13-slim
 #   MODEL       the model's name: artifacts go to /models/$MODEL (default digits)
 #   ARTIFACTS   the exported folder in the build context to bake in (default artifacts/$MODEL)
 # The project is installed into /opt/venv as a package (pyproject.toml, without model/: no torch), so the
@@ -26,6 +30,7 @@ FROM ${BASE_IMAGE} AS builder
 
 ARG MODEL=digits
 ARG ARTIFACTS=artifacts/${MODEL}
+ARG ROLE=all
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -34,8 +39,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # python3 is /usr/local/bin/python3 on the python:* images and /usr/bin/python3 on Debian's: the venv
 # hides the difference (everything after this line uses /opt/venv/bin/python).
 RUN python3 -m venv /opt/venv
-COPY requirements/serve.txt /tmp/serve.txt
-RUN /opt/venv/bin/python -m pip install -r /tmp/serve.txt \
+COPY requirements/serve.txt requirements/predict.txt /tmp/requirements/
+RUN case "$ROLE" in \
+        all|train) lock=serve.txt ;; \
+        predict) lock=predict.txt ;; \
+        *) echo "error: ROLE must be all, train or predict, got '$ROLE'" >&2; exit 1 ;; \
+    esac \
+    && /opt/venv/bin/python -m pip install -r "/tmp/requirements/$lock" \
     && /opt/venv/bin/python -c "import onnxruntime, grpc, numpy, PIL, onnx"
 
 # The code: the project as a package, without dependencies (the layer above installed them, pinned; pip
@@ -58,9 +68,10 @@ RUN chmod -R a+rX,go-w /models
 FROM ${BASE_IMAGE}
 
 ARG MODEL=digits
+ARG ROLE=all
 
 LABEL org.opencontainers.image.title="vitserve" \
-      org.opencontainers.image.description="gRPC server: ViT inference and fine-tuning on ONNX Runtime (CPU)"
+      org.opencontainers.image.description="gRPC server: ViT inference and fine-tuning on ONNX Runtime (CPU); default role ${ROLE}"
 
 RUN groupadd --system --gid 10001 vitserve \
     && useradd --system --uid 10001 --gid vitserve --home-dir /data --no-create-home --shell /usr/sbin/nologin vitserve \
@@ -76,6 +87,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VITSERVE_HOST=0.0.0.0 \
     VITSERVE_PORT=50051 \
     VITSERVE_DEVICE=cpu \
+    VITSERVE_ROLE=${ROLE} \
     VITSERVE_DATA_DIR=/data
 
 VOLUME ["/data"]

@@ -10,11 +10,12 @@ PORT ?= 50051
 DEVICE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install export export-triton serve demo test bench loadtest soak fuzz proto docs clean help
+.PHONY: install predict-env export export-triton serve demo test bench loadtest soak fuzz proto docs clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
 	@echo "make test     install and run the test suite"
+	@echo "make predict-env  $(PREDICT_VENV): Python 3.13 (else the newest found) with .[predict], plain onnxruntime, --role predict only"
 	@echo "make demo     install, export digits, fine-tune it over gRPC on scikit-learn's digits, report test accuracy"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
@@ -39,6 +40,27 @@ $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt py
 	touch $@
 
 install: $(STAMP)
+
+# An inference-only environment on the maintained ONNX Runtime (requirements/predict.txt: onnxruntime, not the
+# training build, which has no wheels past Python 3.12): serves --role predict; train and all refuse to start.
+# PREDICT_PYTHON: python3.13 when it runs (a pyenv shim for a version not selected does not), else pyenv's newest
+# 3.13, else the newest of python3.12, python3.11, python3.
+PREDICT_VENV ?= .venv-predict
+PREDICT_PYTHON ?= $(shell for p in python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null \
+	| sort -V | tail -1) python3.12 python3.11 python3; do \
+	$$p -c 'import sys, venv; assert sys.version_info >= (3, 11)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+PREDICT_STAMP := $(PREDICT_VENV)/.installed
+
+$(PREDICT_STAMP): requirements/predict.txt pyproject.toml
+	@test -n "$(PREDICT_PYTHON)" || { echo "error: no Python >= 3.11 with venv found for $(PREDICT_VENV): set PREDICT_PYTHON" >&2; exit 1; }
+	test -x $(PREDICT_VENV)/bin/python || $(PREDICT_PYTHON) -m venv $(PREDICT_VENV)
+	$(PREDICT_VENV)/bin/python -m pip install -q -r requirements/predict.txt
+	# The project editable with the [predict] extra (its pins are predict.txt's: nothing more is installed).
+	$(PREDICT_VENV)/bin/python -m pip install -q -e '.[predict]'
+	$(PREDICT_VENV)/bin/python -c 'import sys, onnxruntime; print(f"$(PREDICT_VENV): Python {sys.version.split()[0]}, onnxruntime {onnxruntime.__version__}")'
+	touch $@
+
+predict-env: $(PREDICT_STAMP)
 
 $(ARTIFACTS)/manifest.json: $(STAMP) $(wildcard model/*.py) $(wildcard engine/*.py)
 	$(BIN)/python -m model.export --preset $(PRESET) --out $(OUT)
@@ -110,12 +132,18 @@ DOCKER_RUN_FLAGS ?=
 DATA_VOLUME ?= vitserve-data
 HADOLINT_VERSION ?= 2.15.1
 
-.PHONY: docker docker-run test-docker lint-docker
+.PHONY: docker docker-predict docker-run test-docker lint-docker
 
 # The CPU image with $(ARTIFACTS) baked in (ARTIFACTS must lie inside the repository: the build context).
 docker: export
 	$(DOCKER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg MODEL=$(PRESET) \
 		--build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(IMAGE) -f Dockerfile .
+
+# The inference-only image: plain onnxruntime (requirements/predict.txt) on Python 3.13, VITSERVE_ROLE=predict.
+PREDICT_IMAGE ?= vitserve:predict
+docker-predict: export
+	$(DOCKER) build --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),python:3.13-slim) --build-arg ROLE=predict \
+		--build-arg MODEL=$(PRESET) --build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(PREDICT_IMAGE) -f Dockerfile .
 
 # Serves on $(HOST):$(PORT) with checkpoints in the volume $(DATA_VOLUME); Ctrl-C stops it gracefully.
 docker-run:

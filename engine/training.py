@@ -27,7 +27,7 @@ from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
 
 from engine import gradients, heads
-from engine.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from engine.errors import ConfigError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from engine.explain import GradientExplainer
 from engine.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
 from engine.runtime import parse_device
@@ -35,6 +35,19 @@ from engine.schedule import LinearSchedule, LrPolicy, check_learning_rate
 
 HEADS_MODEL = "heads_training_model.onnx"  # the training graph plus each head's output and its gradient
 STATE_PROPERTY = "vitserve_state"  # JSON: step counter and learning-rate policy, saved inside the checkpoint
+
+
+def require_training_build() -> None:
+    """ConfigError unless this ONNX Runtime is a training build (onnxruntime-training-cpu or onnxruntime-training).
+
+    Plain `onnxruntime` (the predict install, docs/deploy.md) imports this module fine but has no
+    Module, Optimizer or checkpoint classes: without this check the first of them fails deep inside
+    the engine with an AttributeError or a TypeError."""
+    if not all(hasattr(C, name) for name in ("Module", "Optimizer", "load_checkpoint")):
+        raise ConfigError(
+            f"training needs ONNX Runtime's training build (onnxruntime-training-cpu==1.19.2, Python <= 3.12: "
+            f"pip install .[serve]), but this environment has onnxruntime {ort.__version__}, which serves "
+            f"inference only: start it with --role predict")
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class TrainingEngine:
     def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, learning_rate: float,
                  checkpoint: Path | None = None):
         """`checkpoint`: resume from this checkpoint file instead of the export's initial one."""
+        require_training_build()
         kind, index = parse_device(device)
         self._device = C.OrtDevice(get_ort_device_type(kind, index), C.OrtDevice.default_memory(), index)
         self._options = options

@@ -3,7 +3,8 @@
 pyproject.toml lists the pins flattened (setuptools cannot read the requirements files' `-r` lines); the
 requirements files stay the lock that make and the Dockerfiles install. These tests fail when the two drift,
 when a console script points nowhere, and when an installed [serve] environment (no torch) cannot run the
-server and the client through their console scripts.
+server and the client through their console scripts. requirements/predict.txt (plain onnxruntime, inference only)
+must equal serve.txt but for its runtime lines; tests/test_predict_env.py installs and runs it.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from tests.helpers import CALL_TIMEOUT, REPO, clean_env, ok, start_server
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 NAME = canonicalize_name(PROJECT["name"])
-ORT_CPU, ORT_GPU = "onnxruntime-training-cpu", "onnxruntime-training"
+ORT_CPU, ORT_GPU, ORT_PLAIN = "onnxruntime-training-cpu", "onnxruntime-training", "onnxruntime"
+RUNTIME_EXTRAS = ("serve", "gpu", "predict")  # each brings one ONNX Runtime build and the onnx that goes with it
+PREDICT_RUNTIME = {ORT_PLAIN, "onnx", "ml-dtypes"}  # the lines requirements/predict.txt has instead of serve.txt's
 INSTALL_TIMEOUT = 900.0  # seconds for `pip install .[serve]` (a cold pip cache downloads ONNX Runtime and onnx)
 
 
@@ -108,7 +111,9 @@ def diff(ours: dict[str, str], theirs: dict[str, str]) -> str:
     (("gpu",), serve_txt_for_gpu),
     (("serve", "export"), lambda: requirements_file(REPO / "requirements/export.txt")),
     (("serve", "dev"), lambda: requirements_file(REPO / "requirements/dev.txt")),
-], ids=["serve=serve.txt", "gpu=serve.txt-with-cuda-ort", "serve+export=export.txt", "serve+dev=dev.txt"])
+    (("predict",), lambda: requirements_file(REPO / "requirements/predict.txt")),
+], ids=["serve=serve.txt", "gpu=serve.txt-with-cuda-ort", "serve+export=export.txt", "serve+dev=dev.txt",
+        "predict=predict.txt"])
 def test_extras_pin_what_the_requirements_files_pin(extras, lock):
     ours, theirs = pins(project_requirements(*extras)), pins(lock())
     assert ours == theirs, (f"pyproject.toml's dependencies + [{','.join(extras)}] drifted from the requirements "
@@ -121,20 +126,39 @@ def test_every_pin_is_exact():
         assert len(specs) == 1 and specs[0].operator == "==", f"{key(req)}: pin an exact version (==)"
 
 
-def test_onnx_runtime_comes_from_serve_or_gpu_only():
-    """Both builds install the module `onnxruntime`: one per environment, so only `serve` and `gpu` name one."""
+def test_onnx_runtime_comes_from_serve_gpu_or_predict_only():
+    """Every build installs the module `onnxruntime`: one per environment, so only `serve`, `gpu` and `predict` name
+    one, and each names the onnx that goes with it."""
     def ort_in(reqs):
-        return sorted(key(r) for r in reqs if canonicalize_name(r.name).startswith("onnxruntime"))
-    assert ort_in(project_requirements()) == [], "the base dependencies must not pick an ONNX Runtime build"
+        return sorted(key(r) for r in reqs if canonicalize_name(r.name).startswith("onnxruntime")
+                      or canonicalize_name(r.name) == "onnx")
+    assert ort_in(project_requirements()) == [], "the base dependencies must not pick an ONNX Runtime build or onnx"
     for extra in PROJECT["optional-dependencies"]:
-        if extra not in ("serve", "gpu"):
-            assert ort_in(project_requirements(extra)) == [], f"[{extra}] must leave ONNX Runtime to [serve] or [gpu]"
-    cpu, gpu = ort_in(project_requirements("serve")), ort_in(project_requirements("gpu"))
-    assert len(cpu) == 1 and cpu[0].startswith(ORT_CPU + "=="), cpu
-    assert len(gpu) == 1 and gpu[0].startswith(ORT_GPU + "=="), gpu
+        if extra not in RUNTIME_EXTRAS:
+            assert ort_in(project_requirements(extra)) == [], f"[{extra}] must leave ONNX Runtime and onnx to {RUNTIME_EXTRAS}"
+    cpu, gpu, plain = (ort_in(project_requirements(extra)) for extra in RUNTIME_EXTRAS)
+    assert len(cpu) == 2 and cpu[1].startswith(ORT_CPU + "=="), cpu
+    assert len(gpu) == 2 and gpu[1].startswith(ORT_GPU + "=="), gpu
+    assert len(plain) == 2 and plain[1].startswith(ORT_PLAIN + "=="), plain
+    assert cpu[0] == gpu[0] and cpu[0].startswith("onnx=="), f"the CPU and CUDA builds need the same onnx: {cpu} {gpu}"
+    cpu, gpu = cpu[1:], gpu[1:]
     assert cpu[0].removeprefix(ORT_CPU) == gpu[0].removeprefix(ORT_GPU), f"CPU and CUDA builds differ: {cpu} {gpu}"
     dockerfile_gpu = re.search(r"^ARG ORT_PACKAGE=(\S+)$", (REPO / "Dockerfile.gpu").read_text(), re.M)
     assert dockerfile_gpu and key(Requirement(dockerfile_gpu[1])) == gpu[0], "Dockerfile.gpu's ORT_PACKAGE != [gpu]"
+
+
+
+def test_predict_txt_is_serve_txt_but_for_the_runtime():
+    """requirements/predict.txt swaps only ONNX Runtime, onnx (and what onnx >= 1.18 pulls in): every other pin is
+    serve.txt's, so an inference replica serves with the same gRPC, protobuf, numpy and Pillow as a trainer."""
+    serve = pins(requirements_file(REPO / "requirements/serve.txt"))
+    predict = pins(requirements_file(REPO / "requirements/predict.txt"))
+    assert predict[ORT_PLAIN].startswith(ORT_PLAIN + "==") and ORT_CPU not in predict, predict
+    swapped = {ORT_CPU, "onnx"}
+    shared_serve = {n: r for n, r in serve.items() if n not in swapped}
+    shared_predict = {n: r for n, r in predict.items() if n not in PREDICT_RUNTIME}
+    assert shared_predict == shared_serve, f"predict.txt and serve.txt drifted:\n{diff(shared_predict, shared_serve)}"
+    assert PREDICT_RUNTIME <= predict.keys(), sorted(PREDICT_RUNTIME - predict.keys())
 
 
 def test_console_scripts_point_at_callables():
