@@ -92,6 +92,14 @@ class Settings(BaseSettings):
         "gRPC worker threads: calls in flight at once (Predict calls waiting in the dynamic batcher count)."))
     intra_op_threads: int = Field(0, description=(
         "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime use every core."))
+    train_isolation: Literal["process", "thread"] = Field("process", description=(
+        "Where a trainer runs its training engine: 'process' (a child process, so a train step never stalls "
+        "Predict, ModelInfer, health or metrics) or 'thread' (in the server process: ONNX Runtime's train step "
+        "holds the GIL for the whole step). With --data-parallel rank 0 trains in the server process."))
+    train_threads: int = Field(0, ge=0, description=(
+        "ONNX Runtime intra-op threads of the training sessions; 0: --intra-op-threads."))
+    predict_threads: int = Field(0, ge=0, description=(
+        "ONNX Runtime intra-op threads of each inference session; 0: --intra-op-threads."))
     log_level: str = Field("INFO", description="Python logging level.")
     log_json: bool = Field(False, description=(
         "Write every log line as one JSON object (for log collectors) instead of plain text."))

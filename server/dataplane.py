@@ -42,6 +42,7 @@ from engine.explain import Explanation, GradientExplainer
 from engine.follower import READY, UNAVAILABLE, UNLOADED, LoadedVersion, ModelState, RepositoryFollower, poll_forever
 from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine
+from engine.isolation import IsolatedTrainingEngine
 from engine.manifest import (
     ARTIFACT_FILES,
     CHECKPOINT,
@@ -169,8 +170,10 @@ class DataPlane:
         self.settings = settings
         quiet_default_logger()
         self._providers = providers_for(settings.device)
-        self._options = session_options(settings.intra_op_threads, training=True)
-        self._inference_options = session_options(settings.intra_op_threads, training=False)
+        self._train_threads = settings.train_threads or settings.intra_op_threads
+        self._options = session_options(self._train_threads, training=True)
+        self._inference_options = session_options(settings.predict_threads or settings.intra_op_threads,
+                                                  training=False)
         self.metrics = Metrics()
         self._states: dict[str, ModelState] = {}  # the repository's models as last polled (a replica of one)
         self.training = self.checkpoints = self.versions = self.repository = self.follower = None
@@ -293,15 +296,21 @@ class DataPlane:
         try:
             for info, path in self.checkpoints.resume_candidates():
                 try:
-                    return TrainingEngine(m, settings.device, self._options, settings.learning_rate,
-                                          checkpoint=path), info
+                    return self._training_engine(m, path), info
                 except RuntimeError as e:
                     if "checkpoint" not in str(e).lower():
                         raise
                     self.checkpoints.quarantine(info.name, f"ONNX Runtime cannot load it ({describe_os_error(e)})")
         except InvalidArgument as e:
             raise ConfigError(f"{e}: use another --data-dir for these artifacts") from None
-        return TrainingEngine(m, settings.device, self._options, settings.learning_rate), None
+        return self._training_engine(m, None), None
+
+    def _training_engine(self, m: Manifest, checkpoint: Path | None) -> TrainingEngine | IsolatedTrainingEngine:
+        """The training engine: in a child process (--train-isolation process, the default), else in this one."""
+        s = self.settings
+        if s.train_isolation == "process" and not s.data_parallel:
+            return IsolatedTrainingEngine(m, s.device, self._train_threads, s.learning_rate, checkpoint=checkpoint)
+        return TrainingEngine(m, s.device, self._options, s.learning_rate, checkpoint=checkpoint)
 
     def _load_own_version(self, version: ModelVersion | None) -> LoadedVersion:
         """A session on a published version of the own model (None: the export's inference graph)."""
@@ -600,6 +609,8 @@ class DataPlane:
         try:
             return self.save_checkpoint("", reason="shutdown") if self._dirty and self.training else None
         finally:
+            if isinstance(self.training, IsolatedTrainingEngine):
+                self.training.close()
             self.metrics.close()
             if self.board:
                 self.board.close()
