@@ -222,6 +222,10 @@ class DataPlane:
         version = newest.version if newest else 0
         try:
             self.training, resumed = (None, None) if predict_only else self._resume(m, settings)
+            if settings.data_parallel and self.training is not None:  # rank 0 of an MPI job: engine/parallel.py
+                from engine.parallel import DataParallelEngine
+
+                self.training = DataParallelEngine(self.training, settings.checksum_every_steps)
             self._serving = (version, self._inference_engine(version))  # swapped whole by publish()
         except RuntimeError as e:  # e.g. a CUDA build of ORT on a machine without the CUDA libraries or a GPU
             raise ConfigError(f"cannot open the model on {settings.device}: {str(e).strip().splitlines()[0]}") from None
