@@ -108,7 +108,9 @@ def diff(ours: dict[str, str], theirs: dict[str, str]) -> str:
     (("gpu",), serve_txt_for_gpu),
     (("serve", "export"), lambda: requirements_file(REPO / "requirements/export.txt")),
     (("serve", "dev"), lambda: requirements_file(REPO / "requirements/dev.txt")),
-], ids=["serve=serve.txt", "gpu=serve.txt-with-cuda-ort", "serve+export=export.txt", "serve+dev=dev.txt"])
+    (("serve", "mpi"), lambda: requirements_file(REPO / "requirements/mpi.txt")),
+], ids=["serve=serve.txt", "gpu=serve.txt-with-cuda-ort", "serve+export=export.txt", "serve+dev=dev.txt",
+        "serve+mpi=mpi.txt"])
 def test_extras_pin_what_the_requirements_files_pin(extras, lock):
     ours, theirs = pins(project_requirements(*extras)), pins(lock())
     assert ours == theirs, (f"pyproject.toml's dependencies + [{','.join(extras)}] drifted from the requirements "
