@@ -116,7 +116,7 @@ class Group:
             if deadline is not None and time.monotonic() > deadline:
                 self._lose(f"{self._ranks(peers)} did not answer {what} within {timeout:g}s")
             time.sleep(pause)
-            pause = min(2 * pause + 2e-5, 2e-3)
+            pause = min(2 * pause + 2e-5, 5e-4)
 
     def _failed_ranks(self) -> list[int]:
         """The ranks MPI knows to have died (ULFM's MPIX_Comm_get_failed), if it can tell."""
