@@ -214,7 +214,7 @@ def _local(group: Group, what: str, compute):
     """compute() on this rank; an error is kept (reported to the others by a flag) instead of raised."""
     try:
         return compute(), None
-    except Exception as e:  # noqa: BLE001 - every rank must still take part in the all-reduce
+    except Exception as e:  # every rank must still take part in the all-reduce
         if isinstance(e, VitServeError):
             log.debug("rank %d: %s refused: %s", group.rank, what, e)
         elif group.rank:
@@ -457,7 +457,7 @@ def run_worker(group: Group, engine: TrainingEngine | None, error: str = "", che
             return RANK_LOST
         except VitServeError:  # refused alike on rank 0, which reports it
             pass
-        except Exception:  # noqa: BLE001 - logged; rank 0 reports the call as failed, the next one may work
+        except Exception:  # logged; rank 0 reports the call as failed, the next one may work
             log.exception("rank %d: %s failed", group.rank, command)
 
 
@@ -475,7 +475,7 @@ def _run_command(group: Group, engine: TrainingEngine, command: str, args: dict,
         problem = ""
         try:
             step = _restore_bytes(engine, args)
-        except Exception as e:  # noqa: BLE001 - reported to rank 0, which stops training
+        except Exception as e:  # reported to rank 0, which stops training
             problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             step = engine.step
         group.send(0, problem)

@@ -169,10 +169,10 @@ def test_two_ranks_train_like_one_process(pair, exported):
     a, b = stub(job), stub(single)
     for s in (a, b):  # on every rank: the threshold must clip these steps (their norms are about 3)
         s.SetOptimizer(pb.SetOptimizerRequest(clip_grad_norm=1.0), timeout=CALL)
-    steps = [dict(n=5, seed=1, accumulate_only=True),  # shards of 3 and 2, summed in ORT's buffers
-             dict(n=7, seed=2),  # shards of 4 and 3, added to the accumulated sum, clipped, applied
-             dict(n=1, seed=3),  # rank 1's shard is empty
-             dict(n=8, seed=4, head_importance=True)]
+    steps = [{"n": 5, "seed": 1, "accumulate_only": True},  # shards of 3 and 2, summed, not applied
+             {"n": 7, "seed": 2},  # shards of 4 and 3, added to the accumulated sum, clipped, applied
+             {"n": 1, "seed": 3},  # rank 1's shard is empty
+             {"n": 8, "seed": 4, "head_importance": True}]
     for options in steps:
         ranks, one = train(a, **options), train(b, **options)
         assert_same_step(ranks, one)
@@ -201,7 +201,9 @@ def test_two_ranks_train_like_one_process(pair, exported):
 def test_each_restores_the_other_ones_checkpoint(pair, exported):
     (job, single), (ranks_dir, single_dir) = pair
     a, b = stub(job), stub(single)
-    checkpoints = lambda d: d / MODEL / "checkpoints"  # noqa: E731
+    def checkpoints(data_dir: Path) -> Path:
+        return data_dir / MODEL / "checkpoints"
+
     shutil.copytree(checkpoints(ranks_dir) / "ranks-start", checkpoints(single_dir) / "ranks-start")
     shutil.copytree(checkpoints(single_dir) / "single-start", checkpoints(ranks_dir) / "single-start")
     train(a, 8, 20), train(b, 8, 20)  # both move away from step 0 first
@@ -324,5 +326,5 @@ def test_bad_setups_are_one_error_line(exported):
                            timeout=60)
     assert no_ft.returncode != 0 and "Traceback" not in no_ft.stderr
     errors = [line for line in no_ft.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: --data-parallel needs Open MPI's fault tolerance: start it as `mpiexec --with-ft ulfm "
-                      "-n W ...` (without it a rank that dies takes every other rank down with it)"], no_ft.stderr
+    assert errors == [("error: --data-parallel needs Open MPI's fault tolerance: start it as `mpiexec --with-ft ulfm "
+                       "-n W ...` (without it a rank that dies takes every other rank down with it)")], no_ft.stderr
