@@ -25,10 +25,11 @@ help:
 	@echo "make docs     regenerate docs/settings.md (the settings table) from server/config.py"
 
 # The virtual environment, rebuilt when a requirements file changes.
-$(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt pyproject.toml
+$(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt requirements/mpi.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements/dev.txt
+	# dev.txt, and mpi.txt for --data-parallel and its tests (mpi4py and Open MPI's wheel, whose mpiexec lands in $(BIN)).
+	$(BIN)/python -m pip install -q -r requirements/dev.txt -r requirements/mpi.txt
 	# vit-pytorch 0.40.2 is the PreNorm layout; its own requirement on torchvision is not
 	# needed for vit_pytorch.vit and PyPI's torchvision does not import beside torch 2.13.0.
 	$(BIN)/python -m pip install -q --no-deps vit-pytorch==0.40.2

@@ -2,7 +2,7 @@
 
 Prints the table (with the machine and the targets, met / not met), one section per kind of
 measurement (train-step, predict, dynamic-batching, summaries-cost, matmul-peak, achieved-flops,
-export), and writes <out>/results.txt, <out>/results.json and <out>/bench.png. Exported models
+export, data-parallel), and writes <out>/results.txt, <out>/results.json and <out>/bench.png. Exported models
 are cached in bench/.cache/.
 --quick (~2 minutes, CI smoke test): fewer repeats, shorter windows, no torch.compile.
 """
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
         ("predict vit-tiny", lambda: w.predict(ctx, "vit-tiny")),
         ("dynamic-batching digits", lambda: w.dynamic_batching(ctx, "digits")),
         ("dynamic-batching vit-small64", lambda: w.dynamic_batching(ctx, "vit-small64")),
+        ("data-parallel digits b64", lambda: w.data_parallel(ctx, "digits", 64)),
+        ("data-parallel vit-small64 b32", lambda: w.data_parallel(ctx, "vit-small64", 32)),
         ("matmul-peak (again)", lambda: w.matmul_peak(ctx)),
     ]
     if args.only:

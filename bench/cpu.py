@@ -28,17 +28,21 @@ def _proc_jiffies(stat: str) -> tuple[int, int]:
 
 
 def _own_jiffies() -> int:
-    """This process (and reaped children) plus its live children."""
+    """This process (and reaped children) plus its live descendants (an MPI job's ranks are grandchildren)."""
     me = os.getpid()
     total = _proc_jiffies(Path("/proc/self/stat").read_text())[1]
+    processes = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit() and p.name != str(me):
             try:
-                ppid, jiffies = _proc_jiffies((p / "stat").read_text())
+                processes[int(p.name)] = _proc_jiffies((p / "stat").read_text())
             except (OSError, ValueError, IndexError):
                 continue
-            if ppid == me:
-                total += jiffies
+    for pid, (ppid, jiffies) in processes.items():
+        while ppid in processes:  # up the tree to this process, if it is an ancestor
+            ppid = processes[ppid][0]
+        if ppid == me:
+            total += jiffies
     return total
 
 

@@ -21,10 +21,12 @@ SECTIONS = {
     Section.MATMUL_PEAK: "float32 matmul peak (the 100% of achieved-flops)",
     Section.ACHIEVED_FLOPS: "Achieved GFLOP/s vs the matmul peak",
     Section.EXPORT: "Export time",
+    Section.DATA_PARALLEL: "Data-parallel training (MPI, one ONNX Runtime thread per rank)",
     Section.FAILED: "Workloads that raised",
 }
 # the sections whose table shows every row's note (the others: only "n/a: ..." ones)
-NOTED = (Section.TRAIN_STEP, Section.DYNAMIC_BATCHING, Section.MATMUL_PEAK, Section.ACHIEVED_FLOPS, Section.EXPORT)
+NOTED = (Section.TRAIN_STEP, Section.DYNAMIC_BATCHING, Section.MATMUL_PEAK, Section.ACHIEVED_FLOPS, Section.EXPORT,
+         Section.DATA_PARALLEL)
 
 # (description, row key, which figure, comparison, threshold)
 TARGETS = [

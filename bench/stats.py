@@ -17,6 +17,7 @@ class Section:
     MATMUL_PEAK = "matmul-peak"  # float32 matmul GFLOP/s: the 100% of achieved-flops
     ACHIEVED_FLOPS = "achieved-flops"  # GFLOP/s of the train-step and predict throughputs, as % of the matmul peak
     EXPORT = "export"  # python -m model.export
+    DATA_PARALLEL = "data-parallel"  # TrainStep images/s: one process vs an MPI job of two ranks (one thread each)
     FAILED = "failed"  # a workload that raised: its error
 
 

@@ -1,8 +1,9 @@
 """The benchmark's workloads: each function measures one thing and returns its table rows (bench.stats.Row).
 
 matmul_peak (section matmul-peak), export_time (export), train (train-step and summaries-cost),
-train_compiled (train-step: torch.compile), predict (predict), dynamic_batching (dynamic-batching);
-achieved_flops derives the achieved-flops rows from the measured throughputs and the matmul peak.
+train_compiled (train-step: torch.compile), predict (predict), dynamic_batching (dynamic-batching),
+data_parallel (data-parallel: one process vs an MPI job of two ranks, real processes); achieved_flops
+derives the achieved-flops rows from the measured throughputs and the matmul peak.
 
 All servers are in-process (`server.app.create_server` on 127.0.0.1, port 0, a fresh data
 directory) and are called through the real client (`client.ViTClient`) over real channels.
@@ -266,6 +267,94 @@ def train_compiled(ctx: Context, preset: str, batch: int) -> list[Row]:
                 vs_torch=pair_ratios(out["compiled"], out["eager"]),
                 note=f"first step (compile) {out['compile_s']:.0f} s; vs eager: eager measured in the same subprocess",
                 key=key)]
+
+
+# ---- data-parallel: TrainStep images/s of one process vs an MPI job of two ranks ------------------------------
+
+DP_ONE, DP_RANKS = "1 process, 1 ORT thread", "2 ranks over MPI, 1 ORT thread each"
+SERVER_START_S = 120.0
+
+
+def _server_process(command: list[str], folder: Path, data: Path) -> tuple[subprocess.Popen, str]:
+    """A real server process (`python -m server ...`, or under mpiexec) on port 0; (process, address) once it
+    printed its listening line. Its log goes to a file beside its data directory."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    args = ["--artifacts", str(folder), "--data-dir", str(data), "--port", "0", "--http-port", "-1",
+            "--metrics-port", "-1", "--intra-op-threads", "1", "--log-level", "WARNING", "--max-batch-size", "256"]
+    log = open(data.with_suffix(".log"), "wb")
+    proc = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.perf_counter() + SERVER_START_S
+    for line in proc.stdout:
+        if line.startswith("vitserve listening on "):
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining stdout
+            return proc, line.split()[-1]
+        if time.perf_counter() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"{' '.join(command)} did not start: see {log.name}")
+
+
+def _stop_process(proc: subprocess.Popen, sig) -> None:
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def data_parallel(ctx: Context, preset: str, batch: int) -> list[Row]:
+    """TrainStep over gRPC (summaries omitted) of `python -m server` with one ORT thread, and of `mpiexec --with-ft
+    ulfm -n 2 python -m server --data-parallel` with one thread per rank, alternated per repeat like every workload.
+    One thread per rank: the 2-core machine holds exactly two ranks; the single process gets one core as each
+    rank does, so the ratio is the data-parallel scaling, not more threads."""
+    import signal
+
+    from client import ViTClient
+
+    plan = ctx.plan
+    folder = ctx.cache.ensure(preset)
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        return _na(Section.DATA_PARALLEL, f"train {preset} b{batch}", (DP_ONE, DP_RANKS), "images/s",
+                   "no mpiexec beside this Python: pip install -r requirements/mpi.txt", f"dp/{preset}")
+    server = [sys.executable, "-m", "server"]
+    started = {}
+    try:
+        started[DP_ONE] = _server_process(server, folder, Path(tempfile.mkdtemp(dir=ctx.tmp, prefix="dp1-")))
+        started[DP_RANKS] = _server_process([str(mpiexec), "--with-ft", "ulfm", "-n", "2", *server, "--data-parallel",
+                                             "--checksum-every-steps", "10"], folder,
+                                            Path(tempfile.mkdtemp(dir=ctx.tmp, prefix="dp2-")))
+        x, y = ctx.batch(preset, batch)
+        clients = {name: ViTClient(address, timeout=600) for name, (_, address) in started.items()}
+        fns = {name: (lambda c=c: c.train_step(x, y, summaries=False)) for name, c in clients.items()}
+        for fn in fns.values():
+            _warm(fn, 0.0, 2)
+        steps = {name: [] for name in fns}
+        for r in range(plan.repeats):
+            for name in rotated(list(fns), r):
+                times = time_calls(fns[name], plan.train_window, plan.train_min_steps)
+                steps[name].append(sum(times) / len(times))
+        for c in clients.values():
+            c.close()
+    finally:
+        for name, (proc, _) in started.items():  # SIGUSR1: the job's graceful stop (SIGTERM makes mpiexec kill it)
+            _stop_process(proc, signal.SIGUSR1 if name == DP_RANKS else signal.SIGTERM)
+    ips = {name: [batch / s for s in v] for name, v in steps.items()}
+    ctx.info.setdefault("data_parallel_step_s", {})[preset] = {name: v for name, v in steps.items()}
+    workload = f"train {preset} b{batch}"
+    return [
+        Row(Section.DATA_PARALLEL, workload, DP_ONE, "images/s", ips[DP_ONE], note="TrainStep over gRPC, summaries "
+            "omitted", key=f"dp/{preset}/1"),
+        Row(Section.DATA_PARALLEL, workload, DP_RANKS, "images/s", ips[DP_RANKS],
+            note="shards of the same batch, gradients all-reduced; weights compared every 10 steps",
+            key=f"dp/{preset}/2"),
+        Row(Section.DATA_PARALLEL, workload, "2 ranks / 1 process", "x", pair_ratios(ips[DP_RANKS], ips[DP_ONE]),
+            note="per repeat: the two ran back to back", key=f"dp/{preset}/speedup"),
+    ]
 
 
 # ---- predict -----------------------------------------------------------------------------------------------

@@ -53,10 +53,20 @@ def write_importance_graph(training_model: Path, outputs: list[HeadOutput], path
     onnx.save(model, str(path))
 
 
-def importance(output: HeadOutput, values: np.ndarray, gradient: np.ndarray, batch: int) -> HeadScores:
-    """|sum of o_h * dL/d o_h| per head, from the head output and its gradient as the graph laid them out."""
+def head_sums(output: HeadOutput, values: np.ndarray, gradient: np.ndarray, batch: int) -> np.ndarray:
+    """sum of o_h * dL/d o_h per head (signed, float64), from the head output and its gradient as the graph laid
+    them out. Sums of disjoint batches add up (weighted by their share of the loss's mean) before the |.|."""
     # (batch, heads, ...) or, as nn.MultiheadAttention lays it out, (batch * heads, ...): both reshape alike.
     if values.shape[:2] != (batch, output.heads) and values.shape[0] != batch * output.heads:
         raise ValueError(f"head output {output.tensor} has shape {values.shape}: no axis of {output.heads} heads")
-    per_head = (values.astype(np.float64) * gradient).reshape(batch, output.heads, -1).sum(axis=(0, 2))
-    return HeadScores(output.block, output.module, tuple(float(x) for x in np.abs(per_head)))
+    return (values.astype(np.float64) * gradient).reshape(batch, output.heads, -1).sum(axis=(0, 2))
+
+
+def scores(output: HeadOutput, sums: np.ndarray) -> HeadScores:
+    """The importance |dL/d xi_h| of each head from its signed sum (head_sums)."""
+    return HeadScores(output.block, output.module, tuple(float(x) for x in np.abs(sums)))
+
+
+def importance(output: HeadOutput, values: np.ndarray, gradient: np.ndarray, batch: int) -> HeadScores:
+    """|sum of o_h * dL/d o_h| per head, from the head output and its gradient as the graph laid them out."""
+    return scores(output, head_sums(output, values, gradient, batch))

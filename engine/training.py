@@ -12,6 +12,7 @@ state and, as checkpoint properties, the step counter and the learning-rate poli
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import tempfile
@@ -64,6 +65,14 @@ class StepResult:
     accumulated_batches: int
     clip_coefficient: float
     head_importance: tuple[heads.HeadScores, ...] = ()  # when the step was asked for it
+
+
+@dataclass(frozen=True)
+class ShardGradients:
+    """Forward + backward of one shard of a batch on its own (data-parallel training, engine/parallel.py)."""
+    loss: float  # the shard's mean loss (0.0 for an empty shard)
+    gradients: np.ndarray  # flat float32 in model order: the gradient of the shard's mean loss (zeros when empty)
+    head_sums: tuple[np.ndarray, ...]  # with head importance: per attention module, heads.head_sums of the shard
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ class TrainingEngine:
         self._clip = 0.0
         self._step = 0
         self._accumulated = 0
+        self._pending = None  # apply_gradients' accumulated sum (flat) while accumulating
         self._head_outputs = None  # where each attention module's head outputs are (engine/heads.py), on first use
         self._heads_folder = None  # holds the head-importance graph once written
         self._load(checkpoint or manifest.path(CHECKPOINT))
@@ -140,6 +150,7 @@ class TrainingEngine:
         else:  # the export's own checkpoint: no step taken yet (the learning-rate policy stays as set)
             self._step = 0
         self._accumulated = 0
+        self._pending = None
 
     def _contiguous_snapshots(self):
         """Two float32 buffers ORT fills with all trainable weights in one copy each (before/after a step).
@@ -167,6 +178,15 @@ class TrainingEngine:
         return np.concatenate([self.parameter(n).reshape(-1) for n in self._trainable])
 
     @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def gradient_size(self) -> int:
+        """Trainable values: the length of the flat gradient and weight vectors."""
+        return self._size
+
+    @property
     def lock(self) -> threading.RLock:
         """Held by every call that reads or changes the training state; hold it to make several calls atomic."""
         return self._lock
@@ -189,6 +209,11 @@ class TrainingEngine:
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of every parameter (trainable and frozen)."""
         return {n: self.parameter(n) for n in self._state.parameter_names()}
+
+    def weights_digest(self) -> bytes:
+        """sha256 of every trainable weight, bit for bit (data-parallel ranks compare theirs)."""
+        with self._lock:
+            return hashlib.sha256(self._snapshot(0)).digest()
 
     def optimizer_state(self) -> OptimizerState:
         with self._lock:
@@ -227,18 +252,37 @@ class TrainingEngine:
         module = self._bind(head_importance)
         if self._accumulated == 0:
             module.lazy_reset_grad()  # a new sum starts with this batch
+        loss, sums = self._run_train_step(module, images, labels, head_importance)
+        self._accumulated += 1
+        return loss, self._read_gradients(), self.head_scores(sums)
+
+    def _run_train_step(self, module: C.Module, images: np.ndarray, labels: np.ndarray, head_importance: bool
+                        ) -> tuple[float, tuple[np.ndarray, ...]]:
+        """ORT's forward + backward: the loss, and with head importance each attention module's head sums."""
         fetches = C.OrtValueVector()
         module.train_step([images, labels], fetches)
         loss = float(fetches[0].numpy())  # copy now: the fetched value is freed with `fetches`
-        scores = ()
+        sums = ()
         if head_importance:  # fetches: loss, logits, then (output, gradient) per attention module
-            scores = tuple(heads.importance(o, fetches[2 + 2 * i].numpy(), fetches[3 + 2 * i].numpy(), len(labels))
-                           for i, o in enumerate(self._head_outputs))
-        self._accumulated += 1
+            sums = tuple(heads.head_sums(o, fetches[2 + 2 * i].numpy(), fetches[3 + 2 * i].numpy(), len(labels))
+                         for i, o in enumerate(self._head_outputs))
+        return loss, sums
+
+    def head_scores(self, sums: tuple[np.ndarray, ...]) -> tuple[heads.HeadScores, ...]:
+        """Each attention module's head importance from its head sums (ShardGradients.head_sums, combined)."""
+        return tuple(heads.scores(o, s) for o, s in zip(self._head_outputs or (), sums))
+
+    def _read_gradients(self) -> np.ndarray:
+        """A copy of ORT's gradient buffers, flat in model order."""
         grads = np.empty(self._size, np.float32)
         for name, (offset, size) in zip(self._trainable, self._spans):
             grads[offset:offset + size] = self._state.get_parameter(name).grad.numpy().reshape(-1)
-        return loss, grads, scores
+        return grads
+
+    def _write_gradients(self, grads: np.ndarray) -> None:
+        """Write a flat gradient into ORT's gradient buffers, the ones the optimizer reads (see docs/design.md)."""
+        for name, view in self._views(grads).items():
+            self._state.get_parameter(name).grad.update_inplace(view)
 
     def _bind(self, head_importance: bool) -> C.Module:
         """The training module for this step: the plain graph, or its head-importance twin (engine/heads.py).
@@ -317,31 +361,72 @@ class TrainingEngine:
                                        "it was not applied")
             start = time.perf_counter()
             loss, grads, scores = self._forward_backward(images, labels, head_importance)
-            batches = self._accumulated
-            bad = self._nonfinite_reason(loss, grads)
-            if bad:  # like a gradient scaler: skip the update, drop the poisoned sum, keep the weights
-                self._accumulated = 0
-                return self._result(loss, grads, start, summaries, applied=False, skipped=bad, batches=batches,
-                                    scores=scores)
-            if accumulate_only:
-                return self._result(loss, grads, start, summaries, applied=False, batches=batches, scores=scores)
-            norm = gradients.global_norm(grads)
-            coefficient = 1.0
-            if self._clip and norm > self._clip:  # torch.nn.utils.clip_grad_norm_'s rule
-                coefficient = self._clip / (norm + 1e-6)
-                grads *= np.float32(coefficient)
-                for name, view in self._views(grads).items():
-                    self._state.get_parameter(name).grad.update_inplace(view)
-            before = self._snapshot(0) if summaries else None
-            lr = self.learning_rate
-            self._optimizer.set_learning_rate(lr)
-            self._optimizer.optimizer_step()
-            self._step += 1
+            return self._finish(loss, grads, scores, start, summaries, accumulate_only, on_gradients)
+
+    def shard_gradients(self, images: np.ndarray, labels: np.ndarray, head_importance: bool = False
+                        ) -> ShardGradients:
+        """Forward + backward of one shard alone (data-parallel training): its loss, gradient and head sums.
+
+        Nothing is applied or counted: the ranks combine their shards' results and each hands the sum to
+        apply_gradients. The module is bound as for a step (same rule on every rank, whatever its shard), so
+        an empty shard (a batch smaller than the ranks) gives zeros without running ONNX Runtime.
+        """
+        with self._lock:
+            module = self._bind(head_importance)
+            if len(labels) == 0:
+                sums = tuple(np.zeros(o.heads) for o in self._head_outputs) if head_importance else ()
+                return ShardGradients(0.0, np.zeros(self._size, np.float32), sums)
+            module.lazy_reset_grad()  # this shard alone: a pending sum is kept by apply_gradients, not by ORT
+            loss, sums = self._run_train_step(module, images, labels, head_importance)
+            return ShardGradients(loss, self._read_gradients(), sums)
+
+    def apply_gradients(self, loss: float, grads: np.ndarray, head_sums: tuple[np.ndarray, ...] = (), *,
+                        summaries: bool = True, accumulate_only: bool = False, start: float | None = None,
+                        on_gradients: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> StepResult:
+        """The rest of a train step for a batch whose loss and gradient were combined elsewhere (the ranks'
+        shard_gradients, weighted by shard size): accumulation, the non-finite guard, clipping, the learning rate
+        and one optimizer update, exactly as train_step does after its own forward + backward."""
+        with self._lock:
+            start = time.perf_counter() if start is None else start
+            grads = grads if self._pending is None else self._pending + grads  # the sum ORT would have accumulated
+            self._pending = None
+            if not accumulate_only:
+                self._write_gradients(grads)  # what the optimizer reads
+            self._accumulated += 1
+            result = self._finish(loss, grads, self.head_scores(head_sums), start, summaries, accumulate_only,
+                                  on_gradients)
+            if self._accumulated:  # still accumulating: the next batch adds to this sum
+                self._pending = grads
+            return result
+
+    def _finish(self, loss: float, grads: np.ndarray, scores: tuple[heads.HeadScores, ...], start: float,
+                summaries: bool, accumulate_only: bool,
+                on_gradients: Callable[[int, dict[str, np.ndarray]], None] | None) -> StepResult:
+        """A step after its forward + backward: ORT's gradient buffers hold `grads` (the accumulated sum)."""
+        batches = self._accumulated
+        bad = self._nonfinite_reason(loss, grads)
+        if bad:  # like a gradient scaler: skip the update, drop the poisoned sum, keep the weights
             self._accumulated = 0
-            if on_gradients is not None:
-                on_gradients(self._step, self._views(grads))
-            return self._result(loss, grads, start, summaries, applied=True, before=before, batches=batches, lr=lr,
-                                norm=norm, coefficient=coefficient, scores=scores)
+            return self._result(loss, grads, start, summaries, applied=False, skipped=bad, batches=batches,
+                                scores=scores)
+        if accumulate_only:
+            return self._result(loss, grads, start, summaries, applied=False, batches=batches, scores=scores)
+        norm = gradients.global_norm(grads)
+        coefficient = 1.0
+        if self._clip and norm > self._clip:  # torch.nn.utils.clip_grad_norm_'s rule
+            coefficient = self._clip / (norm + 1e-6)
+            grads *= np.float32(coefficient)
+            self._write_gradients(grads)
+        before = self._snapshot(0) if summaries else None
+        lr = self.learning_rate
+        self._optimizer.set_learning_rate(lr)
+        self._optimizer.optimizer_step()
+        self._step += 1
+        self._accumulated = 0
+        if on_gradients is not None:
+            on_gradients(self._step, self._views(grads))
+        return self._result(loss, grads, start, summaries, applied=True, before=before, batches=batches, lr=lr,
+                            norm=norm, coefficient=coefficient, scores=scores)
 
     def _result(self, loss, grads, start, summaries, *, applied: bool, batches: int, before=None, skipped: str = "",
                 lr: float | None = None, norm: float | None = None, coefficient: float = 1.0,

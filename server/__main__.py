@@ -1,4 +1,8 @@
-"""`python -m server`: start the vitserve gRPC server. Flags override VITSERVE_* variables, which override defaults."""
+"""`python -m server`: start the vitserve gRPC server. Flags override VITSERVE_* variables, which override defaults.
+
+With --data-parallel (under `mpiexec --with-ft ulfm -n W`) rank 0 is this server and ranks >= 1 run the
+data-parallel worker loop of engine/parallel.py instead: no gRPC, HTTP or metrics, only a training engine.
+"""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +23,10 @@ from server.observability import setup_logging
 
 log = logging.getLogger("server")
 FINAL_CHECKPOINT_FAILED = 3  # exit status when SIGTERM's final checkpoint cannot be written (docs/reliability.md)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Open MPI's mpiexec meets SIGTERM by killing every rank a moment later; it forwards SIGUSR1 and lets the job
+# end on its own, so `kill -USR1 <mpiexec>` stops a data-parallel job gracefully (as SIGTERM to rank 0 does).
+DATA_PARALLEL_STOP_SIGNALS = (signal.SIGUSR1,)
 
 
 def program_name(module_form: str) -> str:
@@ -52,19 +60,76 @@ def parse_args(argv=None) -> dict:
     return vars(p.parse_args(argv))
 
 
+def join_job(settings: Settings):
+    """With --data-parallel: this process's place in the MPI job (engine/parallel.py imports mpi4py only then)."""
+    if settings.role == "predict":
+        raise ConfigError("--data-parallel trains: use it with --role all or train, not predict")
+    from engine.parallel import join
+
+    return join()
+
+
+def run_worker(settings: Settings, group) -> int:
+    """A rank >= 1 of a data-parallel job: a training engine on the artifacts, driven by rank 0 until it says stop.
+
+    The stop signals (mpiexec forwards them to every rank) are left to rank 0, which writes the final
+    checkpoint and then stops the workers."""
+    from engine import parallel
+    from engine.manifest import Manifest
+    from engine.runtime import quiet_default_logger, session_options
+    from engine.training import TrainingEngine
+
+    for sig in STOP_SIGNALS + DATA_PARALLEL_STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    engine, error = None, ""
+    try:
+        quiet_default_logger()
+        engine = TrainingEngine(Manifest.load(settings.artifacts), settings.device,
+                                session_options(settings.intra_op_threads, training=True), settings.learning_rate)
+    except (ConfigError, RuntimeError) as e:  # rank 0 says it and stops the job
+        error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return parallel.run_worker(group, engine, error, settings.checksum_every_steps)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     grace = args.pop("grace")
+    group = None  # the MPI job with --data-parallel
     try:
         settings = Settings.from_env(**args)
         setup_logging(settings.log_level, settings.log_json)
+        if settings.data_parallel:
+            group = join_job(settings)
+            if group.rank > 0:
+                return run_worker(settings, group)
         security = Security.from_settings(settings)  # bad TLS/token settings fail before the model loads
         plane = DataPlane(settings)
         server, port = create_server(settings, plane, security)
         http = create_http_server(settings, plane, security)
     except ConfigError as e:
+        if group is not None:
+            group.stop_workers(2)
+        else:
+            from engine.parallel import launched_rank
+
+            if launched_rank() > 0:
+                return 2  # every rank of the job found the same problem: rank 0 says it
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        status = serve(settings, plane, server, port, http, security, grace)
+    finally:
+        if group is not None:  # after the final checkpoint: every worker exits with the job
+            group.stop_workers(0)
+    if group is not None and group.lost and status == 0:  # the job lost a rank: say so to whatever restarts it
+        from engine.parallel import RANK_LOST
+
+        return RANK_LOST
+    return status
+
+
+def serve(settings: Settings, plane: DataPlane, server, port: int, http, security: Security, grace: float) -> int:
+    """Announce the server, wait for SIGTERM or SIGINT, then stop gracefully; returns the exit status."""
     if plane.metrics.port is not None:
         print(f"vitserve metrics on http://{settings.host}:{plane.metrics.port}/metrics", flush=True)
     if http is not None:
@@ -72,7 +137,7 @@ def main(argv=None) -> int:
     print(f"vitserve listening on {settings.host}:{port}", flush=True)  # tests and scripts wait for this line
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS + (DATA_PARALLEL_STOP_SIGNALS if settings.data_parallel else ()):
         signal.signal(sig, lambda *_: stop.set())
     # Wait in short slices: the kernel may deliver SIGTERM to a gRPC or ONNX Runtime thread, and Python
     # only runs the handler when the main thread next executes bytecode; an untimed wait never wakes it.

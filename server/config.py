@@ -71,8 +71,8 @@ class Settings(BaseSettings):
         "Versions of its model a trainer's config.pbtxt tells replicas (and Triton) to serve: version_policy "
         "latest num_versions."))
     data_parallel: bool = Field(False, description=(
-        "Train data-parallel over MPI (start under `mpiexec -n W`): rank 0 serves, every TrainStep's batch is split "
-        "across the ranks and the gradients are all-reduced."))
+        "Train data-parallel over MPI (start under `mpiexec --with-ft ulfm -n W`, W >= 2): rank 0 serves, every "
+        "TrainStep's batch is split across the ranks and the gradients are all-reduced."))
     checksum_every_steps: int = Field(10, ge=0, description=(
         "With --data-parallel: the ranks compare a checksum of the weights every N applied steps and stop on "
         "divergence (0: never)."))

@@ -23,8 +23,8 @@ from engine.training import EvalResult, HeadImportanceResult, OptimizerState, St
 from proto import open_inference_pb2 as v2
 from proto import vitserve_pb2 as pb
 from server.dataplane import GradientHistory, ModelIndex, ModelInfo, RepositoryIndex
-from server.models import Prediction
 from server.decode import encode_tensor
+from server.models import Prediction
 from server.statistics import BatchStatistics, Duration, InferStatistics, ModelStatistics, ModelStatisticsList
 
 RECORDS: dict[type, type[Message]] = {

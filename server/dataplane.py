@@ -233,6 +233,10 @@ class DataPlane:
         try:
             if not predict_only:
                 self.training, resumed = self._resume(m, settings)
+            if settings.data_parallel and self.training is not None:  # rank 0 of an MPI job: engine/parallel.py
+                from engine.parallel import DataParallelEngine
+
+                self.training = DataParallelEngine(self.training, settings.checksum_every_steps)
             served = self._load_own_version(newest)
         except RuntimeError as e:  # e.g. a CUDA build of ORT on a machine without the CUDA libraries or a GPU
             raise ConfigError(f"cannot open the model on {settings.device}: {str(e).strip().splitlines()[0]}") from None

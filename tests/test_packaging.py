@@ -112,8 +112,9 @@ def diff(ours: dict[str, str], theirs: dict[str, str]) -> str:
     (("serve", "export"), lambda: requirements_file(REPO / "requirements/export.txt")),
     (("serve", "dev"), lambda: requirements_file(REPO / "requirements/dev.txt")),
     (("predict",), lambda: requirements_file(REPO / "requirements/predict.txt")),
+    (("serve", "mpi"), lambda: requirements_file(REPO / "requirements/mpi.txt")),
 ], ids=["serve=serve.txt", "gpu=serve.txt-with-cuda-ort", "serve+export=export.txt", "serve+dev=dev.txt",
-        "predict=predict.txt"])
+        "predict=predict.txt", "serve+mpi=mpi.txt"])
 def test_extras_pin_what_the_requirements_files_pin(extras, lock):
     ours, theirs = pins(project_requirements(*extras)), pins(lock())
     assert ours == theirs, (f"pyproject.toml's dependencies + [{','.join(extras)}] drifted from the requirements "
