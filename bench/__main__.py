@@ -59,6 +59,8 @@ def main(argv=None) -> int:
         ("train-step torch.compile vit-small64 b32", lambda: w.train_compiled(ctx, "vit-small64", 32)),
         ("predict digits", lambda: w.predict(ctx, "digits")),
         ("predict vit-tiny", lambda: w.predict(ctx, "vit-tiny")),
+        ("isolation digits", lambda: w.predict_under_training(ctx, "digits", 64)),
+        ("isolation vit-small64", lambda: w.predict_under_training(ctx, "vit-small64", 32)),
         ("dynamic-batching digits", lambda: w.dynamic_batching(ctx, "digits")),
         ("dynamic-batching vit-small64", lambda: w.dynamic_batching(ctx, "vit-small64")),
         ("data-parallel digits b64", lambda: w.data_parallel(ctx, "digits", 64)),

@@ -22,10 +22,11 @@ SECTIONS = {
     Section.ACHIEVED_FLOPS: "Achieved GFLOP/s vs the matmul peak",
     Section.EXPORT: "Export time",
     Section.DATA_PARALLEL: "Data-parallel training (MPI, one ONNX Runtime thread per rank)",
+    Section.ISOLATION: "Predict while training (4 single-image clients; training in the server process vs a child)",
     Section.FAILED: "Workloads that raised",
 }
 # the sections whose table shows every row's note (the others: only "n/a: ..." ones)
-NOTED = (Section.TRAIN_STEP, Section.DYNAMIC_BATCHING, Section.MATMUL_PEAK, Section.ACHIEVED_FLOPS, Section.EXPORT,
+NOTED = (Section.TRAIN_STEP, Section.DYNAMIC_BATCHING, Section.ISOLATION, Section.MATMUL_PEAK, Section.ACHIEVED_FLOPS, Section.EXPORT,
          Section.DATA_PARALLEL)
 
 # (description, row key, which figure, comparison, threshold)
@@ -35,6 +36,10 @@ TARGETS = [
     ("Predict over gRPC >= 0.9x raw in-process ORT (vit-tiny, b8)", "predict/vit-tiny/b8/Predict over gRPC", "vs_ort", ">=", 0.9),
     ("dynamic batching >= 3x unbatched throughput, 16 clients (digits)", "dynamic/digits/speedup", "median", ">=", 3.0),
     ("dynamic batching >= 3x unbatched throughput, 16 clients (vit-small64)", "dynamic/vit-small64/speedup", "median", ">=", 3.0),
+    ("Predict p99 with training <= 3x without, training isolated (digits, train b64)",
+     "isolation/digits/process/p99-ratio", "median", "<=", 3.0),
+    ("Predict p99 with training <= 3x without, training isolated (vit-small64, train b32)",
+     "isolation/vit-small64/process/p99-ratio", "median", "<=", 3.0),
     ("full gradient summaries <= 5% of step time (vit-small64, b32)", "summaries/vit-small64/overhead", "median", "<=", 5.0),
     ("full gradient summaries <= 5% of step time (digits, b64)", "summaries/digits/overhead", "median", "<=", 5.0),
     ("inference >= 80% of matmul peak (vit-tiny, Predict over gRPC, b32)",

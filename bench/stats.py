@@ -18,6 +18,7 @@ class Section:
     ACHIEVED_FLOPS = "achieved-flops"  # GFLOP/s of the train-step and predict throughputs, as % of the matmul peak
     EXPORT = "export"  # python -m model.export
     DATA_PARALLEL = "data-parallel"  # TrainStep images/s: one process vs an MPI job of two ranks (one thread each)
+    ISOLATION = "isolation"  # Predict p50/p99 beside a training client: training in the server process vs a child
     FAILED = "failed"  # a workload that raised: its error
 
 

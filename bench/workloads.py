@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -275,7 +276,8 @@ DP_ONE, DP_RANKS = "1 process, 1 ORT thread", "2 ranks over MPI, 1 ORT thread ea
 SERVER_START_S = 120.0
 
 
-def _server_process(command: list[str], folder: Path, data: Path) -> tuple[subprocess.Popen, str]:
+def _server_process(command: list[str], folder: Path, data: Path, extra: tuple[str, ...] = ()
+                    ) -> tuple[subprocess.Popen, str]:
     """A real server process (`python -m server ...`, or under mpiexec) on port 0; (process, address) once it
     printed its listening line. Its log goes to a file beside its data directory."""
     import os
@@ -283,7 +285,8 @@ def _server_process(command: list[str], folder: Path, data: Path) -> tuple[subpr
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
     args = ["--artifacts", str(folder), "--data-dir", str(data), "--port", "0", "--http-port", "-1",
-            "--metrics-port", "-1", "--intra-op-threads", "1", "--log-level", "WARNING", "--max-batch-size", "256"]
+            "--metrics-port", "-1", "--intra-op-threads", "1", "--log-level", "WARNING", "--max-batch-size", "256",
+            *extra]
     log = open(data.with_suffix(".log"), "wb")
     proc = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     deadline = time.perf_counter() + SERVER_START_S
@@ -311,8 +314,6 @@ def data_parallel(ctx: Context, preset: str, batch: int) -> list[Row]:
     ulfm -n 2 python -m server --data-parallel` with one thread per rank, alternated per repeat like every workload.
     One thread per rank: the 2-core machine holds exactly two ranks; the single process gets one core as each
     rank does, so the ratio is the data-parallel scaling, not more threads."""
-    import signal
-
     from client import ViTClient
 
     plan = ctx.plan
@@ -355,6 +356,82 @@ def data_parallel(ctx: Context, preset: str, batch: int) -> list[Row]:
         Row(Section.DATA_PARALLEL, workload, "2 ranks / 1 process", "x", pair_ratios(ips[DP_RANKS], ips[DP_ONE]),
             note="per repeat: the two ran back to back", key=f"dp/{preset}/speedup"),
     ]
+
+
+# ---- predict while training: inference beside a training client, the training engine in-process or isolated --
+
+ISOLATIONS = ("thread", "process")  # --train-isolation
+
+
+def predict_under_training(ctx: Context, preset: str, train_batch: int, clients: int = 4) -> list[Row]:
+    """Predict p50 / p99 of `clients` single-image clients against a server process, without and with one client
+    running TrainSteps of `train_batch` (full summaries) back to back, for --train-isolation thread and process.
+    The load comes from this process (the server is another); one ORT thread per session, so on 2 cores the
+    isolated training and the inference sessions each have one."""
+    from client import ViTClient
+
+    plan = ctx.plan
+    folder = ctx.cache.ensure(preset)
+    x, _ = ctx.batch(preset, 1, seed=4)
+    tx, ty = ctx.batch(preset, train_batch, seed=5)
+    window = plan.dynamic_window
+    started, lat, steps, errors = {}, {}, {}, []
+    try:
+        for iso in ISOLATIONS:
+            started[iso] = _server_process([sys.executable, "-m", "server"], folder,
+                                           Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"iso-{iso}-")),
+                                           ("--train-isolation", iso))
+        pools = {iso: [ViTClient(address, timeout=600) for _ in range(clients)] for iso, (_, address) in started.items()}
+        trainers = {iso: ViTClient(address, timeout=600) for iso, (_, address) in started.items()}
+        for iso in ISOLATIONS:
+            _load(pools[iso], x, 0.5)
+            _warm(lambda c=trainers[iso]: c.train_step(tx, ty), 0.0, 2)
+        for r in range(plan.dynamic_repeats):
+            for iso in rotated(list(ISOLATIONS), r):
+                for training in (False, True):
+                    stop, done = threading.Event(), [0]
+
+                    def train(c=trainers[iso]):
+                        while not stop.is_set():
+                            c.train_step(tx, ty)
+                            done[0] += 1
+
+                    thread = threading.Thread(target=train, daemon=True) if training else None
+                    if thread:
+                        thread.start()
+                    _, _, latencies, errs = _load(pools[iso], x, window)
+                    stop.set()
+                    if thread:
+                        thread.join()
+                        steps.setdefault(iso, []).append(done[0])
+                    errors += errs
+                    lat.setdefault((iso, training), []).append(np.asarray(latencies) * 1e3)
+        for c in [*trainers.values(), *(c for pool in pools.values() for c in pool)]:
+            c.close()
+    finally:
+        for proc, _ in started.values():
+            _stop_process(proc, signal.SIGTERM)
+    workload = f"predict {preset} b1 x{clients} beside train b{train_batch}"
+    if errors:
+        return _na(Section.ISOLATION, workload, ISOLATIONS, "ms p99", f"client errors: {errors[0][:160]}",
+                   f"isolation/{preset}")
+    rows = []
+    for iso in ISOLATIONS:
+        for training in (False, True):
+            windows = lat[(iso, training)]
+            pooled = np.concatenate(windows)
+            label = f"train in a {iso}, " + ("with training" if training else "no training")
+            for q in (50, 99):
+                rows.append(Row(Section.ISOLATION, workload, label, f"ms p{q}",
+                                [float(np.percentile(w, q)) for w in windows], value=float(np.percentile(pooled, q)),
+                                note=f"{len(pooled)} calls" + (f", {sum(steps[iso])} train steps" if training else ""),
+                                key=f"isolation/{preset}/{iso}/{'train' if training else 'idle'}/p{q}"))
+        with_p99 = [float(np.percentile(w, 99)) for w in lat[(iso, True)]]
+        idle_p99 = [float(np.percentile(w, 99)) for w in lat[(iso, False)]]
+        rows.append(Row(Section.ISOLATION, workload, f"train in a {iso}: p99 with / without training", "x",
+                        [a / b for a, b in zip(with_p99, idle_p99)], note="per repeat pair (lower is better)",
+                        key=f"isolation/{preset}/{iso}/p99-ratio"))
+    return rows
 
 
 # ---- predict -----------------------------------------------------------------------------------------------
