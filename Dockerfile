@@ -13,6 +13,10 @@
 #               train install requirements/serve.txt (the training build, Python <= 3.12); predict installs
 #               requirements/predict.txt (plain onnxruntime 1.31, inference only), meant for Python 3.13:
 #               make docker-predict = docker build --build-arg ROLE=predict --build-arg BASE_IMAGE=python:3.13-slim
+#   MPI         1: the data-parallel trainer for the Kubeflow MPI Operator (deploy/k8s/mpijob.yaml): installs
+#               requirements/mpi.txt (mpi4py, Open MPI and its mpirun in /opt/venv/bin) and an sshd that runs as
+#               the image's user on port 2222 (config /home/vitserve/.sshd_config); ROLE must be all or train.
+#               make docker-mpi = docker build --build-arg MPI=1 -t vitserve:mpi .  (default 0)
 #   MODEL       the model's name: artifacts go to /models/$MODEL (default digits)
 #   ARTIFACTS   the exported folder in the build context to bake in (default artifacts/$MODEL)
 # The project is installed into /opt/venv as a package (pyproject.toml, without model/: no torch), so the
@@ -31,6 +35,7 @@ FROM ${BASE_IMAGE} AS builder
 ARG MODEL=digits
 ARG ARTIFACTS=artifacts/${MODEL}
 ARG ROLE=all
+ARG MPI=0
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -39,11 +44,17 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # python3 is /usr/local/bin/python3 on the python:* images and /usr/bin/python3 on Debian's: the venv
 # hides the difference (everything after this line uses /opt/venv/bin/python).
 RUN python3 -m venv /opt/venv
-COPY requirements/serve.txt requirements/predict.txt /tmp/requirements/
+COPY requirements/serve.txt requirements/predict.txt requirements/mpi.txt /tmp/requirements/
 RUN case "$ROLE" in \
         all|train) lock=serve.txt ;; \
         predict) lock=predict.txt ;; \
         *) echo "error: ROLE must be all, train or predict, got '$ROLE'" >&2; exit 1 ;; \
+    esac \
+    && case "$MPI" in \
+        0) ;; \
+        1) [ "$lock" = serve.txt ] || { echo "error: MPI=1 trains: use ROLE=all or train, not $ROLE" >&2; exit 1; }; \
+           lock=mpi.txt ;; \
+        *) echo "error: MPI must be 0 or 1, got '$MPI'" >&2; exit 1 ;; \
     esac \
     && /opt/venv/bin/python -m pip install -r "/tmp/requirements/$lock" \
     && /opt/venv/bin/python -c "import onnxruntime, grpc, numpy, PIL, onnx"
@@ -69,6 +80,7 @@ FROM ${BASE_IMAGE}
 
 ARG MODEL=digits
 ARG ROLE=all
+ARG MPI=0
 
 LABEL org.opencontainers.image.title="vitserve" \
       org.opencontainers.image.description="gRPC server: ViT inference and fine-tuning on ONNX Runtime (CPU); default role ${ROLE}"
@@ -77,6 +89,22 @@ RUN groupadd --system --gid 10001 vitserve \
     && useradd --system --uid 10001 --gid vitserve --home-dir /data --no-create-home --shell /usr/sbin/nologin vitserve \
     && mkdir -p /data \
     && chown vitserve:vitserve /data
+
+# MPI=1: the MPI Operator's launcher starts the ranks over ssh, so workers run an sshd as the image's user (port
+# 2222, host key and config in its home; the operator mounts the keys into /home/vitserve/.ssh). ssh passes no
+# environment: the sshd's SetEnv gives the ranks /opt/venv/bin (Open MPI's prted and mpirun live there).
+# hadolint ignore=DL3008
+RUN if [ "$MPI" = 1 ]; then \
+        apt-get update && apt-get install -y --no-install-recommends openssh-server openssh-client \
+        && rm -rf /var/lib/apt/lists/* \
+        && mkdir -p /home/vitserve/.ssh \
+        && ssh-keygen -q -t ed25519 -N "" -f /home/vitserve/ssh_host_ed25519_key \
+        && printf '%s\n' 'Port 2222' 'HostKey /home/vitserve/ssh_host_ed25519_key' 'PidFile /home/vitserve/sshd.pid' \
+            'AuthorizedKeysFile /home/vitserve/.ssh/authorized_keys' 'PasswordAuthentication no' 'UsePAM no' \
+            'StrictModes no' 'SetEnv PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin' > /home/vitserve/.sshd_config \
+        && usermod --home /home/vitserve --shell /bin/sh vitserve \
+        && chown -R vitserve:vitserve /home/vitserve; \
+    fi
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models

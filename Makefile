@@ -133,7 +133,7 @@ DOCKER_RUN_FLAGS ?=
 DATA_VOLUME ?= vitserve-data
 HADOLINT_VERSION ?= 2.15.1
 
-.PHONY: docker docker-predict docker-run test-docker lint-docker
+.PHONY: docker docker-predict docker-mpi docker-run test-docker lint-docker
 
 # The CPU image with $(ARTIFACTS) baked in (ARTIFACTS must lie inside the repository: the build context).
 docker: export
@@ -145,6 +145,12 @@ PREDICT_IMAGE ?= vitserve:predict
 docker-predict: export
 	$(DOCKER) build --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),python:3.13-slim) --build-arg ROLE=predict \
 		--build-arg MODEL=$(PRESET) --build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(PREDICT_IMAGE) -f Dockerfile .
+
+# The data-parallel trainer for the Kubeflow MPI Operator (deploy/k8s/mpijob.yaml): + Open MPI, mpi4py and an sshd.
+MPI_IMAGE ?= vitserve:mpi
+docker-mpi: export
+	$(DOCKER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg MPI=1 \
+		--build-arg MODEL=$(PRESET) --build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(MPI_IMAGE) -f Dockerfile .
 
 # Serves on $(HOST):$(PORT) with checkpoints in the volume $(DATA_VOLUME); Ctrl-C stops it gracefully.
 docker-run:

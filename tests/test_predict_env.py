@@ -225,15 +225,15 @@ def lock_step(stage: list[tuple[str, str]]) -> str:
     return run
 
 
-def run_lock_step(tmp_path: Path, role: str) -> subprocess.CompletedProcess:
+def run_lock_step(tmp_path: Path, role: str, mpi: str = "0") -> subprocess.CompletedProcess:
     """The builder's install step as sh runs it in the image, with /opt/venv/bin/python a stub that prints its
     arguments (so nothing is installed: the step's choice of lock is what is tested)."""
     stub = tmp_path / "python"
     stub.write_text('#!/bin/sh\necho "python $*"\n')
     stub.chmod(0o755)
     script = lock_step(dockerfile_stages()[0]).replace("/opt/venv/bin/python", str(stub))
-    return subprocess.run(["sh", "-c", script], env={"ROLE": role, "PATH": "/usr/bin:/bin"}, capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(["sh", "-c", script], env={"ROLE": role, "MPI": mpi, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.parametrize("role, lock", [("all", "serve.txt"), ("train", "serve.txt"), ("predict", "predict.txt")])
@@ -241,6 +241,15 @@ def test_the_dockerfiles_role_picks_the_lock(tmp_path, role, lock):
     result = run_lock_step(tmp_path, role)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == f"python -m pip install -r /tmp/requirements/{lock}", result.stdout
+
+
+def test_the_dockerfiles_mpi_argument_picks_the_mpi_lock_for_a_trainer_only(tmp_path):
+    result = run_lock_step(tmp_path, "train", mpi="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "python -m pip install -r /tmp/requirements/mpi.txt", result.stdout
+    refused = run_lock_step(tmp_path, "predict", mpi="1")
+    assert (refused.returncode, refused.stderr) == (1, "error: MPI=1 trains: use ROLE=all or train, not predict\n")
+    assert run_lock_step(tmp_path, "all", mpi="yes").stderr == "error: MPI must be 0 or 1, got 'yes'\n"
 
 
 def test_the_dockerfile_refuses_an_unknown_role(tmp_path):
@@ -261,7 +270,8 @@ def test_the_dockerfiles_predict_image_is_consistent():
     roles = {role for case in re.findall(r"(\S+)\) lock=", lock_step(builder)) for role in case.split("|")}
     assert roles == set(typing.get_args(Settings.model_fields["role"].annotation)), roles
     (copy,) = [args.split() for instruction, args in builder if instruction == "COPY" and "/tmp/requirements/" in args]
-    assert copy[-1] == "/tmp/requirements/" and sorted(copy[:-1]) == ["requirements/predict.txt", "requirements/serve.txt"]
+    assert copy[-1] == "/tmp/requirements/" and sorted(copy[:-1]) == ["requirements/mpi.txt", "requirements/predict.txt",
+                                                                 "requirements/serve.txt"]
     allowed = (REPO / ".dockerignore").read_text().splitlines()
     for source in copy[:-1]:
         assert (REPO / source).is_file() and f"!{source}" in allowed, source
