@@ -576,13 +576,17 @@ def _load(clients, x, seconds: float) -> tuple[int, float, list[float], list[str
 
 
 def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
-    """16 client threads (own ViTClient each) x single-image Predicts against a server with batching off / on.
+    """16 client threads (own ViTClient each) x single-image Predicts against a server process with batching off /
+    on: the load comes from this process, the server is another (its default threads and batcher settings).
 
     Also measures, in the same rotation, raw in-process ORT running the same images as one batch of
-    `dynamic_clients` rows: the throughput the batcher could at best reach (the 'vs raw ORT' column).
+    `dynamic_clients` rows: the throughput the batcher could at best reach (the 'vs raw ORT' column). The batch
+    sizes the server ran come from its v2 ModelStatistics (batch_stats).
     """
     import onnxruntime as ort
+    import tritonclient.grpc as triton_grpc
 
+    from client import ViTClient
     from server.config import Settings
 
     plan = ctx.plan
@@ -591,11 +595,14 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
     variants = ["batching off", "batching on"]
     ceiling = f"raw ORT in-process b{n} (ceiling)"
     folder = ctx.cache.ensure(preset)
-    servers, clients = {}, {}
+    started, clients = {}, {}
     try:
         for v in variants:
-            servers[v] = Served(ctx, folder, dynamic_batching=(v == "batching on"))
-            clients[v] = [servers[v].client() for _ in range(n)]
+            flag = "--dynamic-batching" if v == "batching on" else "--no-dynamic-batching"
+            started[v] = _server_process([sys.executable, "-m", "server"], folder,
+                                         Path(tempfile.mkdtemp(dir=ctx.tmp, prefix="batching-")),
+                                         (flag, "--intra-op-threads", "0"))
+            clients[v] = [ViTClient(started[v][1], timeout=600) for _ in range(n)]
         defaults = Settings()
         ctx.info["dynamic_batching_settings"] = {k: getattr(defaults, k) for k in DYNAMIC_FIELDS}
         x, _ = ctx.batch(preset, 1, seed=3)
@@ -604,8 +611,12 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
         _warm(lambda: session.run(["logits"], {"images": xb}), 0.2, 2)
         for v in variants:
             _load(clients[v], x, 0.5)  # warm-up: channels connected, sessions warm
-        sizes = servers["batching on"].plane.batcher.batch_sizes  # rows per executed batch -> count
-        sizes.clear()
+
+        def batch_counts() -> dict[int, int]:
+            stats = triton_grpc.InferenceServerClient(started["batching on"][1]).get_inference_statistics()
+            return {int(b.batch_size): int(b.compute_infer.count) for m in stats.model_stats for b in m.batch_stats}
+
+        warm_counts = batch_counts()
         thr = {v: [] for v in [*variants, ceiling]}
         p99 = {v: [] for v in variants}
         pooled = {v: [] for v in variants}
@@ -621,13 +632,14 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
                 thr[v].append(count / elapsed)
                 p99[v].append(float(np.percentile(lat, 99)) * 1e3 if lat else float("nan"))
                 pooled[v] += lat
-        batches = dict(sizes)
+        batches = {size: count - warm_counts.get(size, 0) for size, count in batch_counts().items()
+                   if count - warm_counts.get(size, 0) > 0}
     finally:
         for v in clients:
             for c in clients[v]:
                 c.close()
-        for s in servers.values():
-            s.close()
+        for proc, _ in started.values():
+            _stop_process(proc, signal.SIGTERM)
     if errors:
         return _na(Section.DYNAMIC_BATCHING, workload, variants, "images/s", f"client errors: {errors[0][:160]}",
                    f"dynamic/{preset}")
@@ -642,7 +654,8 @@ def dynamic_batching(ctx: Context, preset: str) -> list[Row]:
     for v in variants:
         rows.append(Row(Section.DYNAMIC_BATCHING, workload, v, "images/s", thr[v],
                         vs_ort=pair_ratios(thr[v], thr[ceiling]), key=f"dynamic/{preset}/{v}",
-                        note=f"{plan.dynamic_window:g} s windows" + (f"; {on_note}" if v == "batching on" else "")))
+                        note=f"{plan.dynamic_window:g} s windows, load from another process" +
+                        (f"; {on_note}" if v == "batching on" else "")))
     rows.append(Row(Section.DYNAMIC_BATCHING, workload, ceiling, "images/s", thr[ceiling],
                     key=f"dynamic/{preset}/ceiling",
                     note="the same images as one batch, no gRPC: the most batching could give"))

@@ -18,11 +18,13 @@ pipe releases the GIL, so Predict, ModelInfer, health and metrics answer while a
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
 import pickle
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +44,23 @@ def _context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+@contextlib.contextmanager
+def _main_left_alone():
+    """Start the child without the main module: multiprocessing would re-run the main script there (as
+    __mp_main__), which for the server means importing it twice and for a script that builds a DataPlane
+    without an `if __name__ == "__main__":` guard means starting another server inside the child. The child
+    needs nothing from it: its target and arguments live in engine/."""
+    main = sys.modules["__main__"]
+    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if key in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def _die_with_parent() -> None:
@@ -107,7 +126,8 @@ class IsolatedTrainingEngine:
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, name="vitserve-training", daemon=True,
                                     args=(child, manifest, device, threads, learning_rate, checkpoint))
-        self._process.start()
+        with _main_left_alone():
+            self._process.start()
         child.close()
         self._lock = threading.RLock()
         self._dead = ""
