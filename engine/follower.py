@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.manifest import Manifest
-from engine.repository import ModelFolder, latest_count, model_names, read_model
+from engine.repository import ModelFolder, model_names, read_model
 from engine.runtime import release_freed_memory, resident_bytes
 from engine.store import describe_os_error
 from proto import model_config_pb2 as mc
@@ -110,7 +110,7 @@ class RepositoryFollower:
         reload = old is None or old.fingerprint != folder.fingerprint
         kept = {} if reload or old is None else {v.version: v for v in old.served}
         present = {v.version: v for v in folder.versions}
-        keep_n = latest_count(folder.config)
+        keep_n = folder.latest_count()
         served: list[LoadedVersion] = []
         reasons: dict[int, str] = {}
         for candidate in folder.wanted():

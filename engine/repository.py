@@ -116,16 +116,25 @@ class ModelFolder:
     problem: str  # why the model cannot be served at all ("" when manifest and configuration are fine)
     versions: tuple[VersionFolder, ...] = field(default=())  # ascending
 
+    @property
+    def policy(self) -> mc.ModelVersionPolicy:
+        """config.pbtxt's version_policy (Triton's default, the latest one, without a configuration)."""
+        return self.config.version_policy if self.config is not None else mc.ModelVersionPolicy()
+
     def wanted(self) -> list[VersionFolder]:
-        """The versions its version_policy asks for, newest first (Triton's default policy: the latest one)."""
-        policy = self.config.version_policy if self.config is not None else mc.ModelVersionPolicy()
+        """The versions its version_policy asks for, newest first (with `latest`, every version: the follower
+        keeps the newest `latest_count()` that load)."""
         present = sorted(self.versions, key=lambda v: -v.version)
-        kind = policy.WhichOneof("policy_choice")
-        if kind == "all":
-            return present
-        if kind == "specific":
-            return [v for v in present if v.version in set(policy.specific.versions)]
-        return present  # latest: the follower keeps the newest num_versions that load
+        if self.policy.WhichOneof("policy_choice") == "specific":
+            return [v for v in present if v.version in set(self.policy.specific.versions)]
+        return present
+
+    def latest_count(self) -> int | None:
+        """num_versions of a `latest` policy (1 by default); None for `all` and `specific`."""
+        kind = self.policy.WhichOneof("policy_choice")
+        if kind in ("all", "specific"):
+            return None
+        return max(1, self.policy.latest.num_versions) if kind == "latest" else 1
 
 
 def model_names(root: Path) -> list[str]:
@@ -134,15 +143,6 @@ def model_names(root: Path) -> list[str]:
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as e:
         raise ConfigError(f"model repository {root} cannot be read: {describe_os_error(e)}") from None
-
-
-def latest_count(config: mc.ModelConfig | None) -> int | None:
-    """num_versions of a `latest` policy (1 by default); None for `all` and `specific`."""
-    policy = config.version_policy if config is not None else mc.ModelVersionPolicy()
-    kind = policy.WhichOneof("policy_choice")
-    if kind in ("all", "specific"):
-        return None
-    return max(1, policy.latest.num_versions) if kind == "latest" else 1
 
 
 def read_model(path: Path) -> ModelFolder:

@@ -657,12 +657,10 @@ class DataPlane:
         """At startup: the repository gets the trainer's newest version if it lacks it (a crash between the data
         directory and the repository, or a new repository); with no version anywhere the trainer publishes one,
         so replicas have a model to serve from the start."""
-        published = self.versions.versions()
-        if not published and not self.repository.versions():
+        published, handed = self.versions.versions(), self.repository.versions()
+        if not published and not handed:
             self.publish()
-            return
-        if published and published[-1].version not in self.repository.versions() \
-                and published[-1].version > max(self.repository.versions(), default=0):
+        elif published and published[-1].version > max(handed, default=0):
             self._hand_over_version(published[-1])
 
     def model_versions(self) -> list[ModelVersion]:
