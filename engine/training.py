@@ -31,7 +31,7 @@ from engine import gradients, heads
 from engine.errors import ConfigError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from engine.explain import GradientExplainer
 from engine.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
-from engine.runtime import parse_device
+from engine.runtime import parse_device, tune_process_for_training
 from engine.schedule import LinearSchedule, LrPolicy, check_learning_rate
 
 HEADS_MODEL = "heads_training_model.onnx"  # the training graph plus each head's output and its gradient
@@ -111,6 +111,7 @@ class TrainingEngine:
                  checkpoint: Path | None = None):
         """`checkpoint`: resume from this checkpoint file instead of the export's initial one."""
         require_training_build()
+        tune_process_for_training()
         kind, index = parse_device(device)
         self._device = C.OrtDevice(get_ort_device_type(kind, index), C.OrtDevice.default_memory(), index)
         self._options = options

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -123,3 +126,25 @@ def test_a_dead_training_process_gives_unavailable_and_inference_goes_on(running
     assert len(running.stub.Predict(pb.PredictRequest(images=images_msg(images))).predictions) == 4
     health = health_pb2_grpc.HealthStub(running.channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_process_that_trains_runs_numpy_blas_on_one_thread(exported):
+    """OpenBLAS's own threads spin after each call on the cores ONNX Runtime's step needs (a digits step took
+    twice as long); building a TrainingEngine limits them, in a fresh process as in the training child."""
+    folder, _ = exported
+    script = (
+        "import sys, numpy\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from engine.manifest import Manifest\n"
+        "from engine.runtime import session_options\n"
+        "from engine.training import TrainingEngine\n"
+        "def blas(): return [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "before = blas()\n"
+        "TrainingEngine(Manifest.load(sys.argv[1]), 'cpu', session_options(2, training=True), 1e-3)\n"
+        "print(before, blas())\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[2]", "[1]"], out.stdout
