@@ -171,7 +171,9 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
             opt.step()
             return loss.item()
 
-        engine = served.plane.training
+        # The in-process reference: a TrainingEngine of its own in this process, as a user embedding engine/
+        # would run it (the server's own engine is in its training process, behind a pipe).
+        engine = in_process_engine(folder, ctx.threads)
         fns = {
             ENGINE: lambda: engine.train_step(x, y, summaries=True),
             TRAIN_GRPC: lambda: client.train_step(x, y),
@@ -211,6 +213,14 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
     rows += _summary_rows(workload, preset, "engine-", ENGINE, steps["engine full"], steps["engine off"])
     ctx.info.setdefault("train_eager_images_per_s", {})[preset] = ips[EAGER]
     return rows
+
+
+def in_process_engine(folder: Path, threads: int):
+    from engine.manifest import Manifest
+    from engine.runtime import session_options
+    from engine.training import TrainingEngine
+
+    return TrainingEngine(Manifest.load(folder), "cpu", session_options(threads, training=True), 1e-3)
 
 
 def _summary_rows(workload, preset, prefix, what, full, off) -> list[Row]:
