@@ -97,30 +97,35 @@ def summarize_all(params: list[Parameter], grads: np.ndarray, before: np.ndarray
                   after: np.ndarray) -> list[GradientSummary]:
     """`summarize` for every parameter at once, over flat float32 vectors holding the parameters back to back.
 
-    A fixed number of vectorized passes (np.*.reduceat over segment starts), whatever the number of
-    parameters: this is what keeps the summaries cheap next to the train step. Parameters with
-    NaN/Inf gradients (rare: the guard refuses to apply such a step) go through `summarize`.
+    A fixed number of vectorized passes per parameter (numpy sums, float64 dot products), with no
+    per-element Python: this is what keeps the summaries cheap next to the train step (vit-small64,
+    2.7 M values: ~12 ms; np.*.reduceat with a float64 accumulator took 40). Parameters with NaN/Inf
+    gradients (rare: the guard refuses to apply such a step) go through `summarize`.
     """
     sizes = np.array([int(np.prod(p.shape)) for p in params], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     if not np.isfinite(grads).all():
         return [summarize(p.name, grads[a:a + k].reshape(p.shape), before[a:a + k], after[a:a + k], p.block,
                           p.sublayer) for p, a, k in zip(params, starts, sizes)]
-    def segment_sum(x: np.ndarray) -> np.ndarray:  # float32 data, float64 sums
-        return np.add.reduceat(x, starts, dtype=np.float64)
+    spans = [(int(a), int(a + k)) for a, k in zip(starts, sizes)]
+
+    def segment_sum(x: np.ndarray) -> np.ndarray:  # float32 data, float64 (pairwise) sums
+        return np.array([x[a:b].sum(dtype=np.float64) for a, b in spans])
+
+    def segment_squares(x: np.ndarray) -> np.ndarray:  # sums of squares, in float64 throughout
+        return np.array([np.dot(v, v) for v in (x[a:b].astype(np.float64) for a, b in spans)])
 
     mean = segment_sum(grads) / sizes
-    sq = segment_sum(grads * grads)
+    sq = segment_squares(grads)
     var = np.maximum(sq / sizes - mean * mean, 0.0)
     # E[g^2] - mean^2 cancels where the mean dominates: recompute those segments in two passes.
     for i in np.flatnonzero(mean * mean > 1e-3 * sq / sizes):
         seg = grads[starts[i]:starts[i] + sizes[i]].astype(np.float64)
         var[i] = np.mean((seg - mean[i]) ** 2)
     lo, hi = np.minimum.reduceat(grads, starts), np.maximum.reduceat(grads, starts)
-    zeros = np.add.reduceat((grads == 0).view(np.uint8), starts, dtype=np.int64)
-    param_sq = segment_sum(before * before)
-    delta = after - before  # exact in float32 for nearby values
-    delta_sq = segment_sum(delta * delta)
+    zeros = np.array([np.count_nonzero(grads[a:b] == 0) for a, b in spans])
+    param_sq = segment_squares(before)
+    delta_sq = segment_squares(after - before)  # the difference is exact in float32 for nearby values
     out = []
     for i, p in enumerate(params):
         norm, moved = float(np.sqrt(param_sq[i])), float(np.sqrt(delta_sq[i]))
