@@ -56,24 +56,17 @@ def session_options(intra_op_threads: int = 0, *, training: bool = True) -> ort.
     return options
 
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
 _tuned = False
 
 
 def tune_process_for_training() -> None:
     """Process-wide settings under which ONNX Runtime's training step runs fastest here; idempotent.
 
-    * numpy's BLAS (OpenBLAS) on one thread. The engine's few BLAS calls (the global gradient norm's dot)
-      otherwise wake OpenBLAS's own pool, whose threads spin after each call on the cores ORT's intra-op
-      threads need: a digits b64 step took 66 ms instead of 34 (docs/performance.md).
-    * glibc malloc keeps freed memory for reuse instead of returning it (mmap threshold 256 MB, trim
-      threshold 1 GB). ORT's LayerNormalizationGrad and other CPU training kernels allocate multi-MB
-      temporaries on every call; above the default threshold each was a fresh mmap whose pages faulted
-      in again: LayerNormalizationGrad took 91 of a 640 ms vit-small64 step, 25 with this. The resident
-      size stays at the step's peak; `release_freed_memory` still gives it back on demand.
-
-    The training process (`--train-isolation process`) gets them when its engine is built, as does any
-    process that builds a TrainingEngine (the whole process then runs with them).
+    numpy's BLAS (OpenBLAS) runs on one thread. The engine's few BLAS calls (the global gradient norm's
+    and the summaries' dot products) otherwise wake OpenBLAS's own pool, whose threads spin after each
+    call on the cores ORT's intra-op threads need: a digits b64 step took 66 ms instead of 34
+    (docs/performance.md). The training process (`--train-isolation process`) gets this when its
+    engine is built, as does any process that builds a TrainingEngine.
     """
     global _tuned
     if _tuned:
@@ -82,12 +75,6 @@ def tune_process_for_training() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        for parameter, value in ((_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)):
-            libc.mallopt(parameter, value)
-    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
-        pass
 
 
 def release_freed_memory() -> None:
