@@ -4,6 +4,7 @@ Pure numpy; the training engine hands in the gradients and the weights before an
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -102,7 +103,7 @@ def summarize_all(params: list[Parameter], grads: np.ndarray, before: np.ndarray
     2.7 M values: ~12 ms; np.*.reduceat with a float64 accumulator took 40). Parameters with NaN/Inf
     gradients (rare: the guard refuses to apply such a step) go through `summarize`.
     """
-    sizes = np.array([int(np.prod(p.shape)) for p in params], dtype=np.int64)
+    sizes = np.array([math.prod(p.shape) for p in params], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     if not np.isfinite(grads).all():
         return [summarize(p.name, grads[a:a + k].reshape(p.shape), before[a:a + k], after[a:a + k], p.block,
@@ -126,16 +127,15 @@ def summarize_all(params: list[Parameter], grads: np.ndarray, before: np.ndarray
     zeros = np.array([np.count_nonzero(grads[a:b] == 0) for a, b in spans])
     param_sq = segment_squares(before)
     delta_sq = segment_squares(after - before)  # the difference is exact in float32 for nearby values
-    out = []
-    for i, p in enumerate(params):
-        norm, moved = float(np.sqrt(param_sq[i])), float(np.sqrt(delta_sq[i]))
-        out.append(GradientSummary(
-            name=p.name, shape=tuple(p.shape), block=p.block, sublayer=p.sublayer, l2_norm=float(np.sqrt(sq[i])), mean=float(mean[i]),
-            std=float(np.sqrt(var[i])), min=float(lo[i]), max=float(hi[i]), max_abs=float(max(-lo[i], hi[i])),
-            zero_fraction=float(zeros[i] / sizes[i]), nonfinite_count=0, param_norm=norm,
-            update_ratio=moved / norm if norm > 0 else (float("inf") if moved > 0 else 0.0),
-        ))
-    return out
+    norm, moved = np.sqrt(param_sq), np.sqrt(delta_sq)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a weight at all zeros: inf when it moved, else 0
+        ratio = np.where(norm > 0, moved / norm, np.where(moved > 0, np.inf, 0.0))
+    columns = zip(np.sqrt(sq).tolist(), mean.tolist(), np.sqrt(var).tolist(), lo.tolist(), hi.tolist(),
+                  np.maximum(-lo, hi).tolist(), (zeros / sizes).tolist(), norm.tolist(), ratio.tolist())
+    return [GradientSummary(name=p.name, shape=tuple(p.shape), block=p.block, sublayer=p.sublayer, l2_norm=l2, mean=m,
+                            std=sd, min=a, max=b, max_abs=big, zero_fraction=zf, nonfinite_count=0, param_norm=pn,
+                            update_ratio=r)
+            for p, (l2, m, sd, a, b, big, zf, pn, r) in zip(params, columns)]
 
 
 def _qkv_parts(layout: QkvLayout, grads: Mapping[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:

@@ -88,3 +88,12 @@ def test_vectorized_summaries_equal_the_per_parameter_ones(shapes, seed, constan
             x, y = getattr(s, field), getattr(ref, field)
             assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7 * (abs(y) + 1e-30)) \
                 or abs(x - y) <= 1e-6 * max(abs(ref.max_abs), 1e-30), (field, x, y)
+
+
+def test_a_weight_at_all_zeros_has_an_infinite_update_ratio_once_it_moves():
+    grads = np.ones(4, np.float32)
+    before = np.zeros(4, np.float32)  # two parameters of two values, both at zero
+    after = np.array([0.0, 0.0, 0.5, 0.0], np.float32)  # the second one moved
+    stayed, moved = summarize_all([Parameter("a", (2,), True), Parameter("b", (2,), True)], grads, before, after)
+    assert (stayed.update_ratio, moved.update_ratio) == (0.0, math.inf)
+    assert moved.update_ratio == summarize("b", grads[2:], before[2:], after[2:]).update_ratio
