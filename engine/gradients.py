@@ -100,7 +100,7 @@ def summarize_all(params: list[Parameter], grads: np.ndarray, before: np.ndarray
 
     A fixed number of vectorized passes per parameter (numpy sums, float64 dot products), with no
     per-element Python: this is what keeps the summaries cheap next to the train step (vit-small64,
-    2.7 M values: ~12 ms; np.*.reduceat with a float64 accumulator took 40). Parameters with NaN/Inf
+    2.7 M values: ~20 ms; np.*.reduceat with a float64 accumulator took 40). Parameters with NaN/Inf
     gradients (rare: the guard refuses to apply such a step) go through `summarize`.
     """
     sizes = np.array([math.prod(p.shape) for p in params], dtype=np.int64)

@@ -9,6 +9,7 @@ every pair both ways, so a proto field without a counterpart fails the suite.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import Any
 
@@ -70,32 +71,30 @@ def to_proto(record: Any) -> Message:
                            if value is not None})  # None: an unset optional message (e.g. no schedule)
 
 
+@functools.cache
 def _plan(record_type: type) -> tuple[type[Message], list[tuple[str, Any]], Any]:
     """(message type, [(field, converter or None)], a getter of all those attributes at once) for a record
     type, worked out once from the descriptor.
 
     Filling a message through its constructor, with the per-field decisions made ahead, costs a fraction of
     walking the descriptor for every record (a TrainStep answer holds one GradientSummary per parameter)."""
-    plan = _PLANS.get(record_type)
-    if plan is None:
-        message_type = RECORDS[record_type]
-        fields = []
-        for f in message_type.DESCRIPTOR.fields:
-            if f.message_type is not None and f.message_type.GetOptions().map_entry:
-                convert = dict
-            elif f.message_type is not None and f.is_repeated:
-                convert = _each_to_proto
-            elif f.message_type is not None:
-                convert = to_proto
-            elif f.is_repeated:
-                convert = list
-            elif f.enum_type is not None:
-                convert = _enum_number(f.enum_type)
-            else:
-                convert = None
-            fields.append((f.name, convert))
-        plan = _PLANS[record_type] = (message_type, fields, operator.attrgetter(*(name for name, _ in fields)))
-    return plan
+    message_type = RECORDS[record_type]
+    fields = []
+    for f in message_type.DESCRIPTOR.fields:
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            convert = dict
+        elif f.message_type is not None and f.is_repeated:
+            convert = _each_to_proto
+        elif f.message_type is not None:
+            convert = to_proto
+        elif f.is_repeated:
+            convert = list
+        elif f.enum_type is not None:
+            convert = _enum_number(f.enum_type)
+        else:
+            convert = None
+        fields.append((f.name, convert))
+    return message_type, fields, operator.attrgetter(*(name for name, _ in fields))
 
 
 def _each_to_proto(values) -> list[Message]:
@@ -106,9 +105,6 @@ def _enum_number(enum_type):
     def number(value):  # str values of enum fields are their names
         return enum_type.values_by_name[value].number if isinstance(value, str) else value
     return number
-
-
-_PLANS: dict[type, tuple[type[Message], list[tuple[str, Any]], Any]] = {}
 
 
 def from_proto(message: Message, record_type: type) -> Any:
