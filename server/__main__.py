@@ -85,7 +85,7 @@ def run_worker(settings: Settings, group) -> int:
     try:
         quiet_default_logger()
         engine = TrainingEngine(Manifest.load(settings.artifacts), settings.device,
-                                session_options(settings.train_threads or settings.intra_op_threads, training=True),
+                                session_options(settings.training_threads, training=True),
                                 settings.learning_rate)
     except (ConfigError, RuntimeError) as e:  # rank 0 says it and stops the job
         error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

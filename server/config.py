@@ -123,6 +123,16 @@ class Settings(BaseSettings):
     write_token: str = Field("", repr=False, description=(
         "The write bearer token itself: environment (VITSERVE_WRITE_TOKEN) only, never a flag."))
 
+    @property
+    def training_threads(self) -> int:
+        """Intra-op threads of the training sessions: --train-threads, else --intra-op-threads."""
+        return self.train_threads or self.intra_op_threads
+
+    @property
+    def inference_threads(self) -> int:
+        """Intra-op threads of each inference session: --predict-threads, else --intra-op-threads."""
+        return self.predict_threads or self.intra_op_threads
+
     @field_validator("*", mode="before")
     @classmethod
     def _strip_bool_text(cls, value: Any, info: ValidationInfo) -> Any:

@@ -170,10 +170,8 @@ class DataPlane:
         self.settings = settings
         quiet_default_logger()
         self._providers = providers_for(settings.device)
-        self._train_threads = settings.train_threads or settings.intra_op_threads
-        self._options = session_options(self._train_threads, training=True)
-        self._inference_options = session_options(settings.predict_threads or settings.intra_op_threads,
-                                                  training=False)
+        self._options = session_options(settings.training_threads, training=True)
+        self._inference_options = session_options(settings.inference_threads, training=False)
         self.metrics = Metrics()
         self._states: dict[str, ModelState] = {}  # the repository's models as last polled (a replica of one)
         self.training = self.checkpoints = self.versions = self.repository = self.follower = None
@@ -313,7 +311,7 @@ class DataPlane:
         """The training engine: in a child process (--train-isolation process, the default), else in this one."""
         s = self.settings
         if s.train_isolation == "process" and not s.data_parallel:
-            return IsolatedTrainingEngine(m, s.device, self._train_threads, s.learning_rate, checkpoint=checkpoint)
+            return IsolatedTrainingEngine(m, s.device, s.training_threads, s.learning_rate, checkpoint=checkpoint)
         return TrainingEngine(m, s.device, self._options, s.learning_rate, checkpoint=checkpoint)
 
     def _load_own_version(self, version: ModelVersion | None) -> LoadedVersion:
