@@ -10,9 +10,10 @@ Pure graph analysis of `training_model.onnx` (onnx + the manifest; no grpc, no t
   adds that only read forward tensors (e.g. the Shape feeding a SliceGrad), all named "<op>_Grad/...";
 - a parameter's distance from the loss is a shortest producer -> consumer path through the
   backward graph, from the loss's gradient node to the node producing W_grad, both included;
-- a fused qkv projection's output is cut into q, k and v by Slice (or Split) nodes; each part's
-  gradient "<part>_grad" comes out of the attention backward and goes back through SliceGrad into
-  the Sum ("AccumulateGrad_...") that yields the projection output's gradient.
+- a fused qkv projection's output is cut into q, k and v by one Split (the export rewrites the
+  traced graph's three Slices into one, engine/rewrite.py) or by Slices or Gathers; each part's gradient
+  "<part>_grad" comes out of the attention backward and goes back through the cut's gradient (a
+  Concat for a Split; SliceGrads and their Sum for Slices) into the projection output's gradient.
 """
 from __future__ import annotations
 

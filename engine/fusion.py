@@ -2,7 +2,7 @@
 
 The exported attention is, per block (lucidrains layout, q/k/v from one fused projection):
 
-    q, k, v = Slice x3 (to_qkv(x))                      each (b, n, h*d)
+    q, k, v = Slice x3 (to_qkv(x)), or one Split         each (b, n, h*d)
     Q = Transpose[0,2,1,3](Reshape(q))                  (b, h, n, d)
     K = Transpose[0,2,3,1](Reshape(k))                  (b, h, d, n)
     V = Transpose[0,2,1,3](Reshape(v))                  (b, h, n, d)
@@ -16,9 +16,13 @@ unfused ones (or PyTorch's) before using it. No torch; onnx and numpy only.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from engine.rewrite import gelu_together
 
 MS_DOMAIN = "com.microsoft"
 
@@ -141,6 +145,8 @@ def _live(nodes: list, outputs: set[str]) -> list:
 def optimize_inference_model(path, heads: list[int], input_name: str, input_shape: tuple[int, ...]) -> int:
     """Fuse the attention of the model at `path` in place if the fused logits agree; returns blocks fused.
 
+    GELUs the export kept apart for training (engine/rewrite.py) are put back into the form ORT fuses.
+
     The check runs both graphs on the same random batch in ONNX Runtime: the fused graph must give
     the unfused graph's logits to 1e-4 of their scale, otherwise the file is left as it was.
     """
@@ -148,7 +154,9 @@ def optimize_inference_model(path, heads: list[int], input_name: str, input_shap
 
     model = onnx.load(str(path))
     fused, count = fuse_attention(model, heads)
-    if not count:
+    if fused is model:
+        fused = copy.deepcopy(model)
+    if not gelu_together(fused.graph) and not count:
         return 0
     batch = np.random.default_rng(0).standard_normal((2, *input_shape[1:]), dtype=np.float32)
     options = ort.SessionOptions()

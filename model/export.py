@@ -36,6 +36,7 @@ import torch
 from onnxruntime.training import artifacts as ort_artifacts
 from onnxruntime.training.onnxblock import optim as ort_optim
 
+from engine import rewrite
 from engine.fusion import optimize_inference_model
 from engine.manifest import (
     ARTIFACT_FILES,
@@ -249,12 +250,13 @@ def pin_static_shapes(proto: onnx.ModelProto, example_shape: tuple[int, ...]) ->
 
 def write_training_artifacts(model, example, folder: Path, opset: int, trainable, frozen,
                              optimizer: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """Export the training-mode forward graph and generate ORT's artifacts from it into `folder`.
+    """Export the training-mode forward graph, rewrite it (engine/rewrite.py) and generate ORT's artifacts from it.
 
     Returns (the forward graph, nodes in execution order; the training graph ORT built from it,
     whose node order ORT rearranges).
     """
     proto = pin_static_shapes(export_onnx(model, example, opset, training=True), tuple(example.shape))
+    proto = rewrite.for_training(proto, INPUT_NAME, tuple(example.shape))  # faster gradient kernels, same function
     initializers = {i.name for i in proto.graph.initializer}
     missing = [n for n in trainable + frozen if n not in initializers]
     if missing:

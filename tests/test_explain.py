@@ -107,18 +107,18 @@ def test_qkv_parts_are_q_k_v_and_sum_into_the_projection_gradient(explained):
     producer = {out: n for n in graph.node for out in n.output}
     consumers = lambda t: [n for n in graph.node if t in n.input]  # noqa: E731
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    slices = [producer[p.tensor] for p in parts]
-    assert {s.op_type for s in slices} == {"Slice"} and len({s.input[0] for s in slices}) == 1
-    projection_grad = slices[0].input[0] + "_grad"  # the to_qkv MatMul output's gradient
-    # Independent of the explainer's structural rule: the slices start at 0, inner and 2 * inner.
-    assert [int(constants[s.input[1]].reshape(-1)[0]) for s in slices] == [0, inner, 2 * inner]
+    (split,) = {producer[p.tensor].name: producer[p.tensor] for p in parts}.values()  # one Split (engine/rewrite.py)
+    assert split.op_type == "Split"
+    projection_grad = split.input[0] + "_grad"  # the to_qkv MatMul output's gradient
+    # Independent of the explainer's structural rule: q, k, v are the Split's pieces 0, 1, 2, each inner wide.
+    assert [p.tensor for p in parts] == list(split.output)
+    assert constants[split.input[1]].tolist() == [inner] * 3
     for p in parts:
         assert p.gradient_tensor == p.tensor + "_grad"
         assert p.gradient_tensor in node_named(graph, p.gradient_node.name).output
-        (slice_grad,) = consumers(p.gradient_tensor)
-        assert slice_grad.op_type == "SliceGrad"
-        (total,) = consumers(slice_grad.output[0])
-        assert total.op_type == "Sum" and list(total.output) == [projection_grad]
+        (concat,) = consumers(p.gradient_tensor)  # the Split's gradient: the three pieces concatenated back
+        assert concat.op_type == "Concat" and list(concat.input) == [q.gradient_tensor for q in parts]
+        assert list(concat.output) == [projection_grad]
     entries = explainer.explain().parameters
     assert [p.name for p in entries if p.qkv_parts] == [a.name for a in manifest.qkv]
 
