@@ -99,12 +99,12 @@ def slices_to_split(proto: onnx.ModelProto, input_name: str, example_shape: tupl
     graph = proto.graph
     groups = defaultdict(list)
     for node in graph.node:
-        if node.op_type == "Slice" and len(node.input) >= 4:
+        if node.op_type == "Slice" and len(node.input) >= 4 and node.input[3]:  # the axes given
             groups[node.input[0]].append(node)
     groups = {t: nodes for t, nodes in groups.items() if len(nodes) >= 2}
     if not groups:
         return 0
-    names = sorted({name for nodes in groups.values() for n in nodes for name in n.input[1:]} | set(groups))
+    names = sorted({name for nodes in groups.values() for n in nodes for name in n.input[1:] if name} | set(groups))
     try:
         bounds = measured(proto, input_name, example_shape, names)
     except Exception:  # noqa: BLE001 - a graph ORT cannot probe keeps its Slices: this is only a speed-up
@@ -158,7 +158,7 @@ def partition(nodes: list[onnx.NodeProto], values: dict, tensor: str) -> tuple[i
     pieces, axes = [], set()
     for node in nodes:
         got = []
-        for name in node.input[1:5]:
+        for name in (i for i in node.input[1:5] if i):  # starts, ends, axes and steps (optional: 1)
             a, b = values[name]
             if a.shape != (1,) or not np.array_equal(a, b):  # one axis, the same bound at both batch sizes
                 return None

@@ -74,23 +74,27 @@ def test_ort_builds_no_fused_gelu_gradient_and_no_slice_gradients_for_qkv(digits
     assert (counts["exported"]["SliceGrad"], counts["rewritten"]["SliceGrad"]) == (3 * depth, 0)
 
 
-def sliced(bounds: list[tuple[int, int]], step: int = 1, width: int = 6) -> onnx.ModelProto:
-    """x (batch, width) -> one output per Slice [start, end) along axis 1, bounds as initializers."""
+def sliced(bounds: list[tuple[int, int]], step: int | None = 1, width: int = 6) -> onnx.ModelProto:
+    """x (batch, width) -> one output per Slice [start, end) along axis 1, bounds as initializers (the steps
+    input named "" when `step` is None)."""
     inits, nodes, outputs = [], [], []
     for i, (start, end) in enumerate(bounds):
         for part, value in (("s", start), ("e", end), ("a", 1), ("p", step)):
-            inits.append(numpy_helper.from_array(np.array([value], np.int64), f"{part}{i}"))
-        nodes.append(helper.make_node("Slice", ["x", f"s{i}", f"e{i}", f"a{i}", f"p{i}"], [f"y{i}"]))
+            if value is not None:
+                inits.append(numpy_helper.from_array(np.array([value], np.int64), f"{part}{i}"))
+        steps = [f"p{i}"] if step is not None else [""]  # an optional input left out by name
+        nodes.append(helper.make_node("Slice", ["x", f"s{i}", f"e{i}", f"a{i}", *steps], [f"y{i}"]))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
                               outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
 
 
-@pytest.mark.parametrize("bounds", [[(2, 4), (0, 2), (4, 6)], [(0, 1), (1, 6)], [(0, 3), (3, 2**62)]],
-                         ids=["out-of-order", "unequal", "open-end"])
-def test_slices_that_cut_a_tensor_into_consecutive_pieces_become_one_split(bounds):
-    proto = sliced(bounds)
+@pytest.mark.parametrize(("bounds", "step"), [([(2, 4), (0, 2), (4, 6)], 1), ([(0, 1), (1, 6)], 1),
+                                              ([(0, 3), (3, 2**62)], 1), ([(0, 3), (3, 6)], None)],
+                         ids=["out-of-order", "unequal", "open-end", "no-steps"])
+def test_slices_that_cut_a_tensor_into_consecutive_pieces_become_one_split(bounds, step):
+    proto = sliced(bounds, step)
     x = np.arange(18, dtype=np.float32).reshape(3, 6)
     want = run(proto, {"x": x})
     assert rewrite.slices_to_split(proto, "x", (2, 6)) == 1
