@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from engine.rewrite import gelu_together
+from engine.rewrite import gelu_together, live_nodes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -126,20 +126,10 @@ def fuse_attention(model: onnx.ModelProto, heads: list[int]) -> tuple[onnx.Model
         else:
             nodes.append(node)
     del fused.graph.node[:]
-    fused.graph.node.extend(_live(nodes, {o.name for o in fused.graph.output}))
+    fused.graph.node.extend(live_nodes(nodes, {o.name for o in fused.graph.output}))
     if not any(o.domain == MS_DOMAIN for o in fused.opset_import):
         fused.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return fused, len(matches)
-
-
-def _live(nodes: list, outputs: set[str]) -> list:
-    """The nodes something still needs, in their order (dead ones dropped, repeatedly)."""
-    needed, keep = set(outputs), []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-    return keep[::-1]
 
 
 def optimize_inference_model(path, heads: list[int], input_name: str, input_shape: tuple[int, ...]) -> int:

@@ -183,12 +183,16 @@ def partition(nodes: list[onnx.NodeProto], values: dict, tensor: str) -> tuple[i
 
 def prune(graph: onnx.GraphProto) -> None:
     """Drop nodes nothing needs any more (the shape arithmetic that fed the replaced Slices' bounds)."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    kept = list(reversed(keep))
+    kept = live_nodes(list(graph.node), {o.name for o in graph.output})
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def live_nodes(nodes: list, outputs: set[str]) -> list:
+    """The nodes something still needs for `outputs`, in their order (dead ones dropped, repeatedly)."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    return keep[::-1]
