@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from engine.rewrite import gelu_together, live_nodes
+from engine.rewrite import gelu_together, live_nodes, perm_of, split_transposes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -54,14 +54,10 @@ class _Graph:
         return None
 
 
-def _perm(node) -> list[int]:
-    return list(next(a.ints for a in node.attribute if a.name == "perm"))
-
-
 def _head_input(g: _Graph, tensor: str, perm: list[int]) -> str | None:
     """The (b, n, h*d) tensor behind Transpose[perm](Reshape(it))."""
     transpose = g.op(tensor, "Transpose")
-    if transpose is None or _perm(transpose) != perm:
+    if transpose is None or perm_of(transpose) != perm:
         return None
     reshape = g.op(transpose.input[0], "Reshape")
     return reshape.input[0] if reshape is not None else None
@@ -95,7 +91,7 @@ def _match(g: _Graph, softmax) -> dict | None:
     context_mm = users[0]
     v = _head_input(g, context_mm.input[1], [0, 2, 1, 3])
     after = g.users(context_mm.output[0])
-    if v is None or len(after) != 1 or after[0].op_type != "Transpose" or _perm(after[0]) != [0, 2, 1, 3]:
+    if v is None or len(after) != 1 or after[0].op_type != "Transpose" or perm_of(after[0]) != [0, 2, 1, 3]:
         return None
     merge = g.users(after[0].output[0])
     if len(merge) != 1 or merge[0].op_type != "Reshape":
@@ -135,7 +131,8 @@ def fuse_attention(model: onnx.ModelProto, heads: list[int]) -> tuple[onnx.Model
 def optimize_inference_model(path, heads: list[int], input_name: str, input_shape: tuple[int, ...]) -> int:
     """Fuse the attention of the model at `path` in place if the fused logits agree; returns blocks fused.
 
-    GELUs the export kept apart for training (engine/rewrite.py) are put back into the form ORT fuses.
+    GELUs the export kept apart for training (engine/rewrite.py) are put back into the form ORT fuses, and
+    Transposes ORT would run element by element are split into two it runs in blocks (rewrite.split_transposes).
 
     The check runs both graphs on the same random batch in ONNX Runtime: the fused graph must give
     the unfused graph's logits to 1e-4 of their scale, otherwise the file is left as it was.
@@ -146,7 +143,9 @@ def optimize_inference_model(path, heads: list[int], input_name: str, input_shap
     fused, count = fuse_attention(model, heads)
     if fused is model:
         fused = copy.deepcopy(model)
-    if not gelu_together(fused.graph) and not count:
+    regrouped = gelu_together(fused.graph)
+    regrouped += split_transposes(fused, input_name, input_shape)
+    if not regrouped and not count:
         return 0
     batch = np.random.default_rng(0).standard_normal((2, *input_shape[1:]), dtype=np.float32)
     options = ort.SessionOptions()

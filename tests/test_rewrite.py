@@ -13,6 +13,8 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.training import artifacts as ort_artifacts
 
@@ -30,6 +32,12 @@ def run(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
 
 def ops(proto: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(n.op_type for n in proto.graph.node)
+
+
+def slow_transposes(proto: onnx.ModelProto) -> list[list[int]]:
+    """The perms of the Transposes ORT runs element by element (rewrite.split_transposes' targets)."""
+    return [rewrite.perm_of(n) for n in proto.graph.node
+            if n.op_type == "Transpose" and not rewrite.moves_one_axis(rewrite.perm_of(n))]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,8 @@ def test_the_seeds_gelus_and_qkv_cuts_are_rewritten_and_the_logits_do_not_change
     assert (before["Slice"], after["Slice"]) == (3 * depth + 1, 1)  # q, k, v per block; pos_embedding's stays
     assert (before["Split"], after["Split"]) == (0, depth)
     assert after["Erf"] == before["Erf"] == depth and after["Sub"] == before["Sub"] + depth
+    assert slow_transposes(proto) == [[0, 2, 4, 3, 5, 1]] and slow_transposes(rewritten) == []  # the patch cut
+    assert after["Transpose"] == before["Transpose"] + 1
     assert len(rewritten.graph.node) < len(proto.graph.node)  # the bounds' shape arithmetic is pruned
     assert ops(proto) == before  # the input graph is not changed
 
@@ -138,13 +148,56 @@ def test_only_an_add_of_one_to_an_erf_is_rewritten():
         np.testing.assert_array_equal(got, expected)
 
 
-def optimized_ops(path, tmp_path) -> collections.Counter:
-    """The op types of the graph ONNX Runtime runs for the model at `path` (after its session-level fusions)."""
+def transposed(perm: list[int], dims: list[int]) -> onnx.ModelProto:
+    """x (batch, *dims) -> Transpose[perm] -> y."""
+    graph = helper.make_graph([helper.make_node("Transpose", ["x"], ["y"], perm=perm)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *dims])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+
+
+@given(data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_a_transpose_split_in_two_moves_every_element_where_one_would(data):
+    rank = data.draw(st.integers(2, 6), label="rank")
+    dims = data.draw(st.lists(st.integers(1, 4), min_size=rank - 1, max_size=rank - 1), label="dims")
+    perm = [0, *data.draw(st.permutations(range(1, rank)), label="perm")]  # the batch stays outermost, as in models
+    proto = transposed(perm, dims)
+    written = rewrite.split_transposes(proto, "x", (2, *dims))
+    assert written == (0 if rewrite.moves_one_axis(perm) else 1)
+    assert slow_transposes(proto) == []
+    for batch in (1, 3):  # the batch axis stays dynamic
+        x = np.arange(batch * int(np.prod(dims)), dtype=np.float32).reshape(batch, *dims)
+        np.testing.assert_array_equal(run(proto, {"x": x})[0], x.transpose(perm))
+
+
+def test_onnx_runtime_does_not_fold_the_split_transposes_back_into_one(tmp_path):
+    proto = transposed([0, 2, 4, 3, 5, 1], [3, 4, 2, 4, 2])  # the patch cut of a 3-channel 8x8 image, 2x2 patches
+    assert rewrite.split_transposes(proto, "x", (2, 3, 4, 2, 4, 2)) == 1
+    onnx.save(proto, tmp_path / "split.onnx")
+    assert slow_transposes(optimized(tmp_path / "split.onnx", tmp_path)) == []
+
+
+def test_a_transpose_whose_block_dims_are_unknown_or_dynamic_is_left_alone():
+    proto = transposed([0, 2, 4, 3, 5, 1], [3, 4, 2, 4, 2])
+    assert rewrite.split_transposes(proto, "x", (2, 3, 4, 2, 4, 1)) == 0  # the probe fails: wrong example shape
+    assert slow_transposes(proto) == [[0, 2, 4, 3, 5, 1]]
+    proto = transposed([2, 1, 0], [3, 4])  # the batch axis (dynamic) would be the innermost block
+    assert rewrite.split_transposes(proto, "x", (2, 3, 4)) == 0
+
+
+def optimized(path, tmp_path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs for the model at `path` (after its session-level fusions)."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ops(onnx.load(options.optimized_model_filepath))
+    return onnx.load(options.optimized_model_filepath)
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    """The op types of the graph ONNX Runtime runs for the model at `path` (after its session-level fusions)."""
+    return ops(optimized(path, tmp_path))
 
 
 def test_a_published_inference_graph_gets_its_gelus_back_together_and_its_attention_fused(exported, tmp_path):
@@ -165,6 +218,7 @@ def test_a_published_inference_graph_gets_its_gelus_back_together_and_its_attent
 
     assert optimize_inference_model(path, [q.heads for q in manifest.qkv], manifest.input_name,
                                     manifest.input_shape) == depth
+    assert slow_transposes(exported_graph) == []  # the patch cut was split for training, and stays split
     published = optimized_ops(path, tmp_path)
     assert published["MultiHeadAttention"] == depth and "Erf" not in published
     assert published["BiasGelu"] + published["Gelu"] == depth
