@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper
 
 from engine.errors import ConfigError, FailedPrecondition, NotFound
 from engine.heads import HeadOutput
 from engine.manifest import Manifest, Parameter, QkvLayout
+from engine.rewrite import constant_value
 
 GRAD = "_grad"  # ORT's gradient tensor suffix
 GRAD_NODE = "_Grad/"  # ORT's gradient node name infix
@@ -88,7 +88,7 @@ class GradientExplainer:
     def __init__(self, training_model_path: Path | str, manifest: Manifest):
         graph = onnx.load(str(training_model_path)).graph
         self._nodes = list(graph.node)
-        self._constants = {i.name: i for i in graph.initializer}
+        self._graph = graph  # for constant values
         self._producer = {out: i for i, n in enumerate(self._nodes) for out in n.output if out}
         self._consumers: dict[str, list[int]] = defaultdict(list)
         for i, node in enumerate(self._nodes):
@@ -274,12 +274,8 @@ class GradientExplainer:
             return parts
         starts = []
         for i in cuts:  # Slice's starts, Gather's index: an initializer or a Constant node
-            name = self._nodes[i].input[1]
-            constant = self._constants.get(name)
-            producer = self._producer.get(name)
-            if constant is None and producer is not None and self._nodes[producer].op_type == "Constant":
-                constant = self._nodes[producer].attribute[0].t
-            if constant is None:
+            value = constant_value(self._graph, self._nodes[i].input[1])
+            if value is None:
                 return None
-            starts.append(int(numpy_helper.to_array(constant).reshape(-1)[0]))
+            starts.append(int(value.reshape(-1)[0]))
         return [part for _, part in sorted(zip(starts, parts))]

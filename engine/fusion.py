@@ -20,9 +20,9 @@ import copy
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from engine.rewrite import gelu_together, live_nodes, perm_of, split_transposes
+from engine.rewrite import constant_value, gelu_together, live_nodes, perm_of, split_transposes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -35,7 +35,6 @@ class _Graph:
         for n in model.graph.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
-        self.initializers = {i.name: i for i in model.graph.initializer}
 
     def users(self, tensor: str) -> list:
         """Consumers of a tensor's values (Shape nodes only read its shape; they die with the pattern)."""
@@ -46,12 +45,7 @@ class _Graph:
         return node if node is not None and node.op_type == op_type else None
 
     def constant(self, tensor: str) -> np.ndarray | None:
-        if tensor in self.initializers:
-            return numpy_helper.to_array(self.initializers[tensor])
-        node = self.op(tensor, "Constant")
-        if node is not None:
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+        return constant_value(self.model.graph, tensor)
 
 
 def _head_input(g: _Graph, tensor: str, perm: list[int]) -> str | None:
