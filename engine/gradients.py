@@ -94,39 +94,71 @@ def summarize(name: str, grad: np.ndarray, before: np.ndarray, after: np.ndarray
     )
 
 
-def summarize_all(params: list[Parameter], grads: np.ndarray, before: np.ndarray,
-                  after: np.ndarray) -> list[GradientSummary]:
-    """`summarize` for every parameter at once, over flat float32 vectors holding the parameters back to back.
+class FlatLayout:
+    """Where each parameter lies in a flat float32 vector (the engine's gradients and weight snapshots, back to
+    back in model order), with a float64 scratch as long as the longest parameter: every per-parameter sum is
+    taken in float64 over a copy into that one buffer, so no pass allocates (and page-faults) a fresh copy."""
 
-    A fixed number of vectorized passes per parameter (numpy sums, float64 dot products), with no
-    per-element Python: this is what keeps the summaries cheap next to the train step (vit-small64,
-    2.7 M values: ~20 ms; np.*.reduceat with a float64 accumulator took 40). Parameters with NaN/Inf
-    gradients (rare: the guard refuses to apply such a step) go through `summarize`.
+    def __init__(self, params: list[Parameter]):
+        self.params = list(params)
+        self.sizes = np.array([math.prod(p.shape) for p in self.params], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.spans = [(int(a), int(a + k)) for a, k in zip(self.starts, self.sizes)]
+        self._scratch = np.empty(int(self.sizes.max(initial=0)), np.float64)
+
+    def segment(self, x: np.ndarray, i: int) -> np.ndarray:
+        """Parameter i's part of `x` as float64, in the scratch buffer (valid until the next call)."""
+        a, b = self.spans[i]
+        view = self._scratch[:b - a]
+        np.copyto(view, x[a:b])
+        return view
+
+    def squares(self, x: np.ndarray) -> np.ndarray:
+        """Each parameter's sum of squares of `x` in float64. A NaN or Inf makes its sum non-finite, and a finite
+        float32 cannot overflow it, so the sums are all finite exactly when `x` is."""
+        out = np.empty(len(self.spans))
+        for i in range(len(self.spans)):
+            v = self.segment(x, i)
+            out[i] = v @ v
+        return out
+
+    def update_squares(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """Each parameter's sum of squares of `after - before`, the difference taken in float64 (exact)."""
+        out = np.empty(len(self.spans))
+        for i, (a, b) in enumerate(self.spans):
+            v = self._scratch[:b - a]
+            np.subtract(after[a:b], before[a:b], out=v, dtype=np.float64)
+            out[i] = v @ v
+        return out
+
+
+def summarize_all(flat: FlatLayout, grads: np.ndarray, before: np.ndarray, after: np.ndarray,
+                  grad_squares: np.ndarray | None = None) -> list[GradientSummary]:
+    """`summarize` for every parameter at once, over flat float32 vectors laid out as `flat` says.
+
+    A fixed number of numpy passes per parameter, each in float64 over the layout's scratch buffer, with no
+    per-element Python: this keeps the summaries cheap next to the train step (docs/performance.md).
+    `grad_squares`: flat.squares(grads), when the caller already has it (the engine's global norm).
+    Parameters with NaN/Inf gradients (rare: the guard refuses to apply such a step) go through `summarize`.
     """
-    sizes = np.array([math.prod(p.shape) for p in params], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    if not np.isfinite(grads).all():
-        return [summarize(p.name, grads[a:a + k].reshape(p.shape), before[a:a + k], after[a:a + k], p.block,
-                          p.sublayer) for p, a, k in zip(params, starts, sizes)]
-    spans = [(int(a), int(a + k)) for a, k in zip(starts, sizes)]
-
-    def segment_sum(x: np.ndarray) -> np.ndarray:  # float32 data, float64 (pairwise) sums
-        return np.array([x[a:b].sum(dtype=np.float64) for a, b in spans])
-
-    def segment_squares(x: np.ndarray) -> np.ndarray:  # sums of squares, in float64 throughout
-        return np.array([np.dot(v, v) for v in (x[a:b].astype(np.float64) for a, b in spans)])
-
-    mean = segment_sum(grads) / sizes
-    sq = segment_squares(grads)
-    var = np.maximum(sq / sizes - mean * mean, 0.0)
-    # E[g^2] - mean^2 cancels where the mean dominates: recompute those segments in two passes.
-    for i in np.flatnonzero(mean * mean > 1e-3 * sq / sizes):
-        seg = grads[starts[i]:starts[i] + sizes[i]].astype(np.float64)
-        var[i] = np.mean((seg - mean[i]) ** 2)
+    params, sizes, starts = flat.params, flat.sizes, flat.starts
+    sq = flat.squares(grads) if grad_squares is None else grad_squares
+    if not np.isfinite(sq).all():
+        return [summarize(p.name, grads[a:b].reshape(p.shape), before[a:b], after[a:b], p.block, p.sublayer)
+                for p, (a, b) in zip(params, flat.spans)]
+    mean, var = np.empty(len(params)), np.empty(len(params))
+    for i, n in enumerate(sizes.tolist()):
+        v = flat.segment(grads, i)
+        mean[i] = v.sum() / n
+        if mean[i] * mean[i] > 1e-3 * sq[i] / n:  # E[g^2] - mean^2 would cancel: two passes instead
+            v -= mean[i]
+            var[i] = (v @ v) / n
+        else:
+            var[i] = max(sq[i] / n - mean[i] * mean[i], 0.0)
     lo, hi = np.minimum.reduceat(grads, starts), np.maximum.reduceat(grads, starts)
-    zeros = np.array([np.count_nonzero(grads[a:b] == 0) for a, b in spans])
-    param_sq = segment_squares(before)
-    delta_sq = segment_squares(after - before)  # the difference is exact in float32 for nearby values
+    zeros = sizes - np.array([np.count_nonzero(grads[a:b]) for a, b in flat.spans])
+    param_sq = flat.squares(before)
+    delta_sq = flat.update_squares(before, after)
     norm, moved = np.sqrt(param_sq), np.sqrt(delta_sq)
     with np.errstate(divide="ignore", invalid="ignore"):  # a weight at all zeros: inf when it moved, else 0
         ratio = np.where(norm > 0, moved / norm, np.where(moved > 0, np.inf, 0.0))

@@ -123,6 +123,7 @@ class TrainingEngine:
         sizes = [int(np.prod(s)) for s in self._shapes]
         self._spans = list(zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes))  # (offset, size) in model order
         self._size = sum(sizes)
+        self._flat = gradients.FlatLayout(self._placed)  # the same layout, for the summaries' float64 sums
         trainable = set(self._trainable)  # q/k/v of trainable weights; biases only when all three are trainable
         self._qkv = [q if set(q.biases) <= trainable else dataclasses.replace(q, biases=())
                      for q in manifest.qkv if set(q.weights) <= trainable]
@@ -405,19 +406,22 @@ class TrainingEngine:
                 on_gradients: Callable[[int, dict[str, np.ndarray]], None] | None) -> StepResult:
         """A step after its forward + backward: ORT's gradient buffers hold `grads` (the accumulated sum)."""
         batches = self._accumulated
-        bad = self._nonfinite_reason(loss, grads)
+        squares = self._flat.squares(grads)  # per parameter, float64: the global norm and the summaries' norms
+        norm = math.sqrt(float(squares.sum()))
+        bad = self._nonfinite_reason(loss, grads, norm)
         if bad:  # like a gradient scaler: skip the update, drop the poisoned sum, keep the weights
             self._accumulated = 0
             return self._result(loss, grads, start, summaries, applied=False, skipped=bad, batches=batches,
-                                scores=scores)
+                                norm=norm, squares=squares, scores=scores)
         if accumulate_only:
-            return self._result(loss, grads, start, summaries, applied=False, batches=batches, scores=scores)
-        norm = gradients.global_norm(grads)
+            return self._result(loss, grads, start, summaries, applied=False, batches=batches, norm=norm,
+                                squares=squares, scores=scores)
         coefficient = 1.0
         if self._clip and norm > self._clip:  # torch.nn.utils.clip_grad_norm_'s rule
             coefficient = self._clip / (norm + 1e-6)
             grads *= np.float32(coefficient)
             self._write_gradients(grads)
+            squares = self._flat.squares(grads)  # the summaries describe the gradient that was applied
         before = self._snapshot(0) if summaries else None
         lr = self.learning_rate
         self._optimizer.set_learning_rate(lr)
@@ -427,17 +431,18 @@ class TrainingEngine:
         if on_gradients is not None:
             on_gradients(self._step, self._views(grads))
         return self._result(loss, grads, start, summaries, applied=True, before=before, batches=batches, lr=lr,
-                            norm=norm, coefficient=coefficient, scores=scores)
+                            norm=norm, squares=squares, coefficient=coefficient, scores=scores)
 
     def _result(self, loss, grads, start, summaries, *, applied: bool, batches: int, before=None, skipped: str = "",
-                lr: float | None = None, norm: float | None = None, coefficient: float = 1.0,
-                scores: tuple[heads.HeadScores, ...] = ()) -> StepResult:
-        """The step's answer; `before` holds the flat weights before an applied update (for update ratios)."""
+                lr: float | None = None, norm: float | None = None, squares: np.ndarray | None = None,
+                coefficient: float = 1.0, scores: tuple[heads.HeadScores, ...] = ()) -> StepResult:
+        """The step's answer; `before` holds the flat weights before an applied update (for update ratios),
+        `squares` each parameter's sum of squared gradients (FlatLayout.squares), `norm` the global norm."""
         summaries_out, attention = [], []
         if summaries:
             after = self._snapshot(1)
-            summaries_out = gradients.summarize_all(self._placed, grads,
-                                                    before if applied else after, after)
+            summaries_out = gradients.summarize_all(self._flat, grads, before if applied else after, after,
+                                                    grad_squares=squares)
             views = self._views(grads)
             attention = [gradients.qkv_breakdown(q, views) for q in self._qkv]
         return StepResult(
@@ -447,10 +452,12 @@ class TrainingEngine:
             accumulated_batches=batches, clip_coefficient=coefficient, head_importance=scores,
         )
 
-    def _nonfinite_reason(self, loss: float, grads: np.ndarray) -> str:
+    def _nonfinite_reason(self, loss: float, grads: np.ndarray, norm: float) -> str:
+        """Why the step must not be applied, or "". `norm` (float64 over float32 squares, which cannot overflow)
+        is finite exactly when every gradient is."""
         if not math.isfinite(loss):
             return f"the loss is {loss}"
-        if np.isfinite(grads).all():
+        if math.isfinite(norm):
             return ""
         for name, g in self._views(grads).items():
             if not np.isfinite(g).all():

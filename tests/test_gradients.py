@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine.gradients import global_norm, qkv_breakdown, summarize, summarize_all
+from engine.gradients import FlatLayout, global_norm, qkv_breakdown, summarize, summarize_all
 from engine.manifest import Parameter, QkvLayout
 
 finite = st.floats(-1e3, 1e3, width=32)
@@ -79,7 +79,8 @@ def test_vectorized_summaries_equal_the_per_parameter_ones(shapes, seed, constan
     before = rng.standard_normal(grads.size).astype(np.float32)
     after = before + rng.standard_normal(grads.size).astype(np.float32) * 1e-3
     names = [f"p{i}" for i in range(len(shapes))]
-    vectorized = summarize_all([Parameter(n, s, True) for n, s in zip(names, shapes)], grads, before, after)
+    vectorized = summarize_all(FlatLayout([Parameter(n, s, True) for n, s in zip(names, shapes)]), grads, before,
+                               after)
     offsets = np.cumsum([0] + sizes)
     for s, name, shape, a, b in zip(vectorized, names, shapes, offsets[:-1], offsets[1:]):
         ref = summarize(name, grads[a:b].reshape(shape), before[a:b], after[a:b])
@@ -94,6 +95,7 @@ def test_a_weight_at_all_zeros_has_an_infinite_update_ratio_once_it_moves():
     grads = np.ones(4, np.float32)
     before = np.zeros(4, np.float32)  # two parameters of two values, both at zero
     after = np.array([0.0, 0.0, 0.5, 0.0], np.float32)  # the second one moved
-    stayed, moved = summarize_all([Parameter("a", (2,), True), Parameter("b", (2,), True)], grads, before, after)
+    stayed, moved = summarize_all(FlatLayout([Parameter("a", (2,), True), Parameter("b", (2,), True)]), grads, before,
+                                  after)
     assert (stayed.update_ratio, moved.update_ratio) == (0.0, math.inf)
     assert moved.update_ratio == summarize("b", grads[2:], before[2:], after[2:]).update_ratio

@@ -46,11 +46,18 @@ def ce(model, images, labels):
     return F.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels))
 
 
-def assert_close_to_torch(after: dict, model, atol=2e-5):
-    """Weights vs PyTorch, to within 2% of one lr step (Adam's step is ill-conditioned where |g| ~ eps: see
-    test_grpc_e2e.assert_adam_weights_close; these tests use batches where that does not bite)."""
+def assert_close_to_torch(after: dict, model, lr=LEARNING_RATE):
+    """Weights after one AdamW step vs PyTorch's, whose .grad holds the gradient it applied: to 2% of one lr
+    step where that step is well conditioned (|g| > 1e-7), within Adam's bound (one lr each) elsewhere. Adam
+    moves a weight by about lr * g / (|g| + eps), which is float noise where |g| ~ eps (1e-8): which weights get
+    such gradients depends on the CPU's kernels (one of 4,096 in a digits block did on an AVX2-only machine;
+    see test_grpc_e2e.assert_adam_weights_close)."""
     for name, param in model.named_parameters():
-        np.testing.assert_allclose(after[name], param.detach().numpy(), rtol=0, atol=atol, err_msg=name)
+        expected = param.detach().numpy()
+        well = np.abs(param.grad.numpy()) > 1e-7  # 10 eps and more
+        assert well.mean() > 0.99, f"{name}: too many near-zero gradients for a meaningful comparison"
+        np.testing.assert_allclose(after[name][well], expected[well], rtol=0, atol=2e-2 * lr, err_msg=name)
+        np.testing.assert_allclose(after[name], expected, rtol=0, atol=2 * lr, err_msg=name)
 
 
 # -- EvalStep -------------------------------------------------------------------------------------------
@@ -88,7 +95,7 @@ def test_constant_learning_rate_is_used_by_the_next_step(running, torch_model):
     opt = adamw(torch_model, lr=5e-3)
     ce(torch_model, images, labels).backward()
     opt.step()
-    assert_close_to_torch(weights(running), torch_model, atol=2e-2 * 5e-3)
+    assert_close_to_torch(weights(running), torch_model, lr=5e-3)
 
 
 def test_linear_schedule_warms_up_then_decays(running):
