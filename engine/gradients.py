@@ -208,7 +208,3 @@ def qkv_breakdown(layout: QkvLayout, grads: Mapping[str, np.ndarray]) -> QkvGrad
         v_bias_head_norms=tuple(map(float, bias_head[2])),
     )
 
-
-def global_norm(grads: np.ndarray) -> float:
-    """L2 norm of all gradients together, given as one flat vector."""
-    return _l2(grads)

@@ -17,8 +17,8 @@ Together: vit-small64 b32 steps 1-7% shorter (six paired runs); digits b64 withi
 - `split_transposes`: a Transpose that moves the innermost axis along with others (the patch cut
   `b c (h p1) (w p2) -> b h w (p1 p2 c)` is perm 0,2,4,3,5,1) runs in ORT's element-by-element fallback, ~10 ns
   an element here; it becomes a move of that one axis to the end and a Transpose that keeps the innermost block
-  whole, with a Reshape between so that ORT's optimizer does not merge them back (vit-tiny's, batch 32: ~45 ms
-  -> ~7 ms). The forward only: the images need no gradient. fusion.py applies it to the inference graph too.
+  whole, with a Reshape between so that ORT's optimizer does not merge them back (vit-tiny's, batch 32: 43 ms
+  -> 10 ms). The forward only: the images need no gradient. fusion.py applies it to the inference graph too.
 
 Inference graphs made from the trained weights (Publish) come out of the rewritten eval graph, where a fused
 GELU is the faster forward kernel: `gelu_together` turns `erf - (-1)` back into `1 + erf` for ORT's session-level
@@ -171,8 +171,10 @@ def split_transposes(proto: onnx.ModelProto, input_name: str, example_shape: tup
         lead = rank - 1
         while lead > 0 and rest[lead - 1] == lead - 1:  # axes T2 leaves in place before it join the block
             lead -= 1
+        if len(shape) != rank:
+            continue
         block = [shape[a] for a in perm[lead:]]
-        if len(shape) != rank or any(d is None for d in block):
+        if any(d is None for d in block):
             continue
         base = node.output[0]
         merged = numpy_helper.from_array(np.array([0] * lead + [-1], np.int64), f"{base}_merged_shape")

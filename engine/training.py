@@ -120,10 +120,9 @@ class TrainingEngine:
         params = {p.name: p for p in manifest.parameters}
         self._placed = [params[n] for n in self._trainable]  # name, shape, block, sublayer
         self._shapes = [params[n].shape for n in self._trainable]
-        sizes = [int(np.prod(s)) for s in self._shapes]
-        self._spans = list(zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes))  # (offset, size) in model order
-        self._size = sum(sizes)
-        self._flat = gradients.FlatLayout(self._placed)  # the same layout, for the summaries' float64 sums
+        self._flat = gradients.FlatLayout(self._placed)  # where each parameter lies in the flat vectors
+        self._spans = [(a, b - a) for a, b in self._flat.spans]  # (offset, size) in model order
+        self._size = int(self._flat.sizes.sum())
         trainable = set(self._trainable)  # q/k/v of trainable weights; biases only when all three are trainable
         self._qkv = [q if set(q.biases) <= trainable else dataclasses.replace(q, biases=())
                      for q in manifest.qkv if set(q.weights) <= trainable]
@@ -434,7 +433,7 @@ class TrainingEngine:
                             norm=norm, squares=squares, coefficient=coefficient, scores=scores)
 
     def _result(self, loss, grads, start, summaries, *, applied: bool, batches: int, before=None, skipped: str = "",
-                lr: float | None = None, norm: float | None = None, squares: np.ndarray | None = None,
+                norm: float, lr: float | None = None, squares: np.ndarray | None = None,
                 coefficient: float = 1.0, scores: tuple[heads.HeadScores, ...] = ()) -> StepResult:
         """The step's answer; `before` holds the flat weights before an applied update (for update ratios),
         `squares` each parameter's sum of squared gradients (FlatLayout.squares), `norm` the global norm."""
@@ -447,7 +446,7 @@ class TrainingEngine:
             attention = [gradients.qkv_breakdown(q, views) for q in self._qkv]
         return StepResult(
             loss=loss, step=self._step, learning_rate=lr if lr is not None else self.learning_rate,
-            grad_norm=norm if norm is not None else gradients.global_norm(grads), gradients=summaries_out,
+            grad_norm=norm, gradients=summaries_out,
             attention=attention, step_seconds=time.perf_counter() - start, applied=applied, skipped_reason=skipped,
             accumulated_batches=batches, clip_coefficient=coefficient, head_importance=scores,
         )
