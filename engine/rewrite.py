@@ -223,7 +223,8 @@ def static_dims(proto: onnx.ModelProto, input_name: str, example_shape: tuple[in
 
 def measured(proto: onnx.ModelProto, input_name: str, example_shape: tuple[int, ...], names: list[str]
              ) -> dict[str, tuple[np.ndarray, ...]]:
-    """Each named tensor's value (for bounds) or shape (for the cut tensors) at batch 2 and at batch 3."""
+    """Each named tensor's value at batch 2 and at batch 3: Slice bounds, or the shapes a dim's change tells
+    batch-following from static by (static_dims here, model/export.py pin_static_shapes)."""
     import onnxruntime  # here, not on import: engine.fusion imports this module on every server's path
 
     probe = copy.deepcopy(proto)
