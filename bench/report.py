@@ -261,6 +261,7 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     def label(r):
@@ -322,6 +323,7 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
              ["tab:purple" if "ceiling" in r.variant else "tab:green" if r.variant == "batching on" else "tab:gray"
               for r in dyn_rows])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap here
     ax.set_title(f"{Section.DYNAMIC_BATCHING}, 16 single-image clients: images/s", fontsize=8)
 
     ax = axes[3]
