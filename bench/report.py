@@ -32,9 +32,11 @@ NOTED = (Section.TRAIN_STEP, Section.DYNAMIC_BATCHING, Section.ISOLATION, Sectio
 # (description, row key, which figure, comparison, threshold)
 TARGETS = [
     ("TrainStep over gRPC >= 1.2x PyTorch eager images/s (vit-small64, b32)", "train/vit-small64/grpc", "vs_torch", ">=", 1.2),
-    ("engine in-process train step >= 1.0x PyTorch eager (vit-small64, b32)", "train/vit-small64/engine", "vs_torch", ">=",
-     1.0),
-    ("engine in-process train step >= 0.8x PyTorch eager (digits, b64)", "train/digits/engine", "vs_torch", ">=", 0.8),
+    # the training step itself: the engine without the summaries, which PyTorch eager does not compute either
+    ("engine in-process train step >= 1.0x PyTorch eager, summaries omitted (vit-small64, b32)",
+     "train/vit-small64/engine-bare", "vs_torch", ">=", 1.0),
+    ("engine in-process train step >= 0.8x PyTorch eager, summaries omitted (digits, b64)", "train/digits/engine-bare",
+     "vs_torch", ">=", 0.8),
     ("TrainStep over gRPC >= 0.95x the engine in-process, full summaries (digits, b64)", "train/digits/grpc", "vs_ort",
      ">=", 0.95),
     ("Predict over gRPC >= 1.5x PyTorch eager (vit-tiny, b8)", "predict/vit-tiny/b8/Predict over gRPC", "vs_torch", ">=", 1.5),

@@ -33,6 +33,7 @@ from bench.stats import Row, Section, pair_ratios, rotated, time_calls
 RAW_ORT, GRPC, EAGER, COMPILED, ENGINE = "raw ORT in-process", "Predict over gRPC", "PyTorch eager", "torch.compile", \
     "engine in-process"
 TRAIN_GRPC = "TrainStep over gRPC"
+ENGINE_BARE = f"{ENGINE} (summaries omitted)"
 GRPC_V2 = "ModelInfer over gRPC (KServe v2, tritonclient)"
 HTTP_V2 = "ModelInfer over HTTP (KServe v2 REST, tritonclient.http, binary data)"
 HTTP_V1 = "Predict over HTTP/JSON (/v1/predict)"
@@ -177,14 +178,15 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
         # The in-process reference: a TrainingEngine of its own in this process, as a user embedding engine/
         # would run it (the server's own engine is in its training process, behind a pipe).
         engine = in_process_engine(folder, ctx.threads)
+        engine_off = lambda: engine.train_step(x, y, summaries=False)  # noqa: E731
         fns = {
             ENGINE: lambda: engine.train_step(x, y, summaries=True),
+            ENGINE_BARE: engine_off,  # the training step itself, against eager: eager computes no summaries
             TRAIN_GRPC: lambda: client.train_step(x, y),
             EAGER: torch_step,
         }
         no_summaries = lambda: client.train_step(x, y, summaries=False)  # noqa: E731
-        engine_off = lambda: engine.train_step(x, y, summaries=False)  # noqa: E731
-        for fn in (*fns.values(), no_summaries, engine_off):
+        for fn in (*fns.values(), no_summaries):
             _warm(fn, 0.0, 2)
         steps = {name: [] for name in (*fns, "full", "off", "engine full", "engine off")}  # s/step, one per repeat
         for r in range(plan.repeats):
@@ -207,6 +209,8 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
     rows = [
         Row(Section.TRAIN_STEP, workload, ENGINE + " (summaries)", "images/s", ips[ENGINE],
             vs_torch=pair_ratios(ips[ENGINE], ips[EAGER]), key=f"train/{preset}/engine"),
+        Row(Section.TRAIN_STEP, workload, ENGINE_BARE, "images/s", ips[ENGINE_BARE],
+            vs_torch=pair_ratios(ips[ENGINE_BARE], ips[EAGER]), key=f"train/{preset}/engine-bare"),
         Row(Section.TRAIN_STEP, workload, TRAIN_GRPC + " (summaries)", "images/s", ips[TRAIN_GRPC],
             vs_torch=pair_ratios(ips[TRAIN_GRPC], ips[EAGER]), vs_ort=pair_ratios(ips[TRAIN_GRPC], ips[ENGINE]),
             note="vs raw ORT: vs the engine in-process", key=f"train/{preset}/grpc"),
