@@ -121,7 +121,6 @@ class TrainingEngine:
         self._placed = [params[n] for n in self._trainable]  # name, shape, block, sublayer
         self._shapes = [params[n].shape for n in self._trainable]
         self._flat = gradients.FlatLayout(self._placed)  # where each parameter lies in the flat vectors
-        self._spans = [(a, b - a) for a, b in self._flat.spans]  # (offset, size) in model order
         self._size = int(self._flat.sizes.sum())
         trainable = set(self._trainable)  # q/k/v of trainable weights; biases only when all three are trainable
         self._qkv = [q if set(q.biases) <= trainable else dataclasses.replace(q, biases=())
@@ -165,8 +164,8 @@ class TrainingEngine:
             return None
         snapshots = [(b, C.OrtValue.ortvalue_from_numpy(b, device)) for b in buffers]
         self._module.copy_parameters_to_buffer(snapshots[0][1], True)
-        for name, (offset, size) in zip(self._trainable, self._spans):
-            if not np.array_equal(buffers[0][offset:offset + size], self.parameter(name).reshape(-1)):
+        for name, (a, b) in zip(self._trainable, self._flat.spans):
+            if not np.array_equal(buffers[0][a:b], self.parameter(name).reshape(-1)):
                 return None
         return snapshots
 
@@ -276,8 +275,8 @@ class TrainingEngine:
     def _read_gradients(self) -> np.ndarray:
         """A copy of ORT's gradient buffers, flat in model order."""
         grads = np.empty(self._size, np.float32)
-        for name, (offset, size) in zip(self._trainable, self._spans):
-            grads[offset:offset + size] = self._state.get_parameter(name).grad.numpy().reshape(-1)
+        for name, (a, b) in zip(self._trainable, self._flat.spans):
+            grads[a:b] = self._state.get_parameter(name).grad.numpy().reshape(-1)
         return grads
 
     def _write_gradients(self, grads: np.ndarray) -> None:
@@ -322,7 +321,7 @@ class TrainingEngine:
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """name -> that parameter's part of a flat vector, in its shape (views, no copies)."""
-        return {n: flat[o:o + k].reshape(s) for n, (o, k), s in zip(self._trainable, self._spans, self._shapes)}
+        return {n: flat[a:b].reshape(s) for n, (a, b), s in zip(self._trainable, self._flat.spans, self._shapes)}
 
     def gradients(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and every trainable parameter's gradient for one batch alone; nothing is updated or kept."""
