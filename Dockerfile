@@ -1,4 +1,4 @@
-# vitserve CPU serving image: the gRPC server on ONNX Runtime (CPU), no torch.
+# vitserve CPU image: the gRPC server on ONNX Runtime (CPU), every role, training included; no torch.
 #
 #   make export                                    # artifacts/digits (the context must hold the model)
 #   docker build -t vitserve:cpu .                 # or: make docker
@@ -7,16 +7,19 @@
 #   docker stop vitserve                           # SIGTERM: drain, final checkpoint in /data, exit 0
 #
 # Build arguments:
-#   BASE_IMAGE  any Debian-like image with python3 >= 3.11 and its venv module
-#               (default python:3.11-slim-bookworm; tests/docker/run.sh uses a local debootstrapped bookworm)
-#   ROLE        the server's default role (VITSERVE_ROLE) and with it the ONNX Runtime it gets: all (default) or
-#               train install requirements/serve.txt (the training build, Python <= 3.12); predict installs
-#               requirements/predict.txt (plain onnxruntime 1.31, inference only), meant for Python 3.13:
-#               make docker-predict = docker build --build-arg ROLE=predict --build-arg BASE_IMAGE=python:3.13-slim
-#   MPI         1: the data-parallel trainer for the Kubeflow MPI Operator (deploy/k8s/mpijob.yaml): installs
-#               requirements/mpi.txt (mpi4py, Open MPI and its mpirun in /opt/venv/bin) and an sshd that runs as
-#               the image's user on port 2222 (config /home/vitserve/.sshd_config); ROLE must be all or train.
-#               make docker-mpi = docker build --build-arg MPI=1 -t vitserve:mpi .  (default 0)
+#   BASE_IMAGE  any Debian-like image with python3 >= 3.11 and its venv module (default python:3.13-slim;
+#               tests/docker/run.sh uses a local debootstrapped bookworm, Python 3.11)
+#   TRAINER     the ONNX Runtime and the trainer (VITSERVE_TRAINER): ort (default) installs requirements/ort.txt,
+#               the maintained onnxruntime 1.31 (Python 3.11-3.13); ort-training installs
+#               requirements/ort-training.txt, the deprecated onnxruntime-training-cpu 1.19.2, which needs a base
+#               with Python <= 3.12 (the build stops with an error line on 3.13+):
+#               docker build --build-arg TRAINER=ort-training --build-arg BASE_IMAGE=python:3.12-slim .
+#               (make docker TRAINER=ort-training picks that base)
+#   ROLE        the server's default role (VITSERVE_ROLE): all (default), train or predict; every lock serves all three
+#   MPI         1: the data-parallel trainer for the Kubeflow MPI Operator (deploy/k8s/mpijob.yaml): adds
+#               requirements/mpi.txt (mpi4py, Open MPI and its mpirun in /opt/venv/bin) on top of the TRAINER's lock
+#               and an sshd that runs as the image's user on port 2222 (config /home/vitserve/.sshd_config); ROLE must
+#               be all or train. make docker-mpi = docker build --build-arg MPI=1 -t vitserve:mpi .  (default 0)
 #   MODEL       the model's name: artifacts go to /models/$MODEL (default digits)
 #   ARTIFACTS   the exported folder in the build context to bake in (default artifacts/$MODEL)
 # The project is installed into /opt/venv as a package (pyproject.toml, without model/: no torch), so the
@@ -27,13 +30,14 @@
 # /data (checkpoints and published model versions) is a volume owned by uid 10001: a host directory
 # mounted there must be writable by that uid.
 
-ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=python:3.13-slim
 
 # ---- builder: a virtual environment with only what serving needs ----------------------------------
 FROM ${BASE_IMAGE} AS builder
 
 ARG MODEL=digits
 ARG ARTIFACTS=artifacts/${MODEL}
+ARG TRAINER=ort
 ARG ROLE=all
 ARG MPI=0
 
@@ -44,20 +48,27 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # python3 is /usr/local/bin/python3 on the python:* images and /usr/bin/python3 on Debian's: the venv
 # hides the difference (everything after this line uses /opt/venv/bin/python).
 RUN python3 -m venv /opt/venv
-COPY requirements/serve.txt requirements/predict.txt requirements/mpi.txt /tmp/requirements/
-RUN case "$ROLE" in \
-        all|train) lock=serve.txt ;; \
-        predict) lock=predict.txt ;; \
+COPY requirements/ort.txt requirements/ort-training.txt requirements/mpi.txt /tmp/requirements/
+# The TRAINER's lock, plus mpi.txt for MPI=1; the arguments are checked before anything is installed.
+RUN case "$TRAINER" in \
+        ort) lock=ort.txt ;; \
+        ort-training) lock=ort-training.txt; \
+           /opt/venv/bin/python -c 'import sys; sys.exit(sys.version_info >= (3, 13))' \
+           || { echo "error: TRAINER=ort-training needs a base image with Python <= 3.12 (onnxruntime-training-cpu 1.19.2 has no wheels for $(/opt/venv/bin/python --version)): add --build-arg BASE_IMAGE=python:3.12-slim" >&2; exit 1; } ;; \
+        *) echo "error: TRAINER must be ort or ort-training, got '$TRAINER'" >&2; exit 1 ;; \
+    esac \
+    && case "$ROLE" in \
+        all|train|predict) ;; \
         *) echo "error: ROLE must be all, train or predict, got '$ROLE'" >&2; exit 1 ;; \
     esac \
     && case "$MPI" in \
-        0) ;; \
-        1) [ "$lock" = serve.txt ] || { echo "error: MPI=1 trains: use ROLE=all or train, not $ROLE" >&2; exit 1; }; \
-           lock=mpi.txt ;; \
+        0) mpi= ;; \
+        1) [ "$ROLE" != predict ] || { echo "error: MPI=1 trains: use ROLE=all or train, not $ROLE" >&2; exit 1; }; \
+           mpi=/tmp/requirements/mpi.txt ;; \
         *) echo "error: MPI must be 0 or 1, got '$MPI'" >&2; exit 1 ;; \
     esac \
-    && /opt/venv/bin/python -m pip install -r "/tmp/requirements/$lock" \
-    && /opt/venv/bin/python -c "import onnxruntime, grpc, numpy, PIL, onnx"
+    && /opt/venv/bin/python -m pip install -r "/tmp/requirements/$lock" ${mpi:+-r "$mpi"} \
+    && /opt/venv/bin/python -c "import onnxruntime, grpc, numpy, PIL, onnx, safetensors"
 
 # The code: the project as a package, without dependencies (the layer above installed them, pinned; pip
 # check fails the build if pyproject.toml asks for anything else). It brings the console scripts
@@ -79,11 +90,12 @@ RUN chmod -R a+rX,go-w /models
 FROM ${BASE_IMAGE}
 
 ARG MODEL=digits
+ARG TRAINER=ort
 ARG ROLE=all
 ARG MPI=0
 
 LABEL org.opencontainers.image.title="vitserve" \
-      org.opencontainers.image.description="gRPC server: ViT inference and fine-tuning on ONNX Runtime (CPU); default role ${ROLE}"
+      org.opencontainers.image.description="gRPC server: ViT inference and fine-tuning on ONNX Runtime (CPU); trainer ${TRAINER}, default role ${ROLE}"
 
 RUN groupadd --system --gid 10001 vitserve \
     && useradd --system --uid 10001 --gid vitserve --home-dir /data --no-create-home --shell /usr/sbin/nologin vitserve \
@@ -115,6 +127,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VITSERVE_HOST=0.0.0.0 \
     VITSERVE_PORT=50051 \
     VITSERVE_DEVICE=cpu \
+    VITSERVE_TRAINER=${TRAINER} \
     VITSERVE_ROLE=${ROLE} \
     VITSERVE_DATA_DIR=/data
 

@@ -1,4 +1,6 @@
 # vitserve: make serve (install + export + run), make test (install + tests).
+# Two environments: .venv (Python 3.11: torch, the deprecated onnxruntime-training-cpu; export, tests, the
+# ort-training trainer) and .venv-ort (Python 3.13: the maintained onnxruntime, no torch; the ort trainer).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,14 +10,16 @@ ARTIFACTS ?= $(OUT)/$(PRESET)
 HOST ?= 127.0.0.1
 PORT ?= 50051
 DEVICE ?= cpu
+# The trainer `make serve` runs: ort (.venv-ort, onnxruntime 1.31) or ort-training (.venv, onnxruntime-training-cpu).
+TRAINER ?= ort
 STAMP := $(VENV)/.installed
 
-.PHONY: install predict-env export export-triton serve demo test bench loadtest soak fuzz proto docs clean help
+.PHONY: install ort-env export export-triton serve demo test bench loadtest soak fuzz proto docs clean help
 
 help:
-	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT)"
+	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT) (TRAINER=ort|ort-training)"
 	@echo "make test     install and run the test suite"
-	@echo "make predict-env  $(PREDICT_VENV): Python 3.13 (else the newest found) with .[predict], plain onnxruntime, --role predict only"
+	@echo "make ort-env  $(ORT_VENV): Python 3.13 (else the newest found) with .[ort]: onnxruntime 1.31, every role, --trainer ort"
 	@echo "make demo     install, export digits, fine-tune it over gRPC on scikit-learn's digits, report test accuracy"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
@@ -25,7 +29,7 @@ help:
 	@echo "make docs     regenerate docs/settings.md (the settings table) from server/config.py"
 
 # The virtual environment, rebuilt when a requirements file changes.
-$(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt requirements/mpi.txt pyproject.toml
+$(STAMP): requirements/ort-training.txt requirements/export.txt requirements/dev.txt requirements/mpi.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# dev.txt, and mpi.txt for --data-parallel and its tests (mpi4py and Open MPI's wheel, whose mpiexec lands in $(BIN)).
@@ -42,26 +46,26 @@ $(STAMP): requirements/serve.txt requirements/export.txt requirements/dev.txt re
 
 install: $(STAMP)
 
-# An inference-only environment on the maintained ONNX Runtime (requirements/predict.txt: onnxruntime, not the
-# training build, which has no wheels past Python 3.12): serves --role predict; train and all refuse to start.
-# PREDICT_PYTHON: python3.13 when it runs (a pyenv shim for a version not selected does not), else pyenv's newest
+# The trainer environment on the maintained ONNX Runtime (requirements/ort.txt: onnxruntime, not the training
+# build, which has no wheels past Python 3.12): every role with --trainer ort; no torch.
+# ORT_PYTHON: python3.13 when it runs (a pyenv shim for a version not selected does not), else pyenv's newest
 # 3.13, else the newest of python3.12, python3.11, python3.
-PREDICT_VENV ?= .venv-predict
-PREDICT_PYTHON ?= $(shell for p in python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null \
+ORT_VENV ?= .venv-ort
+ORT_PYTHON ?= $(shell for p in python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null \
 	| sort -V | tail -1) python3.12 python3.11 python3; do \
 	$$p -c 'import sys, venv; assert sys.version_info >= (3, 11)' >/dev/null 2>&1 && { echo $$p; break; }; done)
-PREDICT_STAMP := $(PREDICT_VENV)/.installed
+ORT_STAMP := $(ORT_VENV)/.installed
 
-$(PREDICT_STAMP): requirements/predict.txt pyproject.toml
-	@test -n "$(PREDICT_PYTHON)" || { echo "error: no Python >= 3.11 with venv found for $(PREDICT_VENV): set PREDICT_PYTHON" >&2; exit 1; }
-	test -x $(PREDICT_VENV)/bin/python || $(PREDICT_PYTHON) -m venv $(PREDICT_VENV)
-	$(PREDICT_VENV)/bin/python -m pip install -q -r requirements/predict.txt
-	# The project editable with the [predict] extra (its pins are predict.txt's: nothing more is installed).
-	$(PREDICT_VENV)/bin/python -m pip install -q -e '.[predict]'
-	$(PREDICT_VENV)/bin/python -c 'import sys, onnxruntime; print(f"$(PREDICT_VENV): Python {sys.version.split()[0]}, onnxruntime {onnxruntime.__version__}")'
+$(ORT_STAMP): requirements/ort.txt pyproject.toml
+	@test -n "$(ORT_PYTHON)" || { echo "error: no Python >= 3.11 with venv found for $(ORT_VENV): set ORT_PYTHON" >&2; exit 1; }
+	test -x $(ORT_VENV)/bin/python || $(ORT_PYTHON) -m venv $(ORT_VENV)
+	$(ORT_VENV)/bin/python -m pip install -q -r requirements/ort.txt
+	# The project editable with the [ort] extra (its pins are ort.txt's: nothing more is installed).
+	$(ORT_VENV)/bin/python -m pip install -q -e '.[ort]'
+	$(ORT_VENV)/bin/python -c 'import sys, onnxruntime; print(f"$(ORT_VENV): Python {sys.version.split()[0]}, onnxruntime {onnxruntime.__version__}")'
 	touch $@
 
-predict-env: $(PREDICT_STAMP)
+ort-env: $(ORT_STAMP)
 
 $(ARTIFACTS)/manifest.json: $(STAMP) $(wildcard model/*.py) $(wildcard engine/*.py)
 	$(BIN)/python -m model.export --preset $(PRESET) --out $(OUT)
@@ -75,8 +79,11 @@ TRITON_FLAGS ?=
 export-triton: export
 	$(BIN)/python -m engine.triton --artifacts $(ARTIFACTS) --out $(REPO) --force $(TRITON_FLAGS)
 
-serve: export
-	$(BIN)/python -m server --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --device $(DEVICE)
+# Exports with .venv, then serves from the TRAINER's environment (installing it first).
+SERVE_BIN = $(if $(filter ort-training,$(TRAINER)),$(BIN),$(ORT_VENV)/bin)
+serve: export $(if $(filter ort-training,$(TRAINER)),,$(ORT_STAMP))
+	@case "$(TRAINER)" in ort|ort-training) ;; *) echo "error: TRAINER must be ort or ort-training, got '$(TRAINER)'" >&2; exit 2 ;; esac
+	$(SERVE_BIN)/python -m server --trainer $(TRAINER) --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
 # Fine-tunes the digits model over gRPC (the demo starts and stops its own server) and writes demo-output/.
 demo: export
@@ -133,32 +140,31 @@ DOCKER_RUN_FLAGS ?=
 DATA_VOLUME ?= vitserve-data
 HADOLINT_VERSION ?= 2.15.1
 
-.PHONY: docker docker-predict docker-mpi docker-run test-docker lint-docker
+.PHONY: docker docker-mpi docker-run test-docker lint-docker
+
+# The Dockerfile's build arguments: the TRAINER's lock on BASE_IMAGE (default: the Dockerfile's python:3.13-slim,
+# or python:3.12-slim for TRAINER=ort-training, whose wheels stop at 3.12).
+DOCKER_BASE = $(or $(BASE_IMAGE),$(if $(filter ort-training,$(TRAINER)),python:3.12-slim))
+DOCKER_ARGS = $(if $(DOCKER_BASE),--build-arg BASE_IMAGE=$(DOCKER_BASE)) --build-arg TRAINER=$(TRAINER) \
+	--build-arg MODEL=$(PRESET) --build-arg ARTIFACTS=$(ARTIFACTS)
 
 # The CPU image with $(ARTIFACTS) baked in (ARTIFACTS must lie inside the repository: the build context).
 docker: export
-	$(DOCKER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg MODEL=$(PRESET) \
-		--build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(IMAGE) -f Dockerfile .
-
-# The inference-only image: plain onnxruntime (requirements/predict.txt) on Python 3.13, VITSERVE_ROLE=predict.
-PREDICT_IMAGE ?= vitserve:predict
-docker-predict: export
-	$(DOCKER) build --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),python:3.13-slim) --build-arg ROLE=predict \
-		--build-arg MODEL=$(PRESET) --build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(PREDICT_IMAGE) -f Dockerfile .
+	$(DOCKER) build $(DOCKER_ARGS) $(DOCKER_BUILD_FLAGS) -t $(IMAGE) -f Dockerfile .
 
 # The data-parallel trainer for the Kubeflow MPI Operator (deploy/k8s/mpijob.yaml): + Open MPI, mpi4py and an sshd.
 MPI_IMAGE ?= vitserve:mpi
 docker-mpi: export
-	$(DOCKER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg MPI=1 \
-		--build-arg MODEL=$(PRESET) --build-arg ARTIFACTS=$(ARTIFACTS) $(DOCKER_BUILD_FLAGS) -t $(MPI_IMAGE) -f Dockerfile .
+	$(DOCKER) build $(DOCKER_ARGS) --build-arg MPI=1 $(DOCKER_BUILD_FLAGS) -t $(MPI_IMAGE) -f Dockerfile .
 
 # Serves on $(HOST):$(PORT) with checkpoints in the volume $(DATA_VOLUME); Ctrl-C stops it gracefully.
 docker-run:
 	$(DOCKER) run --rm --name vitserve -p $(HOST):$(PORT):50051 -v $(DATA_VOLUME):/data $(DOCKER_RUN_FLAGS) $(IMAGE)
 
-# Builds the image and runs it for real (docker, else podman as root); see the script's header.
-test-docker: install
-	bash tests/docker/run.sh
+# Builds the image (TRAINER's) and runs it for real (docker, else podman as root); see the script's header. For
+# TRAINER=ort the in-process reference that the container's training must equal runs in .venv-ort.
+test-docker: install ort-env
+	VITSERVE_TEST_TRAINER=$(TRAINER) bash tests/docker/run.sh
 
 lint-docker: $(BIN)/hadolint
 	$(BIN)/hadolint Dockerfile Dockerfile.gpu

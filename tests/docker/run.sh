@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # Builds the CPU serving image (Dockerfile) and runs it for real: `make test-docker` or `bash tests/docker/run.sh`.
+# The image's trainer is VITSERVE_TEST_TRAINER (default ort: requirements/ort.txt, onnxruntime 1.31, --trainer ort;
+# ort-training: the deprecated training build), the Dockerfile's TRAINER build argument.
 #
 # Engine: `docker` when a Docker engine answers (`docker info`), else podman. With podman the script runs as
 # root, installs podman/buildah/debootstrap/runc with apt-get when they are missing, and builds against a local
 # base image: a debootstrapped Debian bookworm (python3 3.11, venv, pip, ca-certificates) imported as
 # localhost/vitserve-base:bookworm, cached in $VITSERVE_DOCKER_CACHE (default /var/cache/vitserve-docker), so
 # only the first run pays for debootstrap; pip inside the build reaches PyPI over the host network with the
-# host's CA bundle. With docker it builds against the Dockerfile's default base (python:3.11-slim-bookworm).
+# host's CA bundle. With docker it builds against the Dockerfile's default base (python:3.13-slim), or
+# python:3.12-slim for TRAINER=ort-training.
 # When the build or a run cannot happen, it prints why and exits 1: it never skips.
 #
-# Checks: the image builds; torch is not importable in it; it runs as a non-root user; its size is under
+# Checks: the image builds; torch is not importable in it; its ONNX Runtime and VITSERVE_TRAINER are the
+# trainer's (plain onnxruntime without its training module for ort); it runs as a non-root user; its size is under
 # 700 MB (printed); the project is installed in it as the package vitserve (pyproject.toml's version), its
 # entrypoint is the console script vitserve-server, and `python -m server --help` works too; a container
 # with a data volume comes up and its HEALTHCHECK (`vitserve health`) passes; from the host, Predict (CLI, image
 # files) and 3 TrainSteps (client library) work and equal an in-process reference (server.dataplane.DataPlane on
-# the same artifacts and batches), KServe v2 ModelInfer works with tritonclient, and the Prometheus endpoint
+# the same artifacts and batches, the same trainer, run by REF_PYTHON), KServe v2 ModelInfer works with tritonclient, and the Prometheus endpoint
 # (VITSERVE_METRICS_PORT, a free port: the host network is shared) counts those calls; SIGTERM (`stop`) makes
 # it exit 0 after writing the final checkpoint step-00000003 (reason "shutdown") into the volume; a new
 # container on the same volume resumes at step 3 with the same weights (EvalStep loss unchanged) and its
 # 4th TrainStep gives the reference's 4th loss. Last line on success: "docker test: N passed, 0 failed".
 #
-# Environment: PYTHON (host python with the project installed; default .venv/bin/python),
+# Environment: PYTHON (host python with the project and the clients installed; default .venv/bin/python),
+# VITSERVE_TEST_TRAINER (ort|ort-training), REF_PYTHON (the reference's python: default .venv-ort/bin/python,
+# `make ort-env`, for ort; PYTHON for ort-training),
 # VITSERVE_TEST_ENGINE (docker|podman: force one), VITSERVE_TEST_BASE_IMAGE (base image to build against),
 # VITSERVE_DOCKER_CACHE, DEBIAN_MIRROR (for debootstrap; default http://deb.debian.org/debian),
 # VITSERVE_TEST_IMAGE (tag to build; default localhost/vitserve:test).
@@ -28,6 +34,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 PY=${PYTHON:-.venv/bin/python}
+TRAINER=${VITSERVE_TEST_TRAINER:-ort}
+case "$TRAINER" in
+ort) REF_PY=${REF_PYTHON:-.venv-ort/bin/python} ;;
+ort-training) REF_PY=${REF_PYTHON:-$PY} ;;
+*) echo "VITSERVE_TEST_TRAINER must be ort or ort-training, got '$TRAINER'" >&2; exit 1 ;;
+esac
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the host client is this checkout's
 IMAGE=${VITSERVE_TEST_IMAGE:-localhost/vitserve:test}
 CACHE=${VITSERVE_DOCKER_CACHE:-/var/cache/vitserve-docker}
@@ -80,6 +92,7 @@ docker)
     BUILD_FLAGS=()
     RUN_FLAGS=(--network host)
     BASE_IMAGE=${VITSERVE_TEST_BASE_IMAGE:-}
+    [ -z "$BASE_IMAGE" ] && [ "$TRAINER" = ort-training ] && BASE_IMAGE=python:3.12-slim
     ;;
 podman)
     why="no Docker engine answers ('docker info' fails or docker is not installed), so the test uses podman"
@@ -105,7 +118,7 @@ podman)
     ;;
 *) cannot_run "VITSERVE_TEST_ENGINE must be docker or podman, got '$ENGINE'" ;;
 esac
-note "engine: ${E[*]}; base image: ${BASE_IMAGE:-the default of the Dockerfile}"
+note "engine: ${E[*]}; base image: ${BASE_IMAGE:-the default of the Dockerfile}; trainer: $TRAINER"
 
 WORK=$(mktemp -d)
 cleanup() {
@@ -131,9 +144,14 @@ in_image() {  # in_image [run options...] --entrypoint CMD IMAGE ARGS...
 
 # ---- (0) artifacts and the host client -----------------------------------------------------------------
 [ -x "$PY" ] || cannot_run "no host python at $PY (run 'make install' first, or set PYTHON)"
-if [ ! -f "$ARTIFACTS/manifest.json" ]; then
+[ -x "$REF_PY" ] || cannot_run "no python for the reference at $REF_PY (run 'make ort-env' first, or set REF_PYTHON)"
+# make re-exports when the model or engine code changed (artifacts of an older export may lack what the trainer reads).
+if command -v make >/dev/null 2>&1; then
+    note "make export ($ARTIFACTS)"
+    make export PRESET=$MODEL >/dev/null
+elif [ ! -f "$ARTIFACTS/manifest.json" ]; then
     note "exporting $ARTIFACTS"
-    if command -v make >/dev/null 2>&1; then make export PRESET=$MODEL >/dev/null; else "$PY" -m model.export --preset $MODEL --out artifacts; fi
+    "$PY" -m model.export --preset $MODEL --out artifacts
 fi
 [ -f "$ARTIFACTS/manifest.json" ] || cannot_run "$ARTIFACTS/manifest.json is missing after the export"
 
@@ -166,7 +184,7 @@ make_local_base() {
 if [ "$BASE_IMAGE" = "$LOCAL_BASE" ]; then make_local_base; fi
 
 note "building $IMAGE"
-build_args=(--build-arg MODEL=$MODEL --build-arg ARTIFACTS=$ARTIFACTS)
+build_args=(--build-arg TRAINER=$TRAINER --build-arg MODEL=$MODEL --build-arg ARTIFACTS=$ARTIFACTS)
 [ -n "$BASE_IMAGE" ] && build_args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 if eng build "${BUILD_FLAGS[@]}" "${build_args[@]}" -t "$IMAGE" -f Dockerfile . >"$WORK/build.log" 2>&1; then
     pass "the image builds ($(( $(date +%s) - START )) s so far)"
@@ -183,11 +201,20 @@ elif grep -q "No module named 'torch'" <<<"$out"; then
 else
     fail "torch is not importable in the image (unexpected output: $out)"
 fi
+# The trainer's runtime: plain onnxruntime without a training module for ort, the training build for ort-training.
+runtime=$(in_image --entrypoint /opt/venv/bin/python "$IMAGE" -c \
+    "import importlib.util as u, os, onnxruntime as o; print(os.environ.get('VITSERVE_TRAINER'), o.__version__, u.find_spec('onnxruntime.training') is not None)" 2>&1 || true)
+case "$TRAINER" in ort) want="ort 1.31.* False" ;; *) want="ort-training 1.19.2 True" ;; esac
+# shellcheck disable=SC2254
+case "$runtime" in
+$want) pass "the image's VITSERVE_TRAINER and ONNX Runtime are the trainer's ($runtime)" ;;
+*) fail "the image's VITSERVE_TRAINER and ONNX Runtime are the trainer's (want $want, got: $runtime)" ;;
+esac
 uid=$(in_image --entrypoint id "$IMAGE" -u 2>&1 || true)
 if [ "$uid" != "0" ] && [[ "$uid" =~ ^[0-9]+$ ]]; then pass "the image runs as a non-root user (uid $uid)"; else fail "the image runs as a non-root user (got: $uid)"; fi
 size=$(eng image inspect --format '{{.Size}}' "$IMAGE")
 size_mb=$(( size / 1000000 ))
-echo "image size: $size_mb MB ($size bytes, base ${BASE_IMAGE:-python:3.11-slim-bookworm})"
+echo "image size: $size_mb MB ($size bytes, base ${BASE_IMAGE:-python:3.13-slim}, trainer $TRAINER)"
 if [ "$size_mb" -le "$MAX_MB" ]; then pass "the image is at most $MAX_MB MB ($size_mb MB)"; else fail "the image is at most $MAX_MB MB ($size_mb MB)"; fi
 version=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 entrypoint=$(eng image inspect --format '{{json .Config.Entrypoint}}' "$IMAGE")
@@ -261,18 +288,20 @@ def batch(step):  # the same deterministic batches everywhere
 
 EVAL = batch(0)
 what, arg = sys.argv[1], sys.argv[2]
+TRAINER = sys.argv[3] if len(sys.argv) > 3 else "ort"
 out = {}
 if what == "reference":  # in-process data plane on the same artifacts: the losses of steps 1-4, evals after 3
     from server.config import Settings
     from server.dataplane import DataPlane
     with tempfile.TemporaryDirectory() as data:
-        plane = DataPlane(Settings(artifacts=Path(arg), data_dir=Path(data)))
+        plane = DataPlane(Settings(artifacts=Path(arg), data_dir=Path(data), trainer=TRAINER))
         out["losses"] = []
         for step in (1, 2, 3, 4):
             out["losses"].append(float(plane.train_step(*batch(step), summaries=False).loss))
             if step == 3:
                 out["eval3"] = float(plane.eval_step(*EVAL).loss)
-        out["eval0_fresh"] = float(DataPlane(Settings(artifacts=Path(arg), data_dir=Path(data) / "fresh")).eval_step(*EVAL).loss)
+        out["eval0_fresh"] = float(DataPlane(Settings(artifacts=Path(arg), data_dir=Path(data) / "fresh",
+                                                      trainer=TRAINER)).eval_step(*EVAL).loss)
 else:
     from client import ViTClient
     with ViTClient(arg, timeout=60) as c:
@@ -296,8 +325,8 @@ host() { "$PY" "$WORK/host.py" "$@"; }
 field() { "$PY" -c 'import json, sys; d = json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, d))' "$1" "$2"; }
 close() { "$PY" -c 'import sys, numpy as np; a, b = (np.array(eval(x), dtype=float) for x in sys.argv[1:3]); sys.exit(0 if a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-6) else 1)' "$1" "$2"; }
 
-note "reference run in-process"
-REF=$(host reference "$ARTIFACTS") || abort "the in-process reference runs"
+note "reference run in-process ($REF_PY, --trainer $TRAINER)"
+REF=$("$REF_PY" "$WORK/host.py" reference "$ARTIFACTS" "$TRAINER") || abort "the in-process reference runs"
 echo "reference: $REF"
 
 FIRST=$RUN_ID-1
