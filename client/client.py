@@ -194,6 +194,8 @@ class ModelInfo(_AsDict):
     attention: list[AttentionModule] = field(default_factory=list)
     unplaced: list[UnplacedParameter] = field(default_factory=list)
     role: str = "all"
+    trainer: str = ""  # "ort" or "ort-training"; "" on an inference-only replica
+    onnxruntime_version: str = ""
 
     @property
     def num_classes(self) -> int:

@@ -188,6 +188,7 @@ def print_info(info: ModelInfo) -> None:
     rows = [
         ("model", info.name),
         ("device", f"{info.device} ({', '.join(info.execution_providers) or 'no providers'})"),
+        ("trainer", f"{info.trainer or 'none (inference only)'} on onnxruntime {info.onnxruntime_version}"),
         ("input", f"{info.input_name} {list(info.input_shape)} {info.input_dtype}"),
         ("preprocessing", (f"{pre['height']}x{pre['width']}, {pre['channels']} channel(s), "
                            f"mean {pre['mean']}, std {pre['std']}")),

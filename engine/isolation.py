@@ -36,8 +36,6 @@ from engine.manifest import Manifest
 
 log = logging.getLogger(__name__)
 PRELOAD = ["engine.training"]  # imported once by the fork server, inherited by every child
-FORWARDED = ("train_step", "eval_step", "head_importance", "gradients", "optimizer_state", "set_optimizer",
-             "save_checkpoint", "restore_checkpoint", "export_inference_model", "parameter", "parameters")
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -80,7 +78,7 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def _serve(conn, manifest: Manifest, device: str, threads: int, learning_rate: float,
-           checkpoint: Path | None) -> None:
+           checkpoint: Path | None, trainer: str) -> None:
     """The child: build the engine, then answer (method, args, kwargs) until the pipe closes."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which shuts the child down
@@ -90,7 +88,7 @@ def _serve(conn, manifest: Manifest, device: str, threads: int, learning_rate: f
     quiet_default_logger()
     try:
         engine = TrainingEngine(manifest, device, session_options(threads, training=True), learning_rate,
-                                checkpoint=checkpoint)
+                                checkpoint=checkpoint, trainer=trainer)
     except BaseException as e:  # noqa: BLE001 - the parent raises it from its constructor
         conn.send((False, _portable(e), (0, 0.0)))
         return
@@ -121,11 +119,11 @@ class IsolatedTrainingEngine:
     """A TrainingEngine in a child process; the same methods, answered over a pipe."""
 
     def __init__(self, manifest: Manifest, device: str, threads: int, learning_rate: float,
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, trainer: str = "ort"):
         ctx = _context()
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, name="vitserve-training", daemon=True,
-                                    args=(child, manifest, device, threads, learning_rate, checkpoint))
+                                    args=(child, manifest, device, threads, learning_rate, checkpoint, trainer))
         with _main_left_alone():
             self._process.start()
         child.close()
@@ -141,6 +139,7 @@ class IsolatedTrainingEngine:
             self._process.join(5)
             raise error
         self._step, self._learning_rate = state
+        self.trainer = trainer
         log.info("training engine in process %d", self._process.pid)
 
     @property
@@ -198,6 +197,36 @@ class IsolatedTrainingEngine:
             on_gradients(sent["step"], sent["views"])
         return result
 
+    def eval_step(self, images: np.ndarray, labels: np.ndarray):
+        return self._call("eval_step", images, labels)
+
+    def head_importance(self, images: np.ndarray, labels: np.ndarray):
+        return self._call("head_importance", images, labels)
+
+    def gradients(self, images: np.ndarray, labels: np.ndarray):
+        return self._call("gradients", images, labels)
+
+    def optimizer_state(self):
+        return self._call("optimizer_state")
+
+    def set_optimizer(self, learning_rate=None, schedule=None, clip_grad_norm=None):
+        return self._call("set_optimizer", learning_rate, schedule, clip_grad_norm)
+
+    def save_checkpoint(self, path: Path) -> int:
+        return self._call("save_checkpoint", path)
+
+    def restore_checkpoint(self, path: Path) -> int:
+        return self._call("restore_checkpoint", path)
+
+    def export_inference_model(self, path: Path, output_name: str) -> int:
+        return self._call("export_inference_model", path, output_name)
+
+    def parameter(self, name: str) -> np.ndarray:
+        return self._call("parameter", name)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return self._call("parameters")
+
     def close(self) -> None:
         """Stop the child (after the call in flight). Idempotent."""
         with self._lock:
@@ -213,16 +242,3 @@ class IsolatedTrainingEngine:
                 self._process.kill()
                 self._process.join()
             self._conn.close()
-
-
-def _forward(method: str):
-    def call(self, *args, **kwargs):
-        return self._call(method, *args, **kwargs)
-
-    call.__name__ = method
-    return call
-
-
-for _name in FORWARDED:
-    if _name != "train_step":
-        setattr(IsolatedTrainingEngine, _name, _forward(_name))

@@ -22,7 +22,14 @@ TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
-ARTIFACT_FILES = (INFERENCE_MODEL, TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT)
+GRADIENT_MODEL = "gradient_model.onnx"  # the `ort` trainer: loss, logits and every gradient (model/gradgraph.py)
+FORWARD_MODEL = "forward_model.onnx"  # its eval-mode forward, parameters as inputs (EvalStep, Publish)
+WEIGHTS = "weights.safetensors"  # its starting point: the exported trainable weights
+TRAINER_FILES = {  # what each trainer reads, besides the inference model
+    "ort": (GRADIENT_MODEL, FORWARD_MODEL, WEIGHTS),
+    "ort-training": (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT),
+}
+ARTIFACT_FILES = (INFERENCE_MODEL, *TRAINER_FILES["ort"], *TRAINER_FILES["ort-training"])
 
 
 def sha256(path: Path) -> str:

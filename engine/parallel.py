@@ -375,6 +375,10 @@ class DataParallelEngine:
     def ranks(self) -> int:
         return self._group.size
 
+    @property
+    def trainer(self) -> str:
+        return self._engine.trainer
+
     def optimizer_state(self) -> OptimizerState:
         return self._engine.optimizer_state()
 

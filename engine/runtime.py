@@ -9,6 +9,8 @@ import onnxruntime as ort
 
 from engine.errors import ConfigError
 
+VERSION = ort.__version__  # the onnxruntime this process runs (GetModelInfo, the startup log)
+
 
 def quiet_default_logger() -> None:
     """Keep ORT's process-wide default logger to errors only. Called by the programs (server, export), never on import.

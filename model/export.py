@@ -5,9 +5,11 @@
     python -m model.export --model vit_pytorch.vit:ViT --name vitpt \\
         --kwargs '{"image_size": 32, "patch_size": 8, "num_classes": 10, "dim": 64, "depth": 2, "heads": 2, "mlp_dim": 128}'
 
-One folder per model: inference.onnx, training_model.onnx, eval_model.onnx,
-optimizer_model.onnx, checkpoint and manifest.json. The folder is built aside and
-only renamed into place after the self-check (model/verify.py) passes.
+One folder per model: inference.onnx; the `ort` trainer's gradient_model.onnx, forward_model.onnx and
+weights.safetensors (model/gradgraph.py: PyTorch's autograd as plain ONNX ops, for the maintained
+onnxruntime); the `ort-training` trainer's training_model.onnx, eval_model.onnx, optimizer_model.onnx and
+checkpoint (onnxruntime-training's artifacts); and manifest.json. The folder is built aside and only
+renamed into place after the self-check (model/verify.py) passes for both trainers.
 """
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ from onnxruntime.training.onnxblock import optim as ort_optim
 
 from engine import rewrite
 from engine.fusion import optimize_inference_model
+from engine.graph_trainer import write_initial_weights
 from engine.manifest import (
     ARTIFACT_FILES,
     INFERENCE_MODEL,
     TRAINING_MODEL,
+    WEIGHTS,
     LossNode,
     Manifest,
     Preprocessing,
@@ -49,7 +53,8 @@ from engine.manifest import (
     sha256,
 )
 from engine.runtime import quiet_default_logger
-from model import verify
+from engine.training import TRAINERS
+from model import gradgraph, verify
 from model.errors import ExportCheckError, ExportError
 from model.layout import place
 from model.vit import DEFAULT_PRESET, PRESETS, build
@@ -96,9 +101,16 @@ def load_class(spec: str):
         if found is None or not found.submodule_search_locations or not middle:
             raise ExportError(f"cannot import {module_name}: {error}") from None
         path = Path(list(found.submodule_search_locations)[0]).joinpath(*middle[:-1], middle[-1] + ".py")
+        if not path.is_file():
+            raise ExportError(f"cannot import {module_name}: {error}") from None
         leaf = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(leaf)
-        leaf.loader.exec_module(module)
+        try:
+            leaf.loader.exec_module(module)
+        except ImportError as leaf_error:  # the leaf needs the missing package too (timm's needs torchvision)
+            raise ExportError(f"cannot import {module_name}: {leaf_error}") from None
+    if not hasattr(module, class_name):
+        raise ExportError(f"{module_name} has no {class_name}")
     return getattr(module, class_name)
 
 
@@ -264,6 +276,13 @@ def write_training_artifacts(model, example, folder: Path, opset: int, trainable
     return proto, onnx.load(folder / TRAINING_MODEL)
 
 
+def write_gradient_trainer(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], folder: Path) -> None:
+    """The `ort` trainer's files: the gradient and forward graphs (model/gradgraph.py) and the starting weights."""
+    gradgraph.export_gradient_graphs(model, example, trainable, folder)
+    params = dict(model.named_parameters())
+    write_initial_weights(folder / WEIGHTS, {n: params[n].detach().cpu().numpy() for n in trainable})
+
+
 def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, channels: int, mean, std,
            class_names: list[str], source: dict, freeze: list[str], optimizer: str, opset: int) -> Path:
     """Write and check one model folder; returns its path. Raises ExportError (ExportCheckError on a mismatch)."""
@@ -288,6 +307,7 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
         onnx.save(inference, staging / INFERENCE_MODEL)
         forward, training_model = write_training_artifacts(graph_model, example, staging, opset, trainable, frozen,
                                                            optimizer)
+        write_gradient_trainer(model, example, trainable, staging)
         placement = place(model, forward.graph, set(trainable))
         fused = optimize_inference_model(staging / INFERENCE_MODEL, [a.heads for a in placement.attention], INPUT_NAME,
                                          tuple(example.shape))
@@ -320,10 +340,13 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
                 shutil.copy(staging / INFERENCE_MODEL, twin / INFERENCE_MODEL)
                 write_training_artifacts(freeze_batchnorm(twin_model) if batch_norms else twin_model, example, twin,
                                          opset, trainable, frozen, optimizer)
+                write_gradient_trainer(twin_model, example, trainable, twin)
                 dataclasses.replace(manifest, files={f: sha256(twin / f) for f in ARTIFACT_FILES}).write(twin)
-                verify.check_training(Manifest.load(twin), twin_model, report)
+                for trainer in TRAINERS:
+                    verify.check_training(Manifest.load(twin), twin_model, report, trainer)
         else:
-            verify.check_training(Manifest.load(staging), model, report)
+            for trainer in TRAINERS:
+                verify.check_training(Manifest.load(staging), model, report, trainer)
         if report.failures:
             raise ExportCheckError("export check failed:\n  " + "\n  ".join(report.failures))
 
@@ -416,9 +439,11 @@ def run(args: argparse.Namespace) -> int:
     manifest = Manifest.load(folder)
     check = manifest.export_check
     print(f"exported {name} to {folder} in {time.perf_counter() - started:.1f}s")
-    print(f"  check vs PyTorch: logits max rel err {check['logits_max_rel_err']:.2e}; "
-          f"loss ORT {check['loss_ort']:.6f} vs torch {check['loss_torch']:.6f}; "
-          f"{check['parameters_checked']} gradients, max rel err {check['grad_max_rel_err']:.2e} ({check['worst_parameter']})")
+    print(f"  check vs PyTorch: inference logits max rel err {check['logits_max_rel_err']:.2e}; "
+          f"loss torch {check['loss_torch']:.6f}")
+    for trainer, c in check["trainers"].items():
+        print(f"  {trainer:>12}: loss {c['loss_ort']:.6f}, {check['parameters_checked']} gradients, "
+              f"max rel err {c['grad_max_rel_err']:.2e} ({c['worst_parameter']})")
     if manifest.frozen_batchnorm:
         print(f"  BatchNorm running statistics are frozen in training (as model.eval() keeps them): "
               f"{', '.join(manifest.frozen_batchnorm)}")

@@ -1,8 +1,9 @@
 """The export's self-check: ONNX Runtime (through the server's own engines) against PyTorch.
 
 Inference: logits of inference.onnx vs PyTorch eval logits.
-Training: the first step's loss and EVERY trainable parameter's gradient, from the
-training artifacts, vs PyTorch autograd on the same weights and batch.
+Training, for each trainer (the gradient graph, `ort`, and the training artifacts, `ort-training`): the
+first step's loss and EVERY trainable parameter's gradient vs PyTorch autograd on the same weights and
+batch; for `ort` also the eval-mode loss of its forward graph (what EvalStep and Publish use).
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ GRAD_TOL = 1e-3  # max |g_ort - g_torch| relative to max |g_torch| of that param
 class CheckReport:
     logits_max_rel_err: float = 0.0
     loss_torch: float = 0.0
-    loss_ort: float = 0.0
-    grad_max_rel_err: float = 0.0
+    loss_ort: float = 0.0  # the trainer with the worst gradient's
+    grad_max_rel_err: float = 0.0  # the worst over both trainers
     worst_parameter: str = ""
     parameters_checked: int = 0
+    trainers: dict[str, dict] = field(default_factory=dict)  # trainer -> loss_ort, grad_max_rel_err, worst_parameter
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -92,20 +94,34 @@ def check_inference(manifest: Manifest, model: torch.nn.Module, report: CheckRep
         report.failures.append(f"inference logits differ from PyTorch: max rel err {report.logits_max_rel_err:.3g} > {LOGITS_TOL}")
 
 
-def check_training(manifest: Manifest, model: torch.nn.Module, report: CheckReport) -> None:
+def torch_eval_loss(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(F.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels)))
+
+
+def check_training(manifest: Manifest, model: torch.nn.Module, report: CheckReport, trainer: str) -> None:
     """`model` must be dropout-free and hold the same weights as the artifacts' checkpoint."""
     images, labels = sample_batch(manifest.input_shape, manifest.num_classes)
     trainable = manifest.trainable
     report.loss_torch, expected = torch_gradients(model, images, labels, trainable)
-    engine = TrainingEngine(manifest, "cpu", session_options(), learning_rate=0.0)
-    report.loss_ort, got = engine.gradients(images, labels)
-    if not abs(report.loss_ort - report.loss_torch) <= LOSS_TOL * max(1.0, abs(report.loss_torch)):
-        report.failures.append(f"training loss differs from PyTorch: ORT {report.loss_ort:.6g} vs torch {report.loss_torch:.6g}")
+    engine = TrainingEngine(manifest, "cpu", session_options(), learning_rate=0.0, trainer=trainer)
+    loss, got = engine.gradients(images, labels)
+    if not abs(loss - report.loss_torch) <= LOSS_TOL * max(1.0, abs(report.loss_torch)):
+        report.failures.append(f"{trainer}: training loss differs from PyTorch: ORT {loss:.6g} vs torch {report.loss_torch:.6g}")
+    if trainer == "ort":  # the eval-mode forward graph: EvalStep's loss, Publish's model
+        eval_loss, eval_expected = engine.eval_step(images, labels).loss, torch_eval_loss(model, images, labels)
+        if not abs(eval_loss - eval_expected) <= LOSS_TOL * max(1.0, abs(eval_expected)):
+            report.failures.append(f"{trainer}: eval loss differs from PyTorch: ORT {eval_loss:.6g} vs torch {eval_expected:.6g}")
+    worst, worst_name = 0.0, ""
     for name in trainable:
         scale = max(float(np.abs(expected[name]).max()), 1e-6)  # an all-zero gradient compares absolutely
         err = float(np.abs(got[name] - expected[name]).max() / scale) if got[name].shape == expected[name].shape else np.inf
-        if err > report.grad_max_rel_err:
-            report.grad_max_rel_err, report.worst_parameter = err, name
+        if err >= worst:
+            worst, worst_name = err, name
         if not err <= GRAD_TOL:
-            report.failures.append(f"gradient of {name} differs from PyTorch: max rel err {err:.3g} > {GRAD_TOL}")
+            report.failures.append(f"{trainer}: gradient of {name} differs from PyTorch: max rel err {err:.3g} > {GRAD_TOL}")
+    report.trainers[trainer] = {"loss_ort": loss, "grad_max_rel_err": worst, "worst_parameter": worst_name}
+    if worst >= report.grad_max_rel_err:
+        report.loss_ort, report.grad_max_rel_err, report.worst_parameter = loss, worst, worst_name
     report.parameters_checked = len(trainable)

@@ -497,7 +497,7 @@ class UnplacedParameter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type", "model_version", "versions", "checkpoint_every_steps", "checkpoint_every_seconds", "publish_every_steps", "attention", "unplaced", "role")
+    __slots__ = ("name", "config_json", "input_name", "input_shape", "input_dtype", "preprocessing", "class_names", "parameters", "execution_providers", "device", "opset", "optimizer", "step", "learning_rate", "max_batch_size", "export_versions", "loss_node", "loss_op_type", "model_version", "versions", "checkpoint_every_steps", "checkpoint_every_seconds", "publish_every_steps", "attention", "unplaced", "role", "trainer", "onnxruntime_version")
     class ExportVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -531,6 +531,8 @@ class ModelInfo(_message.Message):
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     UNPLACED_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    ONNXRUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_json: str
     input_name: str
@@ -557,4 +559,6 @@ class ModelInfo(_message.Message):
     attention: _containers.RepeatedCompositeFieldContainer[AttentionModule]
     unplaced: _containers.RepeatedCompositeFieldContainer[UnplacedParameter]
     role: str
-    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ..., model_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_every_seconds: _Optional[float] = ..., publish_every_steps: _Optional[int] = ..., attention: _Optional[_Iterable[_Union[AttentionModule, _Mapping]]] = ..., unplaced: _Optional[_Iterable[_Union[UnplacedParameter, _Mapping]]] = ..., role: _Optional[str] = ...) -> None: ...
+    trainer: str
+    onnxruntime_version: str
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ..., model_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_every_seconds: _Optional[float] = ..., publish_every_steps: _Optional[int] = ..., attention: _Optional[_Iterable[_Union[AttentionModule, _Mapping]]] = ..., unplaced: _Optional[_Iterable[_Union[UnplacedParameter, _Mapping]]] = ..., role: _Optional[str] = ..., trainer: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ...) -> None: ...

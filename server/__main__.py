@@ -86,7 +86,7 @@ def run_worker(settings: Settings, group) -> int:
         quiet_default_logger()
         engine = TrainingEngine(Manifest.load(settings.artifacts), settings.device,
                                 session_options(settings.training_threads, training=True),
-                                settings.learning_rate)
+                                settings.learning_rate, trainer=settings.trainer)
     except (ConfigError, RuntimeError) as e:  # rank 0 says it and stops the job
         error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return parallel.run_worker(group, engine, error, settings.checksum_every_steps)

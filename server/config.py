@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         "What this replica serves: 'all' (inference and training), 'train' (the trainer of a fleet: the same), or "
         "'predict' (inference only, from the inference graph and the manifest; training and checkpoint RPCs get "
         "FAILED_PRECONDITION)."))
+    trainer: Literal["ort", "ort-training"] = Field("ort", description=(
+        "What trains: 'ort' (PyTorch's autograd exported as a plain-ONNX gradient graph, on the maintained "
+        "onnxruntime, any Python 3.11-3.13) or 'ort-training' (ONNX Runtime's deprecated training build 1.19.2 "
+        "and its artifacts, Python <= 3.12). Ignored with --role predict."))
     host: str = Field("127.0.0.1", description=(
         "Address to bind. Loopback by default; 0.0.0.0 to listen on every interface."))
     port: int = Field(50051, description="TCP port; 0 picks a free one (tests use this).")

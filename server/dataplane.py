@@ -44,7 +44,7 @@ from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine
 from engine.isolation import IsolatedTrainingEngine
 from engine.manifest import (
-    ARTIFACT_FILES,
+    TRAINER_FILES,
     CHECKPOINT,
     INFERENCE_MODEL,
     TRAINING_MODEL,
@@ -55,6 +55,7 @@ from engine.manifest import (
     Unplaced,
 )
 from engine.repository import RepositoryWriter
+from engine.runtime import VERSION as ORT_VERSION
 from engine.runtime import providers_for, quiet_default_logger, release_freed_memory, resident_bytes, session_options
 from engine.schedule import LinearSchedule
 from engine.store import (
@@ -123,6 +124,8 @@ class ModelInfo:
     attention: tuple[QkvLayout, ...]
     unplaced: tuple[Unplaced, ...]
     role: str  # all | train | predict
+    trainer: str  # ort | ort-training; "" without a training engine
+    onnxruntime_version: str
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,9 @@ class ModelIndex:
 class RepositoryIndex:
     """RepositoryIndex's answer (proto: RepositoryIndexResponse): every model's versions, by name, oldest first."""
     models: tuple[ModelIndex, ...]
+
+
+CHECKPOINT_FOLDERS = {"ort": "checkpoints", "ort-training": "checkpoints-ort-training"}  # under <data-dir>/<model>/
 
 
 def not_served(what: str, role: str) -> FailedPrecondition:
@@ -213,16 +219,18 @@ class DataPlane:
 
     def _open_own_model(self, settings: Settings, predict_only: bool) -> None:
         """The model of --artifacts: trained here (role all/train), or only served (role predict)."""
-        self.manifest = m = Manifest.load(settings.artifacts, (INFERENCE_MODEL,) if predict_only else ARTIFACT_FILES)
+        trainer_files = TRAINER_FILES[settings.trainer]  # the trainer's own graph names its checkpoints
+        self.manifest = m = Manifest.load(settings.artifacts, (INFERENCE_MODEL, *(() if predict_only else trainer_files)))
         folder = settings.data_dir / m.name
         if predict_only:  # writes nothing: serves the newest intact version a trainer published there, if any
             self.versions = VersionStore(folder / "models") if (folder / "models").is_dir() else None
             newest = self.versions.versions()[-1] if self.versions and self.versions.versions() else None
         else:
-            for sub in ("checkpoints", "models", "quarantine"):  # every folder the server writes, checked up front
+            checkpoints = CHECKPOINT_FOLDERS[settings.trainer]  # the two trainers' checkpoints differ in format
+            for sub in (checkpoints, "models", "quarantine"):  # every folder the server writes, checked up front
                 check_writable(folder / sub)
-            self.checkpoints = CheckpointStore(folder / "checkpoints", m.files[TRAINING_MODEL],
-                                               settings.keep_checkpoints, quarantine=folder / "quarantine" / "checkpoints")
+            self.checkpoints = CheckpointStore(folder / checkpoints, m.files[trainer_files[0]],
+                                               settings.keep_checkpoints, quarantine=folder / "quarantine" / checkpoints)
             self.versions = VersionStore(folder / "models", quarantine=folder / "quarantine" / "models")
             newest = self.versions.newest_intact()
             if settings.model_repository:
@@ -241,8 +249,9 @@ class DataPlane:
         if resumed:
             log.info("resumed from checkpoint %s (step %d)", resumed.name, resumed.step)
         self._models = {m.name: ServedModel(m.name, m, self.triton_config(), settings, self.metrics, (served,))}
-        log.info("loaded %s from %s on %s (%s), model version %d", m.name, settings.artifacts, settings.device,
-                 ", ".join(self.inference.providers), served.version)
+        log.info("loaded %s from %s on %s (%s), model version %d; %s on onnxruntime %s", m.name, settings.artifacts,
+                 settings.device, ", ".join(self.inference.providers), served.version,
+                 f"trainer {self.training.trainer}" if self.training else "no trainer", ORT_VERSION)
 
     def _follow_repository(self, root: Path) -> None:
         """Serve every model of the repository; a thread polls it for new, changed and removed ones."""
@@ -311,8 +320,9 @@ class DataPlane:
         """The training engine: in a child process (--train-isolation process, the default), else in this one."""
         s = self.settings
         if s.train_isolation == "process" and not s.data_parallel:
-            return IsolatedTrainingEngine(m, s.device, s.training_threads, s.learning_rate, checkpoint=checkpoint)
-        return TrainingEngine(m, s.device, self._options, s.learning_rate, checkpoint=checkpoint)
+            return IsolatedTrainingEngine(m, s.device, s.training_threads, s.learning_rate, checkpoint=checkpoint,
+                                          trainer=s.trainer)
+        return TrainingEngine(m, s.device, self._options, s.learning_rate, checkpoint=checkpoint, trainer=s.trainer)
 
     def _load_own_version(self, version: ModelVersion | None) -> LoadedVersion:
         """A session on a published version of the own model (None: the export's inference graph)."""
@@ -694,4 +704,5 @@ class DataPlane:
             loss_op_type=m.loss.op_type, model_version=model.latest.version, versions=versions,
             checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
             publish_every_steps=s.publish_every_steps, attention=m.attention, unplaced=m.unplaced, role=s.role,
+            trainer=self.training.trainer if self.training else "", onnxruntime_version=ORT_VERSION,
         )

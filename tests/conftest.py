@@ -51,12 +51,20 @@ def torch_model(exported) -> torch.nn.Module:
 
 
 @pytest.fixture
-def serve(exported, tmp_path):
+def trainer() -> str:
+    """The trainer the `serve` fixture's servers use: the default. A test file where the behaviour is the trainer's
+    overrides this fixture with one whose params are helpers.TRAINERS, so that its tests run on both."""
+    return "ort"
+
+
+@pytest.fixture
+def serve(exported, tmp_path, trainer):
     """serve(artifacts=None, data_dir=None, **settings) -> RunningServer; all are stopped after the test."""
     started = []
 
     def start(artifacts: Path | None = None, data_dir: Path | None = None, **overrides) -> RunningServer:
-        overrides = {"learning_rate": LEARNING_RATE, "max_batch_size": 32, "metrics_port": -1, **overrides}
+        overrides = {"learning_rate": LEARNING_RATE, "max_batch_size": 32, "metrics_port": -1, "trainer": trainer,
+                     **overrides}
         settings = Settings.from_env(environ={}, artifacts=artifacts or exported[0], host="127.0.0.1", port=0,
                                      data_dir=data_dir or tmp_path / "data", **overrides)
         plane = DataPlane(settings)

@@ -44,6 +44,10 @@ MODEL = "digits4"  # the name conftest's `exported` fixture gives it
 NUM_BLOCKS, NUM_HEADS, NUM_PARAMS = 4, 4, 52  # that model: 4 blocks, 4 heads, 52 parameter tensors
 
 
+TRAINERS = ("ort", "ort-training")  # a test file where the behaviour is the trainer's overrides conftest's
+# `trainer` fixture with @pytest.fixture(params=TRAINERS): each of its tests then runs on both
+
+
 def batch(n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images float32 [n, C, H, W] of the test model, labels int64 [n]), reproducible from `seed`."""
     rng = np.random.default_rng(seed)

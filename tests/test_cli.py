@@ -53,11 +53,12 @@ def test_info_text(address):
     assert "SoftmaxCrossEntropyLoss" in out
     info = json.loads(ok(run_client("--address", address, "--json", "info")).stdout)
     rows = text_rows(out)
-    assert list(rows) == ["model", "device", "input", "preprocessing", "classes", "parameters", "trainable", "step",
+    assert list(rows) == ["model", "device", "trainer", "input", "preprocessing", "classes", "parameters", "trainable", "step",
                           "learning rate", "optimizer", "loss node", "opset", "max batch", "model version",
                           "versions", "auto checkpoint", "auto publish"], out
     assert rows["model"] == "digits4"
     assert rows["device"] == "cpu (CPUExecutionProvider)"
+    assert rows["trainer"] == f"{info['trainer']} on onnxruntime {ort.__version__}" and info["trainer"] == "ort"
     assert rows["input"] == "images [-1, 1, 8, 8] FLOAT32"
     assert rows["classes"] == "10 (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"
     assert rows["parameters"].startswith(f"{NUM_PARAMS} tensors, ") and rows["trainable"] == rows["parameters"]
@@ -302,8 +303,8 @@ def test_env_settings(exported, tmp_path):
 
 # Imports the serving path (server and client), builds a DataPlane on the exported artifacts and serves one
 # Predict and one TrainStep through it. With HIDE_TORCH=1, torch is made unimportable first, as it is in an
-# environment installed from requirements/serve.txt alone. Every attempt to import torch is recorded with the
-# file that asked for it; the script prints a JSON report.
+# environment installed from a runtime lock (requirements/ort.txt or ort-training.txt) alone. Every attempt to
+# import torch is recorded with the file that asked for it; the script prints a JSON report.
 SERVING_PATH = """
 import json, os, sys, traceback
 from pathlib import Path
@@ -355,8 +356,9 @@ def is_project_file(filename: str) -> bool:
 
 
 def test_serving_path_needs_no_torch(exported):
-    """With torch absent (a requirements/serve.txt install), the server and client import, load and train,
-    and no server/engine/client/proto module ever asks for torch (only ONNX Runtime's own optional probes do)."""
+    """With torch absent (a requirements/ort.txt or ort-training.txt install), the server and client import, load
+    and train, and no server/engine/client/proto module ever asks for torch (only ONNX Runtime's own optional probes
+    do)."""
     report = run_serving_path(exported, hide_torch=True)
     from_project = [(name, asker, stack) for name, asker, stack in report["attempts"] if is_project_file(asker)]
     assert not from_project, "project code imports torch:\n" + "\n".join(

@@ -55,6 +55,7 @@ from model import export as exporter
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from tests.helpers import (
+    TRAINERS,
     assert_one_error_line,
     assert_printed,
     clean_env,
@@ -64,6 +65,12 @@ from tests.helpers import (
     start_server,
     tensor,
 )
+
+
+@pytest.fixture(params=TRAINERS)
+def trainer(request) -> str:
+    """Every test of this file runs on both trainers."""
+    return request.param
 from tests.layout_models import CLASSES, DEPTH, HEADS, LAYOUTS, SIZE, SmallResNet
 
 CLI_LAYOUTS = ["seed", "hugging-face", "timm"]  # fused without bias, separate with biases, fused with a bias

@@ -37,7 +37,9 @@ from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from server.__main__ import join_job
 from server.config import Settings
+from server.dataplane import CHECKPOINT_FOLDERS
 from tests.helpers import (
+    TRAINERS,
     MODEL,
     STOP_TIMEOUT,
     Server,
@@ -108,11 +110,11 @@ def train(s, n: int, seed: int, **options) -> pb.TrainStepResponse:
     return s.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels), **options), timeout=CALL)
 
 
-def checkpoint_weights(artifacts: Path, data_dir: Path, name: str) -> dict[str, np.ndarray]:
-    """The trainable weights a checkpoint holds, read by ONNX Runtime in this process."""
+def checkpoint_weights(artifacts: Path, data_dir: Path, name: str, trainer: str) -> dict[str, np.ndarray]:
+    """The trainable weights a checkpoint holds, read by the trainer that wrote it, in this process."""
     manifest = Manifest.load(artifacts)
-    engine = TrainingEngine(manifest, "cpu", session_options(1, training=True), 1e-3,
-                            checkpoint=data_dir / MODEL / "checkpoints" / name / "checkpoint")
+    engine = TrainingEngine(manifest, "cpu", session_options(1, training=True), 1e-3, trainer=trainer,
+                            checkpoint=data_dir / MODEL / CHECKPOINT_FOLDERS[trainer] / name / "checkpoint")
     return {n: engine.parameter(n) for n in manifest.trainable}
 
 
@@ -148,14 +150,20 @@ def assert_same_heads(ranks, single) -> None:
                                                                                    s.importance)
 
 
+@pytest.fixture(scope="module", params=TRAINERS)
+def trainer(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def pair(exported, tmp_path_factory):
+def pair(exported, tmp_path_factory, trainer):
     """(2-rank job, single process, their data dirs): same export and settings, both saved at step 0."""
     artifacts = exported[0]
     dirs = tmp_path_factory.mktemp("ranks-data"), tmp_path_factory.mktemp("single-data")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # start both at once: the 2-core machine waits less
-        job = pool.submit(start_job, artifacts, "--checksum-every-steps", "1", env=job_env(dirs[0]))
-        single = pool.submit(start_single, artifacts, env=job_env(dirs[1]))
+        job = pool.submit(start_job, artifacts, "--checksum-every-steps", "1",
+                          env=job_env(dirs[0], VITSERVE_TRAINER=trainer))
+        single = pool.submit(start_single, artifacts, env=job_env(dirs[1], VITSERVE_TRAINER=trainer))
         servers = job.result(), single.result()
     stub(servers[0]).SaveCheckpoint(pb.SaveCheckpointRequest(name="ranks-start"), timeout=CALL)
     stub(servers[1]).SaveCheckpoint(pb.SaveCheckpointRequest(name="single-start"), timeout=CALL)
@@ -164,7 +172,7 @@ def pair(exported, tmp_path_factory):
         kill(server)
 
 
-def test_two_ranks_train_like_one_process(pair, exported):
+def test_two_ranks_train_like_one_process(pair, exported, trainer):
     (job, single), dirs = pair
     a, b = stub(job), stub(single)
     for s in (a, b):  # on every rank: the threshold must clip these steps (their norms are about 3)
@@ -191,18 +199,18 @@ def test_two_ranks_train_like_one_process(pair, exported):
 
     a.SaveCheckpoint(pb.SaveCheckpointRequest(name="ranks-3"), timeout=CALL)
     b.SaveCheckpoint(pb.SaveCheckpointRequest(name="single-3"), timeout=CALL)
-    mine, theirs = (checkpoint_weights(exported[0], d, n) for d, n in zip(dirs, ("ranks-3", "single-3")))
-    start = checkpoint_weights(exported[0], dirs[1], "single-start")
+    mine, theirs = (checkpoint_weights(exported[0], d, n, trainer) for d, n in zip(dirs, ("ranks-3", "single-3")))
+    start = checkpoint_weights(exported[0], dirs[1], "single-start", trainer)
     for name, w in theirs.items():
         assert np.linalg.norm(mine[name] - w) <= 1e-5 * np.linalg.norm(w), name
     assert any(not np.array_equal(w, start[n]) for n, w in theirs.items())  # the steps moved the weights
 
 
-def test_each_restores_the_other_ones_checkpoint(pair, exported):
+def test_each_restores_the_other_ones_checkpoint(pair, exported, trainer):
     (job, single), (ranks_dir, single_dir) = pair
     a, b = stub(job), stub(single)
     def checkpoints(data_dir: Path) -> Path:
-        return data_dir / MODEL / "checkpoints"
+        return data_dir / MODEL / CHECKPOINT_FOLDERS[trainer]
 
     shutil.copytree(checkpoints(ranks_dir) / "ranks-start", checkpoints(single_dir) / "ranks-start")
     shutil.copytree(checkpoints(single_dir) / "single-start", checkpoints(ranks_dir) / "single-start")
@@ -214,7 +222,7 @@ def test_each_restores_the_other_ones_checkpoint(pair, exported):
     b.SaveCheckpoint(pb.SaveCheckpointRequest(name="single-restored"), timeout=CALL)
     for restored, source in (((ranks_dir, "ranks-restored"), (single_dir, "single-start")),
                              ((single_dir, "single-restored"), (ranks_dir, "ranks-start"))):
-        got, want = checkpoint_weights(exported[0], *restored), checkpoint_weights(exported[0], *source)
+        got, want = checkpoint_weights(exported[0], *restored, trainer), checkpoint_weights(exported[0], *source, trainer)
         assert all(np.array_equal(got[n], w) for n, w in want.items()), (restored, source)
 
     # Rank 1 computes half of every gradient and compares its weights after every step (--checksum-every-steps 1):

@@ -129,14 +129,15 @@ def test_a_mismatch_fails_the_export_loudly_and_writes_nothing(tmp_path, capsys,
     assert not (tmp_path / "digits").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_check_detects_weights_that_differ_from_the_artifacts(exported, torch_model):
+@pytest.mark.parametrize("trainer", ["ort", "ort-training"])
+def test_check_detects_weights_that_differ_from_the_artifacts(exported, torch_model, trainer):
     with torch.no_grad():
         torch_model.transformer.layers[1][0].fn.to_qkv.weight.mul_(1.5)
     report = verify.CheckReport()
-    verify.check_training(Manifest.load(exported[0]), torch_model, report)
+    verify.check_training(Manifest.load(exported[0]), torch_model, report, trainer)
     verify.check_inference(Manifest.load(exported[0]), torch_model, report)
     assert any("inference logits differ" in f for f in report.failures)
-    assert any("gradient of transformer.layers.1.0.fn.to_qkv.weight" in f for f in report.failures)
+    assert any(f.startswith(f"{trainer}: gradient of transformer.layers.1.0.fn.to_qkv.weight") for f in report.failures)
 
 
 def test_cli_export_loads_weights(tmp_path, capsys):

@@ -18,7 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine.isolation import IsolatedTrainingEngine
 from engine.training import TrainingEngine
 from proto import vitserve_pb2 as pb
-from tests.helpers import batch, images_msg, tensor
+from tests.helpers import TRAINERS, batch, images_msg, tensor
+
+
+@pytest.fixture(params=TRAINERS)
+def trainer(request) -> str:
+    """Every test of this file runs on both trainers."""
+    return request.param
 
 
 def steps(server) -> list:

@@ -89,7 +89,7 @@ def test_the_default_role_needs_the_training_artifacts(inference_only):
 
     result = run_server_to_exit("--artifacts", str(inference_only), "--port", "0")
     line = assert_one_error_line(result, 2)
-    assert line == f"error: artifact {inference_only}/training_model.onnx is missing: re-run the export"
+    assert line == f"error: artifact {inference_only}/gradient_model.onnx is missing: re-run the export"
 
 
 def test_an_unknown_role_is_one_error_line(exported):

@@ -22,7 +22,9 @@ from engine.errors import ConfigError
 from engine.manifest import MANIFEST, Manifest
 from proto import vitserve_pb2 as pb
 from proto.vitserve_pb2_grpc import VitServeStub
+from server.dataplane import CHECKPOINT_FOLDERS
 from tests.helpers import (
+    TRAINERS,
     REPO,
     STOP_TIMEOUT,
     assert_one_error_line,
@@ -43,8 +45,15 @@ def step(stub, seed: int = 0) -> pb.TrainStepResponse:
     return stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels)))
 
 
-def checkpoints_at(data: Path) -> Path:
-    return data / "digits4" / "checkpoints"
+def checkpoints_at(data: Path, trainer: str = "ort") -> Path:
+    return data / "digits4" / CHECKPOINT_FOLDERS[trainer]
+
+
+def quarantined_checkpoints(data: Path, trainer: str) -> list[str]:
+    return [p.name for p in (data / "digits4" / "quarantine" / CHECKPOINT_FOLDERS[trainer]).iterdir()]
+
+
+on_both_trainers = pytest.mark.parametrize("trainer", TRAINERS)  # the checkpoint formats differ
 
 
 def two_checkpoints(serve, data: Path) -> dict[str, np.ndarray]:
@@ -81,13 +90,14 @@ DAMAGE = {  # what is done to checkpoint 'two' -> the problem the WARNING names
 }
 
 
+@on_both_trainers
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_startup_quarantines_a_damaged_checkpoint_and_resumes_from_the_newest_intact_one(serve, tmp_path, damage,
-                                                                                         caplog):
+                                                                                         caplog, trainer):
     data = tmp_path / "data"
     at_one = two_checkpoints(serve, data)
     harm, problem = DAMAGE[damage]
-    harm(checkpoints_at(data) / "two")
+    harm(checkpoints_at(data, trainer) / "two")
     with caplog.at_level(logging.WARNING, logger="engine.store"):
         server = serve(data_dir=data)
     assert server.plane.training.step == 1
@@ -95,24 +105,26 @@ def test_startup_quarantines_a_damaged_checkpoint_and_resumes_from_the_newest_in
     assert all(np.array_equal(weights[n], at_one[n]) for n in at_one)
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert warning.startswith("checkpoint two is damaged (") and problem in warning and "moved aside to" in warning
-    quarantined = list((data / "digits4" / "quarantine" / "checkpoints").iterdir())
-    assert len(quarantined) == 1 and quarantined[0].name.startswith("two-")
+    quarantined = quarantined_checkpoints(data, trainer)
+    assert len(quarantined) == 1 and quarantined[0].startswith("two-")
     listing = server.stub.ListCheckpoints(pb.ListCheckpointsRequest())
     assert [c.name for c in listing.checkpoints] == ["one"] and listing.latest == "one"
 
 
-def test_with_no_intact_checkpoint_the_server_starts_from_the_export(serve, tmp_path):
+@on_both_trainers
+def test_with_no_intact_checkpoint_the_server_starts_from_the_export(serve, tmp_path, trainer):
     data = tmp_path / "data"
     two_checkpoints(serve, data)
     for name in ("one", "two"):
-        overwrite_middle(checkpoints_at(data) / name / CHECKPOINT)
+        overwrite_middle(checkpoints_at(data, trainer) / name / CHECKPOINT)
     server = serve(data_dir=data)
     assert server.plane.training.step == 0
-    assert sorted(p.name.split("-")[0] for p in (data / "digits4" / "quarantine" / "checkpoints").iterdir()) == \
+    assert sorted(p.split("-")[0] for p in quarantined_checkpoints(data, trainer)) == \
         ["one", "two"]
 
 
-def test_restore_of_a_damaged_checkpoint_is_failed_precondition_and_changes_nothing(serve, tmp_path):
+@on_both_trainers
+def test_restore_of_a_damaged_checkpoint_is_failed_precondition_and_changes_nothing(serve, tmp_path, trainer):
     server = serve()
     step(server.stub, 0)
     server.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="one"))
@@ -129,7 +141,8 @@ def test_restore_of_a_damaged_checkpoint_is_failed_precondition_and_changes_noth
     assert all(np.array_equal(before[n], after[n]) for n in before)
 
 
-def test_list_checkpoints_lists_damaged_entries_as_damaged_and_never_fails(serve, tmp_path):
+@on_both_trainers
+def test_list_checkpoints_lists_damaged_entries_as_damaged_and_never_fails(serve, tmp_path, trainer):
     server = serve()
     for seed, name in enumerate(("a", "b", "c")):
         step(server.stub, seed)
@@ -342,12 +355,13 @@ def test_every_mutated_manifest_is_one_config_error_naming_the_field(exported, t
     assert named.split(".")[0] in message or "artifact" in message, (named, message)
 
 
-def test_sigkill_right_after_a_quarantine_move_loses_nothing(exported, serve, tmp_path):
+@on_both_trainers
+def test_sigkill_right_after_a_quarantine_move_loses_nothing(exported, serve, tmp_path, trainer):
     """Kill -9 a real server process the moment it logs the quarantine; the next start resumes from the same
     intact checkpoint, with the damaged one quarantined exactly once."""
     data = tmp_path / "data"
     at_one = two_checkpoints(serve, data)
-    overwrite_middle(checkpoints_at(data) / "two" / CHECKPOINT)
+    overwrite_middle(checkpoints_at(data, trainer) / "two" / CHECKPOINT)
     log = tmp_path / "stderr"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "server", "--artifacts", str(exported[0]), "--port", "0"],
@@ -365,5 +379,5 @@ def test_sigkill_right_after_a_quarantine_move_loses_nothing(exported, serve, tm
     assert again.plane.training.step == 1
     weights = again.plane.training.parameters()
     assert all(np.array_equal(weights[n], at_one[n]) for n in at_one)
-    quarantined = [p.name for p in (data / "digits4" / "quarantine" / "checkpoints").iterdir()]
+    quarantined = quarantined_checkpoints(data, trainer)
     assert len(quarantined) == 1 and quarantined[0].startswith("two-")

@@ -7,13 +7,19 @@ weight after 100 steps stays within 1e-4 of PyTorch's, relative to the weight te
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from proto import vitserve_pb2 as pb
-from tests.helpers import LEARNING_RATE, batch, images_msg, tensor
+from tests.helpers import LEARNING_RATE, TRAINERS, batch, images_msg, tensor
 
 STEPS = 100
+
+
+@pytest.fixture(params=TRAINERS)
+def trainer(request) -> str:
+    return request.param
 
 
 def test_100_adamw_steps_end_where_pytorch_ends(running, torch_model):
