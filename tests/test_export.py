@@ -148,3 +148,18 @@ def test_cli_export_loads_weights(tmp_path, capsys):
     params = TrainingEngine(Manifest.load(tmp_path / "digits"), "cpu", session_options(), 1e-3).parameters()
     for name, value in trained.state_dict().items():
         np.testing.assert_array_equal(params[name], value.numpy(), err_msg=name)
+
+
+def test_a_model_module_that_cannot_be_imported_is_one_export_failed_line(tmp_path):
+    """timm's modules import torchvision, which this environment lacks: the export says so in one line, no traceback
+    (a process of its own: the test process may hold the torchvision shim other tests use)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "model.export", "--model",
+                             "timm.models.vision_transformer:VisionTransformer", "--kwargs", '{"img_size": 16}',
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "EXPORT FAILED: cannot import timm.models.vision_transformer: No module named 'torchvision'"]

@@ -26,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 import tritonclient.grpc as triton
 
 from client.client import ViTClient
-from tests.helpers import MODEL, REPO, START_TIMEOUT, batch, clean_env, ok, start_server
+from tests.helpers import (LEARNING_RATE, MODEL, REPO, START_TIMEOUT, assert_one_error_line, batch, clean_env, ok,
+                           start_server)
 
 CACHE = REPO / ".cache"
 KEYED_BY = ("requirements/ort.txt", "pyproject.toml")
@@ -190,16 +193,35 @@ def test_predict_on_onnxruntime_1_31_serves_what_the_training_build_published(or
           f"{np.abs(served.logits - published.logits).max():.3g}")
 
 
-# Needs the ort trainer (engine/): the environment's reason to exist.
-def test_the_ort_env_trains_with_trainer_ort(ort_python, exported, tmp_path):
-    """--role all --trainer ort on onnxruntime 1.31: TrainSteps answer with a finite loss and advance the step."""
+def test_the_ort_env_trains_with_trainer_ort_as_pytorch_does(ort_python, exported, tmp_path, torch_model):
+    """--role all --trainer ort on onnxruntime 1.31, no torch there: two TrainSteps whose losses and gradient norms
+    equal PyTorch autograd's on the same weights and batches (AdamW in between), and GetModelInfo says so."""
     server = start_ort_env(ort_python, exported, tmp_path, "--role", "all", "--trainer", "ort")
     try:
         with ViTClient(server.address, timeout=60) as client:
-            assert client.model_info().step == 0
+            info = client.model_info()
             results = [client.train_step(*batch(16, seed=seed), summaries=False) for seed in (1, 2)]
     finally:
         server.stop()
-    assert [r.step for r in results] == [1, 2], [r.step for r in results]
-    assert all(math.isfinite(r.loss) and r.loss > 0 for r in results), [r.loss for r in results]
-    print(f"\n--trainer ort on onnxruntime 1.31: losses {[round(r.loss, 4) for r in results]}")
+    assert (info.step, info.trainer, info.onnxruntime_version) == (0, "ort", "1.31.1")
+    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    torch_model.train()
+    for seed, result in zip((1, 2), results):
+        images, labels = batch(16, seed=seed)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(torch_model(torch.from_numpy(images)), torch.from_numpy(labels))
+        loss.backward()
+        norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in torch_model.parameters())))
+        optimizer.step()
+        assert result.loss == pytest.approx(float(loss.detach()), rel=1e-5) and result.step == seed
+        assert result.grad_norm == pytest.approx(norm, rel=1e-4)
+
+
+def test_the_deprecated_trainer_in_the_ort_env_is_one_error_line(ort_python, exported, tmp_path):
+    result = subprocess.run([str(ort_python), "-m", "server", "--artifacts", str(exported[0]), "--port", "0",
+                             "--trainer", "ort-training"], cwd=REPO, env=venv_env(VITSERVE_DATA_DIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=START_TIMEOUT)
+    line = assert_one_error_line(result, 2)
+    assert line == ("error: --trainer ort-training needs ONNX Runtime's deprecated training build "
+                    "(onnxruntime-training-cpu==1.19.2, Python <= 3.12: pip install .[ort-training]), but this "
+                    "environment has onnxruntime 1.31.1: use --trainer ort, which trains on it")
