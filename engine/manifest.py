@@ -125,13 +125,14 @@ class Manifest:
     parameters: tuple[Parameter, ...]  # model order
     attention: tuple[QkvLayout, ...]  # block order
     inference_fused_attention_blocks: int  # MultiHeadAttention nodes in inference.onnx (engine/fusion.py)
-    loss: LossNode
+    loss: LossNode  # the node of the training artifacts' graph that computes the loss (trainer ort-training)
     opset: int
     optimizer: dict[str, Any]  # {"name": "adamw" | "sgd", hyperparameters...}
     versions: dict[str, str]  # package versions the export ran with
     files: dict[str, str]  # artifact file -> sha256
     unplaced: tuple[Unplaced, ...] = ()  # parameters left in block -1, sub-layer "other", with the reason
     frozen_batchnorm: tuple[str, ...] = ()  # BatchNorm modules trained on their frozen running statistics
+    gradient_loss: LossNode | None = None  # the node of gradient_model.onnx that computes the loss (trainer ort)
     export_check: dict[str, Any] = field(default_factory=dict)  # model/verify.py's report
     export_seconds: float = 0.0
     folder: Path = field(default=Path("."), compare=False)  # where it was loaded from; not written

@@ -40,9 +40,11 @@ from onnxruntime.training.onnxblock import optim as ort_optim
 
 from engine import rewrite
 from engine.fusion import optimize_inference_model
+from engine.graph_explain import name_backward_nodes
 from engine.graph_trainer import write_initial_weights
 from engine.manifest import (
     ARTIFACT_FILES,
+    GRADIENT_MODEL,
     INFERENCE_MODEL,
     TRAINING_MODEL,
     WEIGHTS,
@@ -135,7 +137,7 @@ def logits_only(module, inputs, output):
 
 
 def loss_node(training_model: onnx.ModelProto) -> LossNode:
-    """The node that produces the training graph's first output (the loss)."""
+    """The node that produces a training graph's first output (the loss): the artifacts' or the gradient graph's."""
     loss_output = training_model.graph.output[0].name
     node = next(n for n in training_model.graph.node if loss_output in n.output)
     return LossNode(name=node.name, op_type=node.op_type, inputs=tuple(node.input), output=loss_output)
@@ -279,6 +281,10 @@ def write_training_artifacts(model, example, folder: Path, opset: int, trainable
 def write_gradient_trainer(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], folder: Path) -> None:
     """The `ort` trainer's files: the gradient and forward graphs (model/gradgraph.py) and the starting weights."""
     gradgraph.export_gradient_graphs(model, example, trainable, folder)
+    # Node names from the module and forward op each one computes or differentiates (the tracer's say neither):
+    # what ExplainGradients answers with, and what Netron shows.
+    named = name_backward_nodes(onnx.load(folder / GRADIENT_MODEL), [n for n, _ in model.named_parameters()])
+    onnx.save(named, folder / GRADIENT_MODEL)
     params = dict(model.named_parameters())
     write_initial_weights(folder / WEIGHTS, {n: params[n].detach().cpu().numpy() for n in trainable})
 
@@ -323,7 +329,7 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
             parameters=placement.parameters, attention=placement.attention, unplaced=placement.unplaced,
             frozen_batchnorm=tuple(batch_norms),
             inference_fused_attention_blocks=fused,
-            loss=loss_node(training_model), opset=opset,
+            loss=loss_node(training_model), gradient_loss=loss_node(onnx.load(staging / GRADIENT_MODEL)), opset=opset,
             optimizer={"name": optimizer, **(ADAMW if optimizer == "adamw" else {})},
             versions={"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                       "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},

@@ -39,11 +39,13 @@ from engine.errors import (
     Unimplemented,
 )
 from engine.explain import Explanation, GradientExplainer
+from engine.graph_explain import GradientGraphExplainer
 from engine.follower import READY, UNAVAILABLE, UNLOADED, LoadedVersion, ModelState, RepositoryFollower, poll_forever
 from engine.fusion import optimize_inference_model
 from engine.inference import InferenceEngine
 from engine.isolation import IsolatedTrainingEngine
 from engine.manifest import (
+    GRADIENT_MODEL,
     TRAINER_FILES,
     CHECKPOINT,
     INFERENCE_MODEL,
@@ -679,8 +681,10 @@ class DataPlane:
 
     @trainer_only
     def explain(self, parameter: str = "") -> Explanation:
-        if self._explainer is None:
-            self._explainer = GradientExplainer(self.manifest.path(TRAINING_MODEL), self.manifest)
+        if self._explainer is None:  # the graph the trainer runs
+            self._explainer = (GradientGraphExplainer(self.manifest.path(GRADIENT_MODEL), self.manifest)
+                               if self.settings.trainer == "ort"
+                               else GradientExplainer(self.manifest.path(TRAINING_MODEL), self.manifest))
         return self._explainer.explain(parameter)
 
     @property
@@ -694,15 +698,17 @@ class DataPlane:
         m, own = model.manifest, model.manifest is self.manifest
         versions = (self.model_versions() if own else
                     [ModelVersion(v.version, v.step, v.created_unix) for v in model.served])
+        trainer = self.training.trainer if self.training else ""
+        loss = m.gradient_loss if trainer == "ort" and m.gradient_loss else m.loss  # the graph that trains
         return ModelInfo(
             name=model.name, config_json=json.dumps(m.source), input_name=m.input_name, input_shape=m.input_shape,
             input_dtype="FLOAT32", preprocessing=m.preprocessing, class_names=m.class_names, parameters=m.parameters,
             execution_providers=model.latest.engine.providers, device=s.device, opset=m.opset,
             optimizer=m.optimizer["name"], step=self.step if own else model.latest.step,
             learning_rate=self.training.learning_rate if self.training else 0.0,
-            max_batch_size=s.max_batch_size, export_versions=m.versions, loss_node=m.loss.name,
-            loss_op_type=m.loss.op_type, model_version=model.latest.version, versions=versions,
+            max_batch_size=s.max_batch_size, export_versions=m.versions, loss_node=loss.name,
+            loss_op_type=loss.op_type, model_version=model.latest.version, versions=versions,
             checkpoint_every_steps=s.checkpoint_every_steps, checkpoint_every_seconds=s.checkpoint_every_seconds,
             publish_every_steps=s.publish_every_steps, attention=m.attention, unplaced=m.unplaced, role=s.role,
-            trainer=self.training.trainer if self.training else "", onnxruntime_version=ORT_VERSION,
+            trainer=trainer, onnxruntime_version=ORT_VERSION,
         )

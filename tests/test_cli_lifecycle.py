@@ -201,13 +201,13 @@ def test_publish_then_predict_uses_new_version(cli, npz):
 
 def test_explain_all_parameters(cli, exported):
     text = ok(cli("explain")).stdout
-    assert "SoftmaxCrossEntropyLoss" in text
+    assert "`loss/Div` (Div)" in text  # the default trainer (ort): the last op of torch's cross-entropy
     assert f"{NUM_PARAMS} trainable parameters" in text
     for name in exported[1]:  # every parameter of the PyTorch state_dict has a row
         assert name in text, name
     explanation = as_json(cli("--json", "explain"))
-    assert explanation["loss"]["op_type"] == "SoftmaxCrossEntropyLoss"
-    assert explanation["loss"]["inputs"][:2] == ["logits", "labels"]
+    assert (explanation["loss"]["name"], explanation["loss"]["op_type"]) == ("loss/Div", "Div")
+    assert explanation["loss_gradient"]["name"] == "backward/loss/Div"
     assert len(explanation["parameters"]) == NUM_PARAMS
     sublayers = {p["name"]: p["sublayer"] for p in explanation["parameters"]}
     assert sublayers[QKV] == "attention.qkv"
@@ -215,7 +215,7 @@ def test_explain_all_parameters(cli, exported):
 
 def test_explain_qkv_weight(cli):
     text = ok(cli("explain", "--parameter", QKV)).stdout
-    assert "SoftmaxCrossEntropyLoss" in text
+    assert "loss/Div" in text
     assert QKV in text
     for part in ("q", "k", "v"):
         assert f"       {part}: `" in text, text  # one line per part, naming its gradient node
