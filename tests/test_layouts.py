@@ -250,7 +250,8 @@ def gated_importance(layout: Exported, images: np.ndarray, labels: np.ndarray) -
     return [g.grad.abs().numpy() for g in gates]
 
 
-def test_head_importance_equals_pytorch_with_gates_on_the_heads(layout, serve):
+@pytest.mark.parametrize("trainer", TRAINERS)  # ort-training: its head outputs; ort: the output projection's gradient
+def test_head_importance_equals_pytorch_with_gates_on_the_heads(layout, serve, trainer):
     server = serve(artifacts=layout.folder)
     images, labels = labelled_batch()
     response = server.stub.HeadImportance(pb.HeadImportanceRequest(images=images_msg(images), labels=tensor(labels)))
