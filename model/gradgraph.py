@@ -6,28 +6,33 @@ parameter; `forward_model.onnx` is the eval-mode forward graph. Both take the tr
 as graph inputs (named exactly as their PyTorch parameters), so an optimizer outside the graph
 owns the weights; frozen parameters and buffers are initializers.
 
-How (one trace per graph, no second torch.export pass):
+How (one trace per graph; torch.onnx.export would trace it twice more, torch.export and run_decompositions):
 
 1. `make_fx` traces `loss, logits, *torch.autograd.grad(loss, params)` of `torch.func.functional_call`
-   over fake tensors whose batch axis alone is symbolic (making every parameter's shape symbolic,
-   as tracing_mode="symbolic" on real tensors does, costs ~3x the time in sympy). The decomposition
-   table is the one torch.onnx itself applies (every op without an ONNX translation decomposed into
-   ops that have one), plus:
+   over fake tensors whose batch axis alone is symbolic (tracing_mode="symbolic" on real tensors makes
+   every parameter's shape symbolic too: ~3x the time, in sympy). The decomposition table is the one
+   torch.onnx itself applies (every op without an ONNX translation decomposed into ops that have one), plus
    - `aten.convolution_backward` as convolutions (`convolution_backward` below): torch.onnx has no
-     translation for it;
-   - `aten.nll_loss_forward` decomposed: torch.onnx's translation fakes its `total_weight` output
-     (the batch size is lost: every gradient came out `batch` times too large).
-   Attention runs under `sdpa_kernel(SDPBackend.MATH)`: F.scaled_dot_product_attention becomes
-   matmul/softmax, whose backward translates (the fused CPU kernel's backward does not).
+     translation for it (conv patch embeddings, every CNN);
+   - `aten.nll_loss_forward` decomposed: torch.onnx's translation fakes its `total_weight` output, so the
+     mean's batch size was lost and every gradient came out `batch` times too large.
+   Attention runs under `sdpa_kernel(SDPBackend.MATH)`: F.scaled_dot_product_attention (timm's fused
+   attention, Hugging Face's sdpa) becomes matmul/softmax, whose backward translates (the fused CPU
+   kernel's backward does not). A model with in-place ops (`x += ...`, ReLU(inplace=True)) is traced again
+   functionalized, below autograd as AOTAutograd does: ONNX has no mutation.
 2. The traced graph is wrapped as a torch.export.ExportedProgram (frozen parameters and buffers as
-   PARAMETER/BUFFER inputs, so torch.onnx makes them named initializers) and handed to torch.onnx's
-   translator directly; the FX node names and their metadata (nn_module_stack, seq_nr) are the
-   trace's own, so every ONNX node's `pkg.torch.onnx.fx_node` names the traced node it came from.
+   PARAMETER/BUFFER inputs, so torch.onnx makes them initializers under their own names) and handed to
+   torch.onnx's translator directly. The FX node names and metadata are the trace's own: every ONNX node's
+   `pkg.torch.onnx.fx_node` / `name_scopes` / `class_hierarchy` describe the traced node it came from
+   (`pkg.torch.onnx.stack_trace` is empty: recording Python stack traces doubled the tracing time).
 3. Constant folding, dead code, CSE and a few of onnxscript's rewrite rules (`_optimize`).
 
-Each node also gets `vitserve.fx_node` (the FX node name), `vitserve.phase` ("forward" or
-"backward") and, on backward nodes, `vitserve.differentiates` (the module path of the forward op
-whose gradient formula produced it) when autograd recorded it.
+Every node also gets `vitserve.fx_node` (the FX node's name), `vitserve.phase` ("forward" or "backward")
+and, on backward nodes, `vitserve.differentiates`: the module path ("" for the model itself) of the
+forward op whose gradient formula emitted it (autograd's sequence number, as AOTAutograd records it).
+
+An op with no ONNX translation is an ExportError naming it and the module it serves, e.g. "torch.onnx
+cannot translate aten.avg_pool2d_backward.default (needed by the backward of pool (AvgPool2d))".
 """
 from __future__ import annotations
 
@@ -60,48 +65,55 @@ aten = torch.ops.aten
 # --------------------------------------------------------------------------------------------------
 
 def _conv_weight_grad(x, grad_y, weight_shape, stride, padding, dilation, groups):
-    """d(loss)/d(weight) of y = conv(x, weight) (no transposition), as one grouped convolution.
+    """d(loss)/d(weight) of y = conv(x, weight) (not transposed), as one grouped convolution.
 
-    grad_w[o, c, k] = sum_{n, p} grad_y[n, o, p] * x_padded[n, g(o) * Cg + c, p * stride + k * dilation]:
-    a convolution over the batch axis, with x's channels as its batch (Cg per group), grad_y as its
-    weight (O x N), and stride and dilation swapped. The result can be longer than the kernel
-    (input positions no output reads): sliced off.
+    grad_w[o, c, k] = sum_{n, p} grad_y[n, o, p] * x_padded[n, group(o) * Cg + c, p * stride + k * dilation]:
+    a convolution over the batch axis, with x's channels (Cg per group) as its batch, grad_y as its weight
+    (O filters over N channels), and stride and dilation swapped. The result can be longer than the kernel
+    (input positions that no output reads): sliced off.
     """
-    n = x.shape[0]
-    spatial = x.dim() - 2
-    cg = x.shape[1] // groups
-    out_channels = grad_y.shape[1]
-    # (N, G*Cg, *S) -> (Cg, G*N, *S): "batch" = the channel within the group, "channels" = (group, sample)
-    xt = x.reshape(n, groups, cg, *x.shape[2:]).permute(2, 1, 0, *range(3, 3 + spatial)).reshape(cg, groups * n, *x.shape[2:])
-    # (N, G*Og, *So) -> (G*Og, N, *So): one output channel per filter, the batch as its input channels
-    wt = grad_y.transpose(0, 1)
-    gw = aten.convolution.default(xt, wt, None, list(dilation), list(padding), list(stride), False, [0] * spatial, groups)
+    n, spatial = x.shape[0], x.dim() - 2
+    cg, sizes = x.shape[1] // groups, list(x.shape[2:])
+    # (N, G*Cg, *S) -> (Cg, G*N, *S): "batch" = the channel within its group, "channels" = (group, sample)
+    xt = x.reshape(n, groups, cg, *sizes).permute(2, 1, 0, *range(3, 3 + spatial)).reshape(cg, groups * n, *sizes)
+    wt = grad_y.transpose(0, 1)  # (N, G*Og, *So) -> (G*Og, N, *So)
+    gw = aten.convolution.default(xt, wt, None, dilation, padding, stride, False, [0] * spatial, groups)
     gw = gw[(slice(None), slice(None), *(slice(0, k) for k in weight_shape[2:]))]  # (Cg, G*Og, *K)
-    return gw.transpose(0, 1).reshape(out_channels, cg, *weight_shape[2:])
+    return gw.transpose(0, 1).reshape(grad_y.shape[1], cg, *weight_shape[2:])
+
+
+def _spatial(values, spatial: int) -> list[int]:
+    return [int(v) for v in (list(values) * spatial if len(values) == 1 else values)]
 
 
 def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
                          output_padding, groups, output_mask):
-    """aten.convolution_backward for any stride, padding, dilation and groups, 1-3 spatial dims, transposed or not."""
+    """aten.convolution_backward as convolutions: any stride, padding, dilation and groups, 1-3 spatial dims,
+    transposed or not (registered into the decomposition table: torch.onnx cannot translate it)."""
     spatial = input.dim() - 2
-    stride, padding, dilation = ([int(v) for v in (a * spatial if len(a) == 1 else a)] for a in (stride, padding, dilation))
+    stride, padding, dilation = (_spatial(v, spatial) for v in (stride, padding, dilation))
+    kernel = [int(k) for k in weight.shape[2:]]
+    every = (slice(None), slice(None))
     grad_input = grad_weight = grad_bias = None
     if not transposed:
         if output_mask[0]:
-            # conv's adjoint: a transposed convolution, padded at the end to give back the input's size
-            extra = [int(input.shape[2 + i]) - ((int(grad_output.shape[2 + i]) - 1) * stride[i] - 2 * padding[i]
-                                               + dilation[i] * (int(weight.shape[2 + i]) - 1) + 1) for i in range(spatial)]
-            grad_input = aten.convolution.default(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
+            # conv's adjoint is a transposed convolution; output_padding gives back the input positions past the
+            # last one an output reads
+            read = [(int(grad_output.shape[2 + i]) - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1
+                    for i in range(spatial)]
+            extra = [int(input.shape[2 + i]) - read[i] for i in range(spatial)]
+            grad_input = aten.convolution.default(grad_output, weight, None, stride, padding, dilation, True, extra,
+                                                  groups)
         if output_mask[1]:
             grad_weight = _conv_weight_grad(input, grad_output, weight.shape, stride, padding, dilation, groups)
     else:
-        # y = conv_transpose(x, w) is the adjoint of z = conv(y, w): x's gradient is that convolution, and the
-        # weight's gradient is conv's weight gradient with the roles of input and output exchanged.
+        # y = conv_transpose(x, w) is the adjoint of z = conv(y, w): x's gradient is that convolution, and w's is
+        # conv's weight gradient with the roles of input and output exchanged.
         if output_mask[0]:
             grad_input = aten.convolution.default(grad_output, weight, None, stride, padding, dilation, False,
                                                   [0] * spatial, groups)
-            # an output_padding >= stride (allowed up to the dilation) adds output positions past the last input
-            grad_input = grad_input[(slice(None), slice(None), *(slice(0, int(n)) for n in input.shape[2:]))]
+            # an output_padding >= stride (allowed below the dilation) adds outputs past the last input position
+            grad_input = grad_input[(*every, *(slice(0, int(n)) for n in input.shape[2:]))]
         if output_mask[1]:
             grad_weight = _conv_weight_grad(grad_output, input, weight.shape, stride, padding, dilation, groups)
     if output_mask[2]:
@@ -264,12 +276,15 @@ class _StopAtMutation(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _traced(model, example, names, n_trainable, gradients):
-    """_trace, functionalized only when the model mutates a tensor (functionalization doubles the tracing time)."""
-    try:
-        return _trace(model, example, names, n_trainable, gradients)
-    except _Mutation:
-        return _trace(model, example, names, n_trainable, gradients, functionalize=True)
+def _traced(model, example, names, n_trainable, gradients, mutates: list[bool]):
+    """_trace, functionalized only when the model mutates a tensor (functionalization doubles the tracing time).
+    mutates: [whether it does], learnt by the first graph's trace and reused by the second's."""
+    if not mutates[0]:
+        try:
+            return _trace(model, example, names, n_trainable, gradients)
+        except _Mutation:
+            mutates[0] = True
+    return _trace(model, example, names, n_trainable, gradients, functionalize=True)
 
 
 def _check_batch_stays_dynamic(gm, shape_env, symbol) -> None:
@@ -393,9 +408,32 @@ def _to_onnx(ep):
     from torch.onnx._internal.exporter import _core, _fx_passes
 
     gm = ep.graph_module
-    _fx_passes.insert_type_promotion_nodes(gm)
+    _insert_type_promotion(gm)
     ep._graph_module = _fx_passes.remove_assertion_nodes(gm)
     return _core._exported_program_to_onnx_program(ep, registry=_registry()).model
+
+
+def _insert_type_promotion(gm) -> None:
+    """torch.onnx's InsertTypePromotion pass (explicit casts where ONNX needs one dtype), re-running only the
+    nodes it changes: the stock pass re-executes every node on fake tensors, a quarter of the translation time.
+    An unchanged node's value is the one the trace recorded (node.meta["val"])."""
+    from torch.onnx._internal.fx.passes import type_promotion
+
+    class Interpreter(type_promotion._TypePromotionInterpreter):
+        def run_node(self, n):
+            if n.op != "call_function" or "val" not in n.meta:
+                return super().run_node(n)
+            before = (n.target, n.args, n.kwargs)
+            with self._set_current_node(n):
+                if rule := type_promotion.get_type_promotion_rule(n, self.type_promotion_table):
+                    self._maybe_promote_node(n, rule)
+            if (n.target, n.args, n.kwargs) == before:
+                return n.meta["val"]
+            return torch.fx.Interpreter.run_node(self, n)
+
+    promotion = type_promotion.InsertTypePromotion(gm)
+    promotion.interpreter = Interpreter(gm, type_promotion.TypePromotionTable())
+    promotion.run()
 
 
 def _optimize(model, state_names: set[str]) -> None:
@@ -493,7 +531,8 @@ def _finish(model, fx_gm) -> "onnx.ModelProto":  # noqa: F821
     return proto
 
 
-def _graph(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], gradients: bool):
+def _graph(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], gradients: bool,
+           mutates: list[bool]):
     """One ONNX graph (ModelProto): the gradient graph (gradients=True) or the forward graph."""
     params = [n for n, _ in model.named_parameters()]
     frozen = [n for n in params if n not in set(trainable)]
@@ -502,7 +541,7 @@ def _graph(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], 
     what = f"{'gradient' if gradients else 'forward'} graph of {type(model).__name__}"
     with _quiet():
         try:
-            gm, shape_env, symbol = _traced(model, example, names, len(trainable), gradients)
+            gm, shape_env, symbol = _traced(model, example, names, len(trainable), gradients, mutates)
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001 - a model the tracer cannot follow: one line
@@ -565,7 +604,8 @@ def _batch_axis_named(model, n_user: int, gradients: bool) -> None:
         return
     for value in _all_values(graph):  # intermediate shapes: the same name for the same symbol
         if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value == old for d in value.shape):
-            value.shape = ir.Shape([batch if isinstance(d, ir.SymbolicDim) and d.value == old else d for d in value.shape])
+            value.shape = ir.Shape([batch if isinstance(d, ir.SymbolicDim) and d.value == old else d
+                                    for d in value.shape])
 
 
 def _all_values(graph):
@@ -606,9 +646,10 @@ def export_gradient_graphs(model: torch.nn.Module, example: torch.Tensor, traina
     folder.mkdir(parents=True, exist_ok=True)
     import onnx
 
+    mutates = [False]
     verify.train_mode(model)
-    gradient = _graph(model, example, list(trainable), gradients=True)
+    gradient = _graph(model, example, list(trainable), gradients=True, mutates=mutates)
     model.eval()
-    forward = _graph(model, example, list(trainable), gradients=False)
+    forward = _graph(model, example, list(trainable), gradients=False, mutates=mutates)
     onnx.save(gradient, folder / GRADIENT_MODEL)
     onnx.save(forward, folder / FORWARD_MODEL)
