@@ -1,10 +1,12 @@
 """python -m bench [--quick] [--out bench/results] [--only NAME ...]: the whole benchmark, one run.
 
 Prints the table (with the machine and the targets, met / not met), one section per kind of
-measurement (train-step, predict, dynamic-batching, summaries-cost, matmul-peak, achieved-flops,
+measurement (train-step, trainers, predict, dynamic-batching, summaries-cost, matmul-peak, achieved-flops,
 export, data-parallel), and writes <out>/results.txt, <out>/results.json and <out>/bench.png. Exported models
 are cached in bench/.cache/.
---quick (~2 minutes, CI smoke test): fewer repeats, shorter windows, no torch.compile.
+--quick (~4 minutes with the models cached, CI smoke test): fewer repeats, shorter windows, no torch.compile.
+The trainers workloads run the `ort` trainer on the maintained onnxruntime in .venv-ort (`make ort-env`, built
+when missing; --ort-python another) and timm's ViT-S/16 at 224 (exported once into the cache: minutes).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results"),
                    help="folder for results.txt, results.json and bench.png")
     p.add_argument("--cache", type=Path, default=None, help="exported models (default bench/.cache)")
+    p.add_argument("--ort-python", type=Path, default=None,
+                   help="the Python of the maintained-onnxruntime environment (default .venv-ort/bin/python, "
+                        "built with make ort-env when missing)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only the workloads whose name contains one of these words (e.g. train-step predict); "
                         "the matmul peak always runs")
@@ -47,7 +52,7 @@ def main(argv=None) -> int:
     from bench.stats import Row, Section
 
     plan = w.Plan.quick_plan() if args.quick else w.Plan()
-    ctx = w.Context(plan, ArtifactCache(args.cache or DEFAULT_CACHE))
+    ctx = w.Context(plan, ArtifactCache(args.cache or DEFAULT_CACHE), args.ort_python or w.ORT_PYTHON)
     torch.set_num_threads(ctx.threads)  # PyTorch gets the cores ONNX Runtime's default uses
 
     steps = [
@@ -57,6 +62,9 @@ def main(argv=None) -> int:
         ("train-step vit-small64 b32", lambda: w.train(ctx, "vit-small64", 32)),
         ("train-step torch.compile digits b64", lambda: w.train_compiled(ctx, "digits", 64)),
         ("train-step torch.compile vit-small64 b32", lambda: w.train_compiled(ctx, "vit-small64", 32)),
+        ("trainers digits b64", lambda: w.trainers(ctx, "digits", 64)),
+        ("trainers vit-small64 b32", lambda: w.trainers(ctx, "vit-small64", 32)),
+        ("trainers vit-s16-224 b8", lambda: w.trainers(ctx, "vit-s16-224", 8)),
         ("predict digits", lambda: w.predict(ctx, "digits")),
         ("predict vit-tiny", lambda: w.predict(ctx, "vit-tiny")),
         ("isolation digits", lambda: w.predict_under_training(ctx, "digits", 64)),
@@ -120,6 +128,7 @@ def main(argv=None) -> int:
     m = report.machine(started_at, load_start, os.getloadavg(), ctx.threads, plan)
     m["other_load"] = run_load
     m["server"] = ctx.info.get("server_settings")
+    m["ort_env"] = ctx.info.get("ort_env")
     target_results = report.targets(rows)
     lines = report.header_lines(m, plan, elapsed) + report.table_lines(rows) + report.target_lines(target_results)
     lines.append("")

@@ -6,6 +6,9 @@ graph fusion applied to the exported inference model, the engines the export che
 and content, plus the torch / onnx / onnxruntime-training-cpu versions. A change to any of them
 exports again. Exports run as `python -m model.export` (seed 0), the command users run, so the
 vit-tiny export doubles as the export workload's measurement.
+
+Besides the presets, MODELS names models exported with `--model module:Class --kwargs JSON` (timm's ViT-S/16
+at 224 for the trainer comparison); their cache key adds the model's spec and the files that define it.
 """
 from __future__ import annotations
 
@@ -24,6 +27,29 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "bench" / ".cache"
 KEY_FOLDERS = ("model", "engine")  # every .py beneath them goes into the cache key
 KEY_PACKAGES = ("torch", "onnx", "onnxruntime-training-cpu")
+
+# Models beyond model.vit's presets, exported with --model/--kwargs (bench/timm_vit.py imports timm through the
+# tests' torchvision shim). name -> the export's --model, its constructor's kwargs and the files that shape it.
+MODELS = {
+    "vit-s16-224": {
+        "model": "bench.timm_vit:VisionTransformer",
+        "kwargs": {"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6,
+                   "num_classes": 10},
+        "files": ("bench/timm_vit.py", "tests/torchvision_shim.py"),
+        "title": "timm ViT-S/16 224",
+    },
+}
+
+
+def input_spec(name: str) -> tuple[int, int, int]:
+    """(channels, image size, classes) of a preset or a MODELS entry."""
+    if name in MODELS:
+        k = MODELS[name]["kwargs"]
+        return k.get("in_chans", 3), k["img_size"], k["num_classes"]
+    from model.vit import PRESETS
+
+    c = PRESETS[name]
+    return c.channels, c.image_size, c.num_classes
 
 
 def key_files() -> list[Path]:
@@ -48,11 +74,23 @@ def cache_key() -> str:
     return digest.hexdigest()[:12]
 
 
+def export_command(name: str, out: Path) -> list[str]:
+    """The `python -m model.export` command line of a preset or a MODELS entry."""
+    import json
+
+    if name in MODELS:
+        spec = MODELS[name]
+        what = ["--model", spec["model"], "--kwargs", json.dumps(spec["kwargs"]), "--name", name]
+    else:
+        what = ["--preset", name]
+    return [sys.executable, "-m", "model.export", *what, "--out", str(out)]
+
+
 def run_export(preset: str, out: Path) -> dict:
-    """`python -m model.export --preset P --out OUT`; returns {'wall_s', 'export_s' (the manifest's), 'folder'}."""
+    """`python -m model.export --preset P --out OUT` (or a MODELS entry's --model/--kwargs); returns
+    {'wall_s', 'export_s' (the manifest's), 'folder'}."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "model.export", "--preset", preset, "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(export_command(preset, out), cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"export of {preset} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -66,9 +104,22 @@ class ArtifactCache:
     def __init__(self, root: Path = DEFAULT_CACHE):
         self.root = Path(root)
         self.key = cache_key()
+        self.exported: dict[str, dict] = {}  # what ensure() exported in this run: name -> run_export's wall_s etc.
+
+    def entry_key(self, name: str) -> str:
+        """The cache key; for a MODELS entry with its spec and files (by content) hashed in too."""
+        if name not in MODELS:
+            return self.key
+        import json
+
+        spec = MODELS[name]
+        digest = hashlib.sha256(self.key.encode() + json.dumps([spec["model"], spec["kwargs"]], sort_keys=True).encode())
+        for f in spec["files"]:
+            digest.update(f.encode() + b"\0" + (ROOT / f).read_bytes())
+        return digest.hexdigest()[:12]
 
     def folder(self, preset: str) -> Path:
-        return self.root / f"{preset}-{self.key}" / preset
+        return self.root / f"{preset}-{self.entry_key(preset)}" / preset
 
     def has(self, preset: str) -> bool:
         from engine.errors import ConfigError
@@ -93,7 +144,9 @@ class ArtifactCache:
         if not self.has(preset):
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.root, prefix=f".export-{preset}-") as tmp:
-                self.adopt(preset, run_export(preset, Path(tmp))["folder"])
+                result = run_export(preset, Path(tmp))
+                self.adopt(preset, result["folder"])
+                self.exported[preset] = {"wall_s": round(result["wall_s"], 1), "export_s": result["export_s"]}
         return self.folder(preset)
 
 
@@ -106,12 +159,18 @@ def initial_weights(folder: Path) -> dict[str, np.ndarray]:
 
 
 def torch_model(preset: str, folder: Path):
-    """The preset's PyTorch ViT holding exactly the exported weights (strict load: every name must match)."""
+    """The preset's (or MODELS entry's) PyTorch model holding exactly the exported weights (strict load: every
+    name must match)."""
     import torch
 
-    from model.vit import PRESETS, build
+    if preset in MODELS:
+        from model.export import construct, load_class
 
-    model = build(PRESETS[preset])
+        model = construct(load_class(MODELS[preset]["model"]), MODELS[preset]["kwargs"])
+    else:
+        from model.vit import PRESETS, build
+
+        model = build(PRESETS[preset])
     weights = initial_weights(folder)
     model.load_state_dict({n: torch.from_numpy(w) for n, w in weights.items()}, strict=True)
     return model

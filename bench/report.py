@@ -8,13 +8,14 @@ import platform
 import subprocess
 from pathlib import Path
 
-from bench.stats import Row, Section, summarize
+from bench.stats import REFERENCES, Row, Section, summarize
 
 NOISY_PCT = 10.0  # other processes' mean share of the cores above which a workload's figures are flagged
 
 # The table's sections in print order, with their titles.
 SECTIONS = {
     Section.TRAIN_STEP: "Train step throughput",
+    Section.TRAINERS: "The two trainers: one train step (summaries omitted), the ort trainer on both ONNX Runtimes",
     Section.PREDICT: "Predict latency (batch 1) and throughput (batch 8 / 32)",
     Section.DYNAMIC_BATCHING: "Dynamic batching",
     Section.SUMMARIES_COST: "Cost of gradient summaries",
@@ -26,7 +27,7 @@ SECTIONS = {
     Section.FAILED: "Workloads that raised",
 }
 # the sections whose table shows every row's note (the others: only "n/a: ..." ones)
-NOTED = (Section.TRAIN_STEP, Section.DYNAMIC_BATCHING, Section.ISOLATION, Section.MATMUL_PEAK, Section.ACHIEVED_FLOPS, Section.EXPORT,
+NOTED = (Section.TRAIN_STEP, Section.TRAINERS, Section.DYNAMIC_BATCHING, Section.ISOLATION, Section.MATMUL_PEAK, Section.ACHIEVED_FLOPS, Section.EXPORT,
          Section.DATA_PARALLEL)
 
 # (description, row key, which figure, comparison, threshold)
@@ -50,6 +51,15 @@ TARGETS = [
      "isolation/vit-small64/process/p99-ratio", "median", "<=", 3.0),
     ("full gradient summaries <= 5% of step time (vit-small64, b32)", "summaries/vit-small64/overhead", "median", "<=", 5.0),
     ("full gradient summaries <= 5% of step time (digits, b64)", "summaries/digits/overhead", "median", "<=", 5.0),
+    # the two trainers: the ort trainer on the maintained onnxruntime (.venv-ort) against eager and the artifacts
+    ("ort trainer (onnxruntime 1.31, .venv-ort) >= 1.05x PyTorch eager (vit-small64, b32)",
+     "trainers/vit-small64/ort-new", "vs_torch", ">=", 1.05),
+    ("ort trainer (onnxruntime 1.31) >= 1.0x the ort-training trainer (digits, b64)", "trainers/digits/ort-new",
+     "vs_ort", ">=", 1.0),
+    ("ort trainer (onnxruntime 1.31) >= 1.0x the ort-training trainer (vit-small64, b32)",
+     "trainers/vit-small64/ort-new", "vs_ort", ">=", 1.0),
+    ("ort trainer (onnxruntime 1.31) >= 1.0x the ort-training trainer (timm ViT-S/16 224, b8)",
+     "trainers/vit-s16-224/ort-new", "vs_ort", ">=", 1.0),
     ("inference >= 80% of matmul peak (vit-tiny, Predict over gRPC, b32)",
      "flops/predict/vit-tiny/b32/Predict over gRPC", "peak_pct", ">=", 80.0),
 ]
@@ -136,7 +146,7 @@ def header_lines(m: dict, plan, elapsed: float) -> list[str]:
         f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['threads_used']} used); {m['platform']}",
         f"python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), onnxruntime {m['onnxruntime']} "
         f"(default threads), numpy {m['numpy']} [{blas or 'blas ?'}], grpcio {m['grpcio']}, "
-        f"OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}",
+        f"OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}" + ort_env_text(m.get("ort_env")),
         f"load average at start {' '.join(f'{x:.2f}' for x in m['loadavg_start'])}, at end "
         f"{' '.join(f'{x:.2f}' for x in m['loadavg_end'])}; other processes used {load_text(m.get('other_load'))} "
         f"of the cores during the run; run took {elapsed:.0f} s; "
@@ -148,6 +158,12 @@ def header_lines(m: dict, plan, elapsed: float) -> list[str]:
         f"'other load': % of all cores used by other processes (and steal) while the row's workload ran; "
         f"'!' marks > {NOISY_PCT:.0f}%: such figures are suspect, rerun on a quiet machine.",
     ]
+
+
+def ort_env_text(env: dict | None) -> str:
+    if not env:
+        return ""
+    return f"; the ort trainer's .venv-ort: python {env['python']}, onnxruntime {env['onnxruntime']}"
 
 
 def server_line(settings: dict | None) -> str:
@@ -208,7 +224,8 @@ def table_lines(rows: list[Row]) -> list[str]:
     for b in body:
         if b[-1] != section:
             section = b[-1]
-            lines += ["", f"{section}: {SECTIONS[section]}", line(cols), line(["-" * w for w in widths])]
+            titles = [REFERENCES[section][1] if c == "vs raw ORT" and section in REFERENCES else c for c in cols]
+            lines += ["", f"{section}: {SECTIONS[section]}", line(titles), line(["-" * w for w in widths])]
         lines.append(line(b[:-1]))
     return lines
 
@@ -270,9 +287,10 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
         return f"{r.workload}{' ' + r.unit.split()[-1] if r.unit.startswith('ms') else ''}: {r.variant}"
 
     speeds = [r for r in rows
-              if r.section in (Section.TRAIN_STEP, Section.PREDICT) and r.unit in ("images/s", "ms p50")]
+              if r.section in (Section.TRAIN_STEP, Section.TRAINERS, Section.PREDICT) and r.unit in ("images/s", "ms p50")]
     ratio_rows = [(label(r), r.vs_torch, "vs PyTorch eager") for r in speeds if r.vs_torch]
-    ratio_rows += [(label(r), r.vs_ort, "vs raw ORT / engine") for r in speeds if r.vs_ort]
+    ratio_rows += [(label(r), r.vs_ort, "vs ort-training" if r.section == Section.TRAINERS else "vs raw ORT / engine")
+                   for r in speeds if r.vs_ort]
     ratio_rows += [(f"{r.workload.split(',')[0]}: on/off", r.samples, "batching on vs off") for r in rows
                    if r.key.endswith("/speedup") and r.samples]
     peak_rows = [r for r in rows if r.peak_pct]
@@ -286,7 +304,8 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
     grid = fig.add_gridspec(3, 2, height_ratios=heights, width_ratios=[1, 1])
     axes = [fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, :]), fig.add_subplot(grid[2, 0]),
             fig.add_subplot(grid[2, 1])]
-    colors = {"vs PyTorch eager": "tab:blue", "vs raw ORT / engine": "tab:orange", "batching on vs off": "tab:green"}
+    colors = {"vs PyTorch eager": "tab:blue", "vs raw ORT / engine": "tab:orange", "vs ort-training": "tab:red",
+              "batching on vs off": "tab:green"}
 
     def bars(ax, labels, stats, cols):
         y = np.arange(len(labels))[::-1]
@@ -304,10 +323,10 @@ def write_chart(path: Path, rows: list[Row], target_results: list[dict], m: dict
         bars(ax, [f"{l} ({k})" for l, _, k in ratio_rows], [summarize(v) for _, v, _ in ratio_rows],
              [colors[k] for _, _, k in ratio_rows])
         ax.axvline(1.0, color="black", lw=0.8)
-        for t, style in ((0.9, (0, (1, 3))), (1.2, ":"), (1.5, "--"), (3.0, "-.")):
+        for t, style in ((0.9, (0, (1, 3))), (1.05, (0, (3, 2))), (1.2, ":"), (1.5, "--"), (3.0, "-.")):
             ax.axvline(t, color="red", lw=0.6, ls=style)
         ax.set_xscale("log")
-    ax.set_title("speedup, median [min-max] of per-repeat pairs; red lines: the targets 0.9x, 1.2x, 1.5x, 3x",
+    ax.set_title("speedup, median [min-max] of per-repeat pairs; red lines: the targets 0.9x, 1.05x, 1.2x, 1.5x, 3x",
                  fontsize=9)
 
     ax = axes[1]

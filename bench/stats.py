@@ -11,6 +11,7 @@ import numpy as np
 class Section:
     """What a row measures: the sections of the table, by name (bench.report.SECTIONS: their titles and order)."""
     TRAIN_STEP = "train-step"  # images/s of train steps: engine, TrainStep over gRPC, PyTorch eager, torch.compile
+    TRAINERS = "trainers"  # images/s of the ort trainer (ORT 1.31 / 1.19.2), the ort-training trainer, gRPC, eager
     PREDICT = "predict"  # Predict latency (batch 1) and throughput (batch 8 / 32)
     DYNAMIC_BATCHING = "dynamic-batching"  # many single-image clients, server batching on vs off
     SUMMARIES_COST = "summaries-cost"  # train steps with full vs omitted gradient summaries
@@ -20,6 +21,10 @@ class Section:
     DATA_PARALLEL = "data-parallel"  # TrainStep images/s: one process vs an MPI job of two ranks (one thread each)
     ISOLATION = "isolation"  # Predict p50/p99 beside a training client: training in the server process vs a child
     FAILED = "failed"  # a workload that raised: its error
+
+
+# What a section's vs_ort ratios are against, when it is not raw in-process ONNX Runtime: (JSON name, column title).
+REFERENCES = {Section.TRAINERS: ("vs_ort_training", "vs ort-training")}
 
 
 def summarize(samples: list[float]) -> dict:
@@ -68,7 +73,8 @@ class Row:
         out = {"key": self.key, "section": self.section, "workload": self.workload, "variant": self.variant,
                "unit": self.unit, "note": self.note, "other_load_pct": self.other_load, "samples": self.samples,
                **self.summary}
-        for name, ratios in (("vs_torch_eager", self.vs_torch), ("vs_raw_ort", self.vs_ort),
+        vs_ort_name = REFERENCES.get(self.section, ("vs_raw_ort",))[0]
+        for name, ratios in (("vs_torch_eager", self.vs_torch), (vs_ort_name, self.vs_ort),
                              ("percent_of_peak", self.peak_pct)):
             if ratios:
                 out[name] = {**summarize(ratios), "samples": ratios}

@@ -1,7 +1,9 @@
 """The benchmark's workloads: each function measures one thing and returns its table rows (bench.stats.Row).
 
 matmul_peak (section matmul-peak), export_time (export), train (train-step and summaries-cost),
-train_compiled (train-step: torch.compile), predict (predict), dynamic_batching (dynamic-batching),
+train_compiled (train-step: torch.compile), trainers (trainers: the `ort` trainer on ONNX Runtime 1.31 in
+.venv-ort and on 1.19.2 here, the `ort-training` trainer, TrainStep over gRPC on a .venv-ort server, PyTorch
+eager), predict (predict), dynamic_batching (dynamic-batching),
 data_parallel (data-parallel: one process vs an MPI job of two ranks, real processes); achieved_flops
 derives the achieved-flops rows from the measured throughputs and the matmul peak.
 
@@ -15,6 +17,8 @@ pair by pair.
 from __future__ import annotations
 
 import json
+import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.artifacts import ROOT, ArtifactCache, run_export, threads, torch_model
+from bench.artifacts import MODELS, ROOT, ArtifactCache, input_spec, run_export, threads, torch_model
 from bench.stats import Row, Section, pair_ratios, rotated, time_calls
 
 RAW_ORT, GRPC, EAGER, COMPILED, ENGINE = "raw ORT in-process", "Predict over gRPC", "PyTorch eager", "torch.compile", \
@@ -57,6 +61,7 @@ class Plan:
     dynamic_clients: int = 16
     export_repeats: int = 3
     peak_repeats: int = 10
+    big_repeats: int = 3  # repeats of the trainer comparison on timm's ViT-S/16 at 224 (b8: seconds a step)
     compile: bool = True
     compile_limit_s: float = 420.0  # per preset: compile + measurement in the subprocess
 
@@ -64,13 +69,17 @@ class Plan:
     def quick_plan(cls) -> "Plan":
         return cls(quick=True, repeats=3, heavy_repeats=2, train_window=0.5, train_min_steps=1,
                    throughput_window=0.4, latency_window=0.5, latency_min_calls=5, dynamic_window=1.5,
-                   dynamic_repeats=2, export_repeats=1, peak_repeats=5, compile=False)
+                   dynamic_repeats=2, export_repeats=1, peak_repeats=5, big_repeats=2, compile=False)
+
+
+ORT_PYTHON = ROOT / ".venv-ort" / "bin" / "python"  # `make ort-env`: the maintained onnxruntime, the ort trainer
 
 
 class Context:
-    def __init__(self, plan: Plan, cache: ArtifactCache):
+    def __init__(self, plan: Plan, cache: ArtifactCache, ort_python: Path = ORT_PYTHON):
         self.plan = plan
         self.cache = cache
+        self.ort_python = Path(ort_python)
         self.threads = threads()
         self.tmp = Path(tempfile.mkdtemp(prefix="vitserve-bench-"))
         self.info: dict = {}  # extra facts for the JSON (peak, settings, compile times, ...)
@@ -79,12 +88,23 @@ class Context:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def batch(self, preset: str, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        from model.vit import PRESETS
-
-        c = PRESETS[preset]
+        channels, image_size, classes = input_spec(preset)
         rng = np.random.default_rng(seed)
-        x = rng.standard_normal((size, c.channels, c.image_size, c.image_size), dtype=np.float32)
-        return x, rng.integers(0, c.num_classes, size).astype(np.int64)
+        x = rng.standard_normal((size, channels, image_size, image_size), dtype=np.float32)
+        return x, rng.integers(0, classes, size).astype(np.int64)
+
+    def ort_env(self) -> Path:
+        """The .venv-ort Python (built once with `make ort-env` when missing); RuntimeError when it cannot be had."""
+        if not self.ort_python.exists() and self.ort_python == ORT_PYTHON and "ort_env_build" not in self.info:
+            started = time.perf_counter()
+            proc = subprocess.run(["make", "ort-env"], cwd=ROOT, capture_output=True, text=True)
+            self.info["ort_env_build"] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - started)}
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [str(proc.returncode)]
+                raise RuntimeError(f"make ort-env failed: {tail[0][:150]}")
+        if not self.ort_python.exists():
+            raise RuntimeError(f"no {self.ort_python}: run make ort-env")
+        return self.ort_python
 
 
 class Served:
@@ -206,11 +226,14 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
 
     ips = {name: [batch / s for s in v] for name, v in steps.items()}
     workload = f"train {preset} b{batch}"
+    from onnxruntime import __version__ as this_ort
+
+    which = f"trainer {engine.trainer}, onnxruntime {this_ort} (this process; the section trainers has both)"
     rows = [
         Row(Section.TRAIN_STEP, workload, ENGINE + " (summaries)", "images/s", ips[ENGINE],
-            vs_torch=pair_ratios(ips[ENGINE], ips[EAGER]), key=f"train/{preset}/engine"),
+            vs_torch=pair_ratios(ips[ENGINE], ips[EAGER]), key=f"train/{preset}/engine", note=which),
         Row(Section.TRAIN_STEP, workload, ENGINE_BARE, "images/s", ips[ENGINE_BARE],
-            vs_torch=pair_ratios(ips[ENGINE_BARE], ips[EAGER]), key=f"train/{preset}/engine-bare"),
+            vs_torch=pair_ratios(ips[ENGINE_BARE], ips[EAGER]), key=f"train/{preset}/engine-bare", note=which),
         Row(Section.TRAIN_STEP, workload, TRAIN_GRPC + " (summaries)", "images/s", ips[TRAIN_GRPC],
             vs_torch=pair_ratios(ips[TRAIN_GRPC], ips[EAGER]), vs_ort=pair_ratios(ips[TRAIN_GRPC], ips[ENGINE]),
             note="vs raw ORT: vs the engine in-process", key=f"train/{preset}/grpc"),
@@ -222,12 +245,12 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
     return rows
 
 
-def in_process_engine(folder: Path, threads: int):
+def in_process_engine(folder: Path, threads: int, trainer: str = "ort"):
     from engine.manifest import Manifest
     from engine.runtime import session_options
     from engine.training import TrainingEngine
 
-    return TrainingEngine(Manifest.load(folder), "cpu", session_options(threads, training=True), 1e-3)
+    return TrainingEngine(Manifest.load(folder), "cpu", session_options(threads, training=True), 1e-3, trainer=trainer)
 
 
 def _summary_rows(workload, preset, prefix, what, full, off) -> list[Row]:
@@ -285,6 +308,168 @@ def train_compiled(ctx: Context, preset: str, batch: int) -> list[Row]:
                 vs_torch=pair_ratios(out["compiled"], out["eager"]),
                 note=f"first step (compile) {out['compile_s']:.0f} s; vs eager: eager measured in the same subprocess",
                 key=key)]
+
+
+# ---- trainers: the ort trainer (ORT 1.31 in .venv-ort, ORT 1.19.2 here) vs the ort-training trainer vs eager ----
+
+class TrainerWorker:
+    """bench.trainer_worker in another Python (.venv-ort), driven over its stdin / stdout one JSON line at a time."""
+
+    def __init__(self, python: Path, threads: int, log: Path, timeout_s: float = 900.0):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.timeout_s = timeout_s
+        self.log = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([str(python), "-m", "bench.trainer_worker", "--threads", str(threads)], cwd=ROOT,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.hello = self._answer()
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # the worker is gone
+
+    def _answer(self) -> dict:
+        try:
+            line = self._lines.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise RuntimeError(f"trainer worker gave no answer in {self.timeout_s:.0f} s: see {self.log}") from None
+        if line is None:
+            raise RuntimeError(f"trainer worker exited ({self.proc.poll()}): see {self.log}")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise RuntimeError(f"trainer worker: {answer.get('error')}")
+        return answer
+
+    def call(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+T_NEW, T_OLD, T_ARTIFACTS, T_GRPC, T_EAGER = "ort-new", "ort-old", "ort-training", "grpc", "eager"
+
+
+def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
+    """One train step (summaries omitted: PyTorch eager computes none) of each way to train, on the same exported
+    folder, weights and batch, rotated within each repeat so that the ratios are pair by pair:
+
+    * the `ort` trainer in-process on the maintained onnxruntime: a TrainingEngine in a worker process of
+      .venv-ort (bench.trainer_worker), the step timed inside it;
+    * the `ort` trainer in-process on onnxruntime-training 1.19.2 (this process): same graph, older runtime;
+    * the `ort-training` trainer in-process (this process): ORT's training build and its artifacts;
+    * TrainStep over gRPC (summaries omitted) of a server process of .venv-ort with --trainer ort, all cores;
+    * PyTorch eager + AdamW (torch.optim), the same threads.
+    The reference for the second ratio column is the ort-training trainer.
+    """
+    import torch
+    import torch.nn.functional as F
+    from onnxruntime import __version__ as this_ort
+
+    from client import ViTClient
+    from engine.manifest import Manifest
+
+    plan = ctx.plan
+    workload = f"train {MODELS[preset]['title'] if preset in MODELS else preset} b{batch}"
+    keys = {v: f"trainers/{preset}/{v}" for v in (T_NEW, T_OLD, T_ARTIFACTS, T_GRPC, T_EAGER)}
+    ort_python = ctx.ort_env()
+    folder = ctx.cache.ensure(preset)
+    manifest = Manifest.load(folder)
+    exports = ctx.info.setdefault("exports", {})
+    exports[preset] = {"export_s (manifest)": manifest.export_seconds, **ctx.cache.exported.get(preset, {"cached": True})}
+    x, y = ctx.batch(preset, batch)
+    scratch = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"trainers-{preset}-"))
+    np.save(scratch / "images.npy", x)
+    np.save(scratch / "labels.npy", y)
+    repeats = plan.big_repeats if preset in MODELS else plan.repeats
+    warm = 1 if plan.quick and preset in MODELS else 2  # warm-up steps of each variant (ViT-S/16 b8: seconds each)
+    worker = server = client = None
+    try:
+        worker = TrainerWorker(ort_python, ctx.threads, scratch / "worker.log")
+        new_ort = worker.hello["onnxruntime"]
+        ctx.info["ort_env"] = {"python_path": str(ort_python), "python": worker.hello["python"], "onnxruntime": new_ort}
+        opened = worker.call(op="open", id=preset, folder=str(folder), images=str(scratch / "images.npy"),
+                             labels=str(scratch / "labels.npy"), trainer="ort", warm=warm)
+        server = _server_process([str(ort_python), "-m", "server", "--trainer", "ort"], folder,
+                                 Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"trainers-server-{preset}-")),
+                                 ("--intra-op-threads", "0"))
+        client = ViTClient(server[1], timeout=600)
+        old = in_process_engine(folder, ctx.threads, trainer="ort")
+        artifacts = in_process_engine(folder, ctx.threads, trainer="ort-training")
+        model = torch_model(preset, folder).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.01)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+        def torch_step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xt), yt)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        fns = {T_OLD: lambda: old.train_step(x, y, summaries=False),
+               T_ARTIFACTS: lambda: artifacts.train_step(x, y, summaries=False),
+               T_GRPC: lambda: client.train_step(x, y, summaries=False),
+               T_EAGER: torch_step}
+        for fn in fns.values():
+            _warm(fn, 0.0, warm)
+        steps = {v: [] for v in (T_NEW, *fns)}  # mean s/step, one per repeat
+        for r in range(repeats):
+            for name in rotated(list(steps), r):
+                if name == T_NEW:
+                    times = worker.call(op="time", id=preset, window=plan.train_window,
+                                        min_steps=plan.train_min_steps)["times"]
+                else:
+                    times = time_calls(fns[name], plan.train_window, plan.train_min_steps)
+                steps[name].append(sum(times) / len(times))
+        worker.call(op="close", id=preset)
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            _stop_process(server[0], signal.SIGTERM)
+        if worker is not None:
+            worker.close()
+    ctx.info.setdefault("trainers", {})[preset] = {"batch": batch, "repeats": repeats, "step_s": steps,
+                                                   "worker_open_s": opened["open_s"]}
+    ips = {name: [batch / s for s in v] for name, v in steps.items()}
+    eager, art = ips[T_EAGER], ips[T_ARTIFACTS]
+    from bench.report import fmt_ratio
+
+    export_note = f"; export {manifest.export_seconds:.0f} s (export() incl. check)" if preset in MODELS else ""
+    rows = [
+        Row(Section.TRAINERS, workload, f"ort trainer, onnxruntime {new_ort} (.venv-ort worker)", "images/s",
+            ips[T_NEW], vs_torch=pair_ratios(ips[T_NEW], eager), vs_ort=pair_ratios(ips[T_NEW], art),
+            note=f"TrainingEngine in a .venv-ort worker process, step timed inside it{export_note}", key=keys[T_NEW]),
+        Row(Section.TRAINERS, workload, f"ort trainer, onnxruntime {this_ort} (this process)", "images/s",
+            ips[T_OLD], vs_torch=pair_ratios(ips[T_OLD], eager), vs_ort=pair_ratios(ips[T_OLD], art),
+            note="same gradient graph as above, on the training build's runtime", key=keys[T_OLD]),
+        Row(Section.TRAINERS, workload, f"ort-training trainer, onnxruntime {this_ort}", "images/s", art,
+            vs_torch=pair_ratios(art, eager), note="ORT's training artifacts (Module + Optimizer)",
+            key=keys[T_ARTIFACTS]),
+        Row(Section.TRAINERS, workload, f"TrainStep over gRPC, ort trainer, onnxruntime {new_ort}", "images/s",
+            ips[T_GRPC], vs_torch=pair_ratios(ips[T_GRPC], eager), vs_ort=pair_ratios(ips[T_GRPC], art),
+            note=f"{fmt_ratio(pair_ratios(ips[T_GRPC], ips[T_NEW]))} of the ort trainer in-process on {new_ort}; "
+                 "summaries omitted; a .venv-ort server process", key=keys[T_GRPC]),
+        Row(Section.TRAINERS, workload, EAGER + " + AdamW", "images/s", eager, key=keys[T_EAGER],
+            note=f"torch {torch.__version__}, {torch.get_num_threads()} threads"),
+        Row(Section.TRAINERS, workload, f"ort trainer: onnxruntime {new_ort} / {this_ort}", "x",
+            pair_ratios(ips[T_NEW], ips[T_OLD]), note="the same graph on the two runtimes, per repeat pair",
+            key=f"trainers/{preset}/runtime-gain"),
+    ]
+    return rows
 
 
 # ---- data-parallel: TrainStep images/s of one process vs an MPI job of two ranks ------------------------------
