@@ -44,6 +44,7 @@ from engine.graph_explain import name_backward_nodes
 from engine.graph_trainer import write_initial_weights
 from engine.manifest import (
     ARTIFACT_FILES,
+    FORWARD_MODEL,
     GRADIENT_MODEL,
     INFERENCE_MODEL,
     TRAINING_MODEL,
@@ -253,6 +254,15 @@ def pin_static_shapes(proto: onnx.ModelProto, example_shape: tuple[int, ...]) ->
     return inferred
 
 
+def training_forward(model, example, opset: int) -> onnx.ModelProto:
+    """The training-mode forward graph, shapes pinned and rewritten for faster gradient kernels (engine/rewrite.py).
+
+    Traced in training mode also where it serves eval (with a dropout-free model): in eval mode the TorchScript
+    exporter merges equal initializers (every LayerNorm weight at its initial ones), so parameters would vanish."""
+    proto = pin_static_shapes(export_onnx(model, example, opset, training=True), tuple(example.shape))
+    return rewrite.for_training(proto, INPUT_NAME, tuple(example.shape))  # faster gradient kernels, same function
+
+
 def write_training_artifacts(model, example, folder: Path, opset: int, trainable, frozen,
                              optimizer: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """Export the training-mode forward graph, rewrite it (engine/rewrite.py) and generate ORT's artifacts from it.
@@ -260,8 +270,7 @@ def write_training_artifacts(model, example, folder: Path, opset: int, trainable
     Returns (the forward graph, nodes in execution order; the training graph ORT built from it,
     whose node order ORT rearranges).
     """
-    proto = pin_static_shapes(export_onnx(model, example, opset, training=True), tuple(example.shape))
-    proto = rewrite.for_training(proto, INPUT_NAME, tuple(example.shape))  # faster gradient kernels, same function
+    proto = training_forward(model, example, opset)
     initializers = {i.name for i in proto.graph.initializer}
     missing = [n for n in trainable + frozen if n not in initializers]
     if missing:
@@ -278,15 +287,48 @@ def write_training_artifacts(model, example, folder: Path, opset: int, trainable
     return proto, onnx.load(folder / TRAINING_MODEL)
 
 
-def write_gradient_trainer(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], folder: Path) -> None:
-    """The `ort` trainer's files: the gradient and forward graphs (model/gradgraph.py) and the starting weights."""
+def write_gradient_trainer(model: torch.nn.Module, forward: onnx.ModelProto, example: torch.Tensor,
+                           trainable: list[str], folder: Path) -> None:
+    """The `ort` trainer's files: the gradient graph (model/gradgraph.py), the eval-mode forward graph with the
+    trainable parameters as inputs, and the starting weights.
+
+    `forward` (training_forward's graph) with its Dropouts in eval mode, as ORT's eval model has them, becomes the
+    forward graph of EvalStep and Publish (which makes its inputs initializers again): the graph the other
+    trainer's eval model comes from, so a published version has the structure engine/fusion.py fuses, whichever
+    trainer published it."""
     gradgraph.export_gradient_graphs(model, example, trainable, folder)
+    onnx.save(parameters_as_inputs(dropout_off(copy.deepcopy(forward)), trainable), folder / FORWARD_MODEL)
     # Node names from the module and forward op each one computes or differentiates (the tracer's say neither):
     # what ExplainGradients answers with, and what Netron shows.
     named = name_backward_nodes(onnx.load(folder / GRADIENT_MODEL), [n for n, _ in model.named_parameters()])
     onnx.save(named, folder / GRADIENT_MODEL)
     params = dict(model.named_parameters())
     write_initial_weights(folder / WEIGHTS, {n: params[n].detach().cpu().numpy() for n in trainable})
+
+
+def dropout_off(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Dropout node of `proto` in eval mode (its training_mode input a constant False): the identity."""
+    off = "vitserve_dropout_training_mode_off"
+    dropouts = [n for n in proto.graph.node if n.op_type == "Dropout" and len(n.input) >= 3 and n.input[2]]
+    for node in dropouts:
+        node.input[2] = off
+    if dropouts:
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(False), off))
+    return proto
+
+
+def parameters_as_inputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """`proto` with the initializers `names` turned into graph inputs of the same name, type and shape."""
+    initializers = {i.name: i for i in proto.graph.initializer}
+    missing = [n for n in names if n not in initializers]
+    if missing:
+        raise ExportError(f"parameters missing from the exported forward graph (unused by forward?): {missing[:5]}")
+    kept = [i for i in proto.graph.initializer if i.name not in set(names)]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    proto.graph.input.extend(onnx.helper.make_tensor_value_info(n, initializers[n].data_type, initializers[n].dims)
+                             for n in names)
+    return proto
 
 
 def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, channels: int, mean, std,
@@ -313,7 +355,7 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
         onnx.save(inference, staging / INFERENCE_MODEL)
         forward, training_model = write_training_artifacts(graph_model, example, staging, opset, trainable, frozen,
                                                            optimizer)
-        write_gradient_trainer(model, example, trainable, staging)
+        write_gradient_trainer(model, forward, example, trainable, staging)
         placement = place(model, forward.graph, set(trainable))
         fused = optimize_inference_model(staging / INFERENCE_MODEL, [a.heads for a in placement.attention], INPUT_NAME,
                                          tuple(example.shape))
@@ -346,7 +388,7 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
                 shutil.copy(staging / INFERENCE_MODEL, twin / INFERENCE_MODEL)
                 write_training_artifacts(freeze_batchnorm(twin_model) if batch_norms else twin_model, example, twin,
                                          opset, trainable, frozen, optimizer)
-                write_gradient_trainer(twin_model, example, trainable, twin)
+                write_gradient_trainer(twin_model, forward, example, trainable, twin)
                 dataclasses.replace(manifest, files={f: sha256(twin / f) for f in ARTIFACT_FILES}).write(twin)
                 for trainer in TRAINERS:
                     verify.check_training(Manifest.load(twin), twin_model, report, trainer)

@@ -46,12 +46,13 @@ MODEL_INFO = ModelInfo(
     learning_rate=0.0005, max_batch_size=64, export_versions={}, loss_node="loss",
     loss_op_type="SoftmaxCrossEntropyLoss", model_version=1,
     versions=[ModelVersion(0, 0, 0.0), ModelVersion(1, 7, 0.0)], checkpoint_every_steps=100,
-    checkpoint_every_seconds=90.0)
+    checkpoint_every_seconds=90.0, trainer="ort", onnxruntime_version="1.31.1")
 
 # The text these results printed before the renderer was split out of client/__main__.py.
 INFO_TEXT = """\
 model           digits
 device          cpu (CPUExecutionProvider)
+trainer         ort on onnxruntime 1.31.1
 input           images [-1, 1, 8, 8] FLOAT32
 preprocessing   8x8, 1 channel(s), mean [0.485], std [0.229]
 classes         12 (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...)

@@ -84,6 +84,7 @@ def test_fields_have_real_types_and_the_engine_default():
     types = {name: f.annotation for name, f in Settings.model_fields.items()}
     choices = {name: t for name, t in types.items() if typing.get_origin(t) is typing.Literal}
     assert choices == {"role": typing.Literal["all", "train", "predict"],  # the settings that are a choice
+                       "trainer": typing.Literal["ort", "ort-training"],
                        "train_isolation": typing.Literal["process", "thread"]}
     assert {t for name, t in types.items() if name not in choices} <= {Path, int, float, bool, str}, types
     assert types["artifacts"] is Path and types["port"] is int and types["dynamic_batching"] is bool
