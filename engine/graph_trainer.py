@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from engine import gradients, heads, optim
 from engine.errors import ConfigError, FailedPrecondition
@@ -49,7 +49,9 @@ def write_checkpoint(path: Path, weights: dict[str, np.ndarray], optimizer_state
     metadata = {"format": FORMAT, STEP_KEY: str(optimizer_step)}
     if engine_state is not None:
         metadata[STATE_KEY] = engine_state
-    save_file(tensors, str(path), metadata=metadata)
+    data = save(tensors, metadata=metadata)  # serialized here, written by Python: a full disk is an OSError (ENOSPC)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def write_initial_weights(path: Path, weights: dict[str, np.ndarray]) -> None:

@@ -215,7 +215,7 @@ class IsolatedTrainingEngine:
     def save_checkpoint(self, path: Path) -> int:
         return self._call("save_checkpoint", path)
 
-    def restore_checkpoint(self, path: Path) -> int:
+    def restore_checkpoint(self, path: Path | None) -> int:
         return self._call("restore_checkpoint", path)
 
     def export_inference_model(self, path: Path, output_name: str) -> int:

@@ -429,13 +429,15 @@ class DataParallelEngine:
                           clip_grad_norm=clip_grad_norm)
             return state
 
-    def restore_checkpoint(self, path: Path) -> int:
+    def restore_checkpoint(self, path: Path | None) -> int:
         with self.lock, self._group.lock:
             if self._group.lost:
                 raise Unavailable(self._group.lost)
-            data = Path(path).read_bytes()
-            step = self._engine.restore_checkpoint(path)  # ONNX Runtime refuses a bad file before any rank changes
-            self._sync(data, step)
+            step = self._engine.restore_checkpoint(path)  # the trainer refuses a bad file before any rank changes
+            with tempfile.TemporaryDirectory(prefix="vitserve-rank-") as folder:  # None: the export's, in any format
+                copy = Path(folder) / "checkpoint"
+                self._engine.save_checkpoint(copy)
+                self._sync(copy.read_bytes(), step)
             return step
 
 

@@ -399,8 +399,9 @@ class TrainingEngine:
                                                  "clip": self._clip}))
             return self._step
 
-    def restore_checkpoint(self, path: Path) -> int:
-        """Replace the whole training state with a checkpoint's. Returns the restored step."""
+    def restore_checkpoint(self, path: Path | None) -> int:
+        """Replace the whole training state with a checkpoint's (None: the export's starting point). Returns the
+        restored step."""
         with self._lock:
             self._load(path)
             return self._step

@@ -47,7 +47,6 @@ from engine.isolation import IsolatedTrainingEngine
 from engine.manifest import (
     GRADIENT_MODEL,
     TRAINER_FILES,
-    CHECKPOINT,
     INFERENCE_MODEL,
     TRAINING_MODEL,
     Manifest,
@@ -573,8 +572,7 @@ class DataPlane:
             previous = next((c for c in reversed(self.checkpoints.list()) if c.step == step - 1 and not c.problem),
                             None)
             with self._checkpoint_lock:
-                self.training.restore_checkpoint(self.checkpoints.path(previous) if previous else
-                                                 self.manifest.path(CHECKPOINT))
+                self.training.restore_checkpoint(self.checkpoints.path(previous) if previous else None)
             log.error("step %d rolled back to step %d: its checkpoint could not be written (%s)", step, step - 1, e)
             raise type(e)(f"{e}; the step was rolled back (weights, optimizer state and step as before the call)") \
                 from None

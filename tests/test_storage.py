@@ -305,11 +305,11 @@ def copy_artifacts(exported, tmp_path: Path, raw: dict) -> Path:
 
 def test_a_manifest_without_a_files_entry_is_one_error_line(exported, tmp_path, manifest_text):
     raw = json.loads(manifest_text)
-    del raw["files"]["checkpoint"]
+    del raw["files"]["weights.safetensors"]  # what the default trainer (ort) starts from
     folder = copy_artifacts(exported, tmp_path, raw)
     result = run_server_to_exit("--artifacts", str(folder), "--port", "0", env=clean_env())
     line = assert_one_error_line(result, 2)
-    assert line == f"error: {folder}/manifest.json: field files.checkpoint is missing: re-run the export"
+    assert line == f"error: {folder}/manifest.json: field files.weights.safetensors is missing: re-run the export"
 
 
 def paths(raw, prefix=()):
@@ -365,8 +365,8 @@ def test_sigkill_right_after_a_quarantine_move_loses_nothing(exported, serve, tm
     log = tmp_path / "stderr"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "server", "--artifacts", str(exported[0]), "--port", "0"],
-                                cwd=REPO, env=clean_env(VITSERVE_DATA_DIR=str(data)), stdout=subprocess.DEVNULL,
-                                stderr=stderr)
+                                cwd=REPO, env=clean_env(VITSERVE_DATA_DIR=str(data), VITSERVE_TRAINER=trainer),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             wait_for(lambda: "moved aside to" in log.read_text() or proc.poll() is not None, seconds=60,
                      what="the quarantine WARNING")
