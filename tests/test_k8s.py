@@ -197,13 +197,13 @@ def trainer_objects() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trainer(trainer_objects) -> dict:
+def trainer_set(trainer_objects) -> dict:
     return trainer_objects[0]
 
 
 @pytest.fixture(scope="module")
-def trainer_container(trainer) -> dict:
-    return _only_container(trainer["spec"]["template"]["spec"], "vitserve")
+def trainer_container(trainer_set) -> dict:
+    return _only_container(trainer_set["spec"]["template"]["spec"], "vitserve")
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +277,7 @@ def _pod_specs(request) -> dict[str, dict]:
     mpi = request.getfixturevalue("mpijob")["spec"]["mpiReplicaSpecs"]
     return {
         "single": request.getfixturevalue("deployment")["spec"]["template"]["spec"],
-        "trainer": request.getfixturevalue("trainer")["spec"]["template"]["spec"],
+        "trainer": request.getfixturevalue("trainer_set")["spec"]["template"]["spec"],
         "inference": request.getfixturevalue("inference")["spec"]["template"]["spec"],
         "triton": request.getfixturevalue("triton")["spec"]["template"]["spec"],
         "mpi-launcher": mpi["Launcher"]["template"]["spec"],
@@ -458,10 +458,10 @@ def test_one_writer_to_the_data_volume(deployment, pvc, container, settings):
     assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
 
 
-def test_termination_grace_covers_the_drain_and_final_checkpoint(deployment, trainer):
+def test_termination_grace_covers_the_drain_and_final_checkpoint(deployment, trainer_set):
     grace = parse_args([])["grace"]
     assert grace == 5.0
-    for workload in (deployment, trainer):
+    for workload in (deployment, trainer_set):
         period = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert period == 30 and period > grace, workload["metadata"]["name"]
 
@@ -555,7 +555,7 @@ def test_roles(trainer_settings, inference_settings, mpi_settings, settings):
 
 @pytest.mark.parametrize("name", ["trainer", "inference"])
 def test_fleet_ports_probes_and_annotations_match_settings(request, name):
-    workload = request.getfixturevalue(name)
+    workload = request.getfixturevalue({"trainer": "trainer_set"}.get(name, name))
     container = request.getfixturevalue(f"{name}_container")
     s = request.getfixturevalue(f"{name}_settings")
     assert _ports(container) == {"grpc": s.port, "http": s.http_port, "metrics": s.metrics_port} == VITSERVE_PORTS
@@ -566,22 +566,22 @@ def test_fleet_ports_probes_and_annotations_match_settings(request, name):
     assert s.intra_op_threads == int(container["resources"]["limits"]["cpu"])  # no oversubscription
 
 
-def test_fleet_services_target_their_pods(trainer, trainer_objects, inference, inference_objects, triton, triton_objects):
+def test_fleet_services_target_their_pods(trainer_set, trainer_objects, inference, inference_objects, triton, triton_objects):
     vitserve = [("grpc", 50051), ("http", 8000), ("metrics", 8002)]
-    _check_service(trainer_objects[1], trainer, vitserve)
+    _check_service(trainer_objects[1], trainer_set, vitserve)
     _check_service(inference_objects[1], inference, vitserve)
     _check_service(triton_objects[1], triton, [("http", 8000), ("grpc", 8001), ("metrics", 8002)])
-    assert trainer["spec"]["serviceName"] == trainer_objects[1]["metadata"]["name"] == "vitserve-trainer"
+    assert trainer_set["spec"]["serviceName"] == trainer_objects[1]["metadata"]["name"] == "vitserve-trainer"
     assert inference_objects[1]["metadata"]["name"] == "vitserve-inference"
-    for workload in (trainer, inference, triton):
+    for workload in (trainer_set, inference, triton):
         spec = workload["spec"]
         assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"]
 
 
 # ---------------------------------------------------------------- the fleet: the trainer
 
-def test_trainer_is_the_one_writer(trainer, trainer_container, trainer_settings):
-    spec = trainer["spec"]
+def test_trainer_is_the_one_writer(trainer_set, trainer_container, trainer_settings):
+    spec = trainer_set["spec"]
     assert spec["replicas"] == 1
     assert spec["podManagementPolicy"] == "OrderedReady"
     assert spec["updateStrategy"] == {"type": "RollingUpdate"}  # one pod: the old one stops first
