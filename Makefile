@@ -24,7 +24,7 @@ help:
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
 	@echo "make soak     minutes of training + Predict + frequent Publish; fails on RSS growth >= 5% (SOAK_SECONDS=240)"
-	@echo "make bench    benchmark vs PyTorch eager and raw ONNX Runtime (BENCH_FLAGS=--quick: ~2 min)"
+	@echo "make bench    the two trainers, PyTorch eager and raw ONNX Runtime (BENCH_FLAGS=--quick: ~12 min here, --only SECTION)"
 	@echo "make proto    regenerate the stubs proto/*_pb2*.py from proto/vitserve.proto, open_inference.proto and model_config.proto"
 	@echo "make docs     regenerate docs/settings.md (the settings table) from server/config.py"
 
