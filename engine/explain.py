@@ -185,14 +185,19 @@ class GradientExplainer:
         found = {}
         for i, (role, weight) in enumerate(zip("qkv", layout.weights)):
             tensor = self._projection_output(weight)
-            node = self._gradient_producer(tensor) if tensor else None
-            if node is None:
+            part = self._part(role, tensor) if tensor else None
+            if part is None:
                 continue
-            part = (QkvPartGradient(role, tensor, tensor + GRAD, self._info(node)),)
-            found[weight] = part
+            found[weight] = (part,)
             if layout.biases:
-                found[layout.biases[i]] = part
+                found[layout.biases[i]] = (part,)
         return found
+
+    def _part(self, role: str, tensor: str) -> QkvPartGradient | None:
+        """Where the gradient of q, k or v (the forward `tensor`) is computed; None when it is not found. ORT's
+        gradient builder names that gradient `<tensor>_grad`."""
+        node = self._gradient_producer(tensor)
+        return None if node is None else QkvPartGradient(role, tensor, tensor + GRAD, self._info(node))
 
     def head_outputs(self, manifest: Manifest) -> list[HeadOutput]:
         """Each attention module's per-head output softmax(q k^T) v: the matmul that takes v as its right operand."""
@@ -229,10 +234,10 @@ class GradientExplainer:
         ordered = self._order_by_attention(parts) or self._order_by_offset(cuts, parts)
         result = []
         for role, tensor in zip("qkv", ordered or ()):
-            node = self._gradient_producer(tensor)
-            if node is None:
+            part = self._part(role, tensor)
+            if part is None:
                 return ()
-            result.append(QkvPartGradient(role, tensor, tensor + GRAD, self._info(node)))
+            result.append(part)
         return tuple(result)
 
     def _cut(self, tensor: str) -> tuple[list[int], list[str]]:

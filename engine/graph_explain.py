@@ -40,7 +40,7 @@ from onnx import numpy_helper
 
 from engine.errors import ConfigError
 from engine.explain import GRAD, GradientExplainer, QkvPartGradient
-from engine.manifest import Manifest, QkvLayout
+from engine.manifest import Manifest
 
 LOSS, LOGITS = "loss", "logits"
 LOSS_UNIT = "loss"  # the module name of the forward ops between the logits and the loss
@@ -927,33 +927,3 @@ class GradientGraphExplainer(GradientExplainer):
             return None
         return QkvPartGradient(role, tensor, self._gradient_tensor(tensor), self._info(node))
 
-    def _layout_parts(self, layout: QkvLayout) -> dict[str, tuple[QkvPartGradient, ...]]:
-        if layout.fused:
-            parts = self._fused_parts(layout.weights[0])
-            return {n: parts for n in {*layout.weights, *layout.biases}} if parts else {}
-        found = {}
-        for i, (role, weight) in enumerate(zip("qkv", layout.weights)):
-            tensor = self._projection_output(weight)
-            part = self._part(role, tensor) if tensor else None
-            if part is None:
-                continue
-            found[weight] = (part,)
-            if layout.biases:
-                found[layout.biases[i]] = (part,)
-        return found
-
-    def _fused_parts(self, weight: str) -> tuple[QkvPartGradient, ...]:
-        product = self._projection_output(weight)
-        if product is None:
-            return ()
-        cuts, parts = self._cut(product)
-        if len(parts) != 3:
-            return ()
-        ordered = self._order_by_attention(parts) or self._order_by_offset(cuts, parts)
-        result = []
-        for role, tensor in zip("qkv", ordered or ()):
-            part = self._part(role, tensor)
-            if part is None:
-                return ()
-            result.append(part)
-        return tuple(result)
