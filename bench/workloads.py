@@ -174,26 +174,33 @@ def matmul_peak(ctx: Context, n: int = 2048) -> list[Row]:
 
 # ---- train-step + summaries-cost: train steps --------------------------------------------------------------
 
-def train(ctx: Context, preset: str, batch: int) -> list[Row]:
+def eager_train_step(preset: str, folder: Path, x: np.ndarray, y: np.ndarray):
+    """PyTorch eager's train step on the exported weights and one batch: forward, cross-entropy, backward, AdamW."""
     import torch
     import torch.nn.functional as F
 
+    model = torch_model(preset, folder).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.01)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def train(ctx: Context, preset: str, batch: int) -> list[Row]:
     plan = ctx.plan
     folder = ctx.cache.ensure(preset)
     served = Served(ctx, folder)
     client = served.client()
     try:
         x, y = ctx.batch(preset, batch)
-        model = torch_model(preset, folder).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.01)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-
-        def torch_step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xt), yt)
-            loss.backward()
-            opt.step()
-            return loss.item()
+        torch_step = eager_train_step(preset, folder, x, y)
 
         # The in-process reference: a TrainingEngine of its own in this process, as a user embedding engine/
         # would run it (the server's own engine is in its training process, behind a pipe).
@@ -375,7 +382,6 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
     The reference for the second ratio column is the ort-training trainer.
     """
     import torch
-    import torch.nn.functional as F
     from onnxruntime import __version__ as this_ort
 
     from client import ViTClient
@@ -408,16 +414,7 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
         client = ViTClient(server[1], timeout=600)
         old = in_process_engine(folder, ctx.threads, trainer="ort")
         artifacts = in_process_engine(folder, ctx.threads, trainer="ort-training")
-        model = torch_model(preset, folder).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.01)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-
-        def torch_step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xt), yt)
-            loss.backward()
-            opt.step()
-            return loss.item()
+        torch_step = eager_train_step(preset, folder, x, y)
 
         fns = {T_OLD: lambda: old.train_step(x, y, summaries=False),
                T_ARTIFACTS: lambda: artifacts.train_step(x, y, summaries=False),
