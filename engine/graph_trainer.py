@@ -82,9 +82,10 @@ class GradientGraphBackend:
             raise ConfigError(f"onnxruntime {ort.__version__} cannot load {GRADIENT_MODEL}: "
                               f"{str(e).strip().splitlines()[0]}") from None
         self._check_signature()
-        self._forward = None  # forward_model.onnx's session, opened on the first EvalStep
+        self._forward = self._forward_binding = None  # forward_model.onnx's session, opened on the first EvalStep
         self._binding = self._bind(self._session, outputs=True)
         self._head_outputs = None
+        self._frozen_values = None  # read from the gradient graph when first asked for
 
     # -- binding ----------------------------------------------------------------------------------------
 
@@ -125,7 +126,7 @@ class GradientGraphBackend:
         """After the flat weights changed on the host: nothing on the CPU (bound in place), a copy on CUDA."""
         if self._device[0] == "cpu":
             return
-        for binding in (self._binding, getattr(self, "_forward_binding", None)):
+        for binding in (self._binding, self._forward_binding):
             if binding is None:
                 continue
             # Rebinding from the host buffers is the one copy a step needs.
@@ -192,7 +193,7 @@ class GradientGraphBackend:
 
     def _frozen(self) -> dict[str, np.ndarray]:
         """The frozen parameters: initializers of the gradient graph under their manifest names."""
-        if not hasattr(self, "_frozen_values"):
+        if self._frozen_values is None:
             wanted = {p.name for p in self._manifest.parameters if not p.trainable}
             graph = onnx.load(str(self._manifest.path(GRADIENT_MODEL))).graph
             self._frozen_values = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in wanted}
