@@ -555,16 +555,20 @@ class GradientGraph:
             pending = [t for t in pending if t not in ins] + [self.nodes[found].output[0]]
         return pending
 
+    def _sole_free_user(self, tensor: str) -> int | None:
+        """The one backward node that reads `tensor` and belongs to no unit yet; None when there is not exactly one."""
+        users = [c for c in self.consumers.get(tensor, ()) if c in self.flow and c not in self.owner]
+        return users[0] if len(users) == 1 else None
+
     def _through_copies(self, unit: _Unit, tensor: str) -> str:
         """A gradient that one copy-like node passes on unchanged (the backward of a forward op the optimizer
         folded away, such as a full slice's slice_scatter) continues as that node's output; the node goes to
         the op whose backward made the gradient."""
         template = TEMPLATES.get(unit.op) if unit.kind == "structural" else None
         while True:
-            users = [c for c in self.consumers.get(tensor, ()) if c in self.flow and c not in self.owner]
-            if len(users) != 1:
+            c = self._sole_free_user(tensor)
+            if c is None:
                 return tensor
-            c = users[0]
             node = self.nodes[c]
             if node.op_type not in COPIES or self._flow_inputs(c) != [tensor] or self._saved(c) \
                     or self.shape(node.output[0]) != self.shape(tensor) or self.shape(tensor) is None:
@@ -703,10 +707,9 @@ class GradientGraph:
         """A formula's last scaling (a mean's 1/N: Mul, Div or Neg by a constant no forward op uses) after its
         result already has the input's shape belongs to the formula: the gradient leaves after it."""
         while True:
-            users = [c for c in self.consumers.get(tensor, ()) if c in self.flow and c not in self.owner]
-            if len(users) != 1:
+            c = self._sole_free_user(tensor)
+            if c is None:
                 return tensor
-            c = users[0]
             node = self.nodes[c]
             if node.op_type not in ("Mul", "Div", "Neg") or self._flow_inputs(c) != [tensor] or self._saved(c) \
                     or self._constants(c) & self._forward_constants or self.shape(node.output[0]) != self.shape(tensor):
