@@ -127,12 +127,15 @@ class ModelVersion(_AsDict):
 
 @dataclass
 class Preprocessing(_AsDict):
-    """The schema of ModelInfo.preprocessing (a dict): resize to height x width, then (pixel / 255 - mean) / std."""
+    """The schema of ModelInfo.preprocessing (a dict): resize to height x width (resize_shorter N > 0: the shorter
+    side to N, then a centre crop of height x width) with the `interpolation` filter, then (pixel / 255 - mean) / std."""
     height: int
     width: int
     channels: int
     mean: list[float] = field(metadata=wire(convert=_short_floats))
     std: list[float] = field(metadata=wire(convert=_short_floats))
+    resize_shorter: int = 0
+    interpolation: str = field(default="bilinear", metadata=wire(convert=lambda name: name or "bilinear"))  # "": an older server
 
 
 @dataclass

@@ -190,8 +190,7 @@ def print_info(info: ModelInfo) -> None:
         ("device", f"{info.device} ({', '.join(info.execution_providers) or 'no providers'})"),
         ("trainer", f"{info.trainer or 'none (inference only)'} on onnxruntime {info.onnxruntime_version}"),
         ("input", f"{info.input_name} {list(info.input_shape)} {info.input_dtype}"),
-        ("preprocessing", (f"{pre['height']}x{pre['width']}, {pre['channels']} channel(s), "
-                           f"mean {pre['mean']}, std {pre['std']}")),
+        ("preprocessing", preprocessing_text(pre)),
         ("classes", f"{info.num_classes} ({names})"),
         ("parameters", f"{len(info.parameters)} tensors, {total:,} elements"),
         ("trainable", f"{len(trainable)} tensors, {n_trainable:,} elements"),
@@ -210,6 +209,13 @@ def print_info(info: ModelInfo) -> None:
         rows.insert(1, ("role", info.role + (" (inference only)" if info.role == "predict" else "")))
     for key, value in rows:
         print(f"{key:<15} {value}")
+
+
+def preprocessing_text(pre: dict) -> str:
+    """e.g. `224x224 (shorter side to 248, centre crop), bicubic, 3 channel(s), mean [...], std [...]`."""
+    resize = f" (shorter side to {pre['resize_shorter']}, centre crop)" if pre.get("resize_shorter") else ""
+    return (f"{pre['height']}x{pre['width']}{resize}, {pre.get('interpolation') or 'bilinear'}, "
+            f"{pre['channels']} channel(s), mean {pre['mean']}, std {pre['std']}")
 
 
 def auto_checkpoint_text(info: ModelInfo) -> str:

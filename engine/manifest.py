@@ -42,12 +42,21 @@ def sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an encoded image becomes model input: resize to height x width, then (pixel / 255 - mean) / std."""
+    """How an encoded image becomes model input: resize (and crop) to height x width, then (pixel / 255 - mean) / std.
+
+    resize_shorter 0 resizes straight to height x width; N > 0 resizes so the shorter side is N (keeping the aspect
+    ratio), then cuts the centre height x width out (the checkpoint's own recipe: timm's crop_pct, Hugging Face's
+    shortest_edge + crop_size). interpolation is the resampling filter, by Pillow's name."""
     height: int
     width: int
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize_shorter: int = 0  # 0: resize to height x width; N > 0: shorter side to N, then a centre crop
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS
+
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")  # Pillow's resampling filters, by name
 
 
 @dataclass(frozen=True)

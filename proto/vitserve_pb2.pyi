@@ -441,18 +441,22 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
-    __slots__ = ("height", "width", "channels", "mean", "std")
+    __slots__ = ("height", "width", "channels", "mean", "std", "resize_shorter", "interpolation")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_SHORTER_FIELD_NUMBER: _ClassVar[int]
+    INTERPOLATION_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     channels: int
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+    resize_shorter: int
+    interpolation: str
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize_shorter: _Optional[int] = ..., interpolation: _Optional[str] = ...) -> None: ...
 
 class ParameterInfo(_message.Message):
     __slots__ = ("name", "shape", "trainable", "block", "sublayer")

@@ -227,7 +227,8 @@ def test_model_info_shapes():
     assert info.input_shape == (-1, 3, 32, 32)
     assert info.input_dtype == "FLOAT32"
     assert info.preprocessing == {"height": 32, "width": 32, "channels": 3, "mean": [0.485, 0.456, 0.406],
-                                  "std": [0.229, 0.224, 0.225]}
+                                  "std": [0.229, 0.224, 0.225], "resize_shorter": 0,
+                                  "interpolation": "bilinear"}  # an older server's message names no filter
     assert info.parameters == [{"name": "transformer.layers.1.0.fn.to_qkv.weight", "shape": (192, 64),
                                 "trainable": True, "block": 1, "sublayer": "attention.qkv"}]
     assert info.num_classes == 2

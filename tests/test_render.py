@@ -2,6 +2,7 @@
 the exit status of `health`, and the gradient-flow figure's grouping by block and sublayer."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -54,7 +55,7 @@ model           digits
 device          cpu (CPUExecutionProvider)
 trainer         ort on onnxruntime 1.31.1
 input           images [-1, 1, 8, 8] FLOAT32
-preprocessing   8x8, 1 channel(s), mean [0.485], std [0.229]
+preprocessing   8x8, bilinear, 1 channel(s), mean [0.485], std [0.229]
 classes         12 (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...)
 parameters      2 tensors, 1,012 elements
 trainable       1 tensors, 12 elements
@@ -101,6 +102,14 @@ def printed(capsys, result, as_json=False) -> str:
 
 def test_info_text(capsys):
     assert printed(capsys, MODEL_INFO) == INFO_TEXT
+
+
+def test_info_text_names_a_checkpoints_resize_and_crop(capsys):
+    pre = {"height": 224, "width": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "resize_shorter": 248,
+           "interpolation": "bicubic"}
+    rows = printed(capsys, dataclasses.replace(MODEL_INFO, preprocessing=pre)).splitlines()
+    assert rows[4] == ("preprocessing   224x224 (shorter side to 248, centre crop), bicubic, 3 channel(s), "
+                       "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]")
 
 
 def test_train_steps_text(capsys):
