@@ -6,10 +6,9 @@ runs it, on any execution provider: the maintained runtime, no training build. f
 eval-mode forward with the same parameter inputs (EvalStep, Publish).
 
 The weights, the gradients and the optimizer's moments are flat float32 vectors in model order
-(gradients.FlatLayout). On the CPU they are bound to the session by IOBinding without a copy: ORT reads
-the weights from, and writes the gradients into, the trainer's own buffers, and the optimizer
-(engine/optim.py, torch.optim's arithmetic) updates the weights in place. On CUDA the parameters and
-gradients are OrtValues on the device, copied across once a step.
+(gradients.FlatLayout), bound to the session by IOBinding (engine/buffers.py): on the CPU the trainer's own
+numpy buffers, read and written in place, updated by engine/optim.py; on CUDA OrtValues in device memory that
+stay there between steps, updated by the optimizer's ONNX graph on the same device.
 
 Checkpoints are safetensors files any runtime reads: every trainable weight under its PyTorch name (a
 state_dict for `load_state_dict(strict=False)`), the optimizer's moments as `exp_avg.<name>` and
@@ -26,7 +25,8 @@ from onnx import numpy_helper
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from engine import gradients, heads, optim
+from engine import gradients, heads
+from engine.buffers import DeviceBuffers, HostBuffers
 from engine.errors import ConfigError, FailedPrecondition
 from engine.manifest import FORWARD_MODEL, GRADIENT_MODEL, WEIGHTS, Manifest
 from engine.runtime import parse_device, providers_for
@@ -62,18 +62,17 @@ def write_initial_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
 class GradientGraphBackend:
     name = "ort"
 
-    def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, flat: gradients.FlatLayout):
+    def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, flat: gradients.FlatLayout,
+                 resident: bool | None = None):
+        """`resident`: keep the weights, gradients and moments on the session's device and update them there
+        (DeviceBuffers); None: exactly when the device is not the CPU."""
         self._manifest = manifest
         self._flat = flat
         self._names = [p.name for p in flat.params]
         self._shapes = [p.shape for p in flat.params]
         size = int(flat.sizes.sum())
-        self._weights = np.empty(size, np.float32)
-        self._grads = np.empty(size, np.float32)
         self._snapshots = (np.empty(size, np.float32), np.empty(size, np.float32))
-        self._optimizer = optim.build(manifest.optimizer, size)
         kind, index = parse_device(device)
-        self._device = (kind, index)
         self._providers = providers_for(device)
         self._options = options
         try:
@@ -82,6 +81,11 @@ class GradientGraphBackend:
             raise ConfigError(f"onnxruntime {ort.__version__} cannot load {GRADIENT_MODEL}: "
                               f"{str(e).strip().splitlines()[0]}") from None
         self._check_signature()
+        if resident is None:
+            resident = kind != "cpu"
+        self._buffers = (DeviceBuffers(flat, manifest.optimizer, (kind, index), self._providers, options) if resident
+                         else HostBuffers(flat, manifest.optimizer))
+        self._grads = np.zeros(size, np.float32)  # the last forward_backward's gradient, on the host
         self._forward = self._forward_binding = None  # forward_model.onnx's session, opened on the first EvalStep
         self._binding = self._bind(self._session, outputs=True)
         self._head_outputs = None
@@ -102,36 +106,14 @@ class GradientGraphBackend:
         return [flat[a:b].reshape(s) for (a, b), s in zip(self._flat.spans, self._shapes)]
 
     def _bind(self, session: ort.InferenceSession, outputs: bool) -> ort.IOBinding:
-        """The parameters (and with `outputs` the gradients) bound for good: the trainer's buffers on the CPU,
-        device OrtValues on CUDA (then `_to_device` / `_from_device` copy across)."""
+        """The parameters (and with `outputs` the loss, the logits and the gradients) bound for good to the buffers."""
         binding = session.io_binding()
-        kind, index = self._device
-        for name, view in zip(self._names, self._views(self._weights)):
-            if kind == "cpu":
-                binding.bind_input(name, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
-            else:
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(view, kind, index))
+        self._buffers.bind_parameters(binding)
         if outputs:  # loss and logits first (outputs 0 and 1): rebinding them each step keeps their places
             binding.bind_output("loss", "cpu")
             binding.bind_output(self._manifest.output_name, "cpu")
-            for name, view in zip(self._names, self._views(self._grads)):
-                if kind == "cpu":
-                    binding.bind_output(f"{name}_grad", "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
-                else:
-                    binding.bind_ortvalue_output(f"{name}_grad", ort.OrtValue.ortvalue_from_shape_and_type(
-                        list(view.shape), np.float32, kind, index))
+            self._buffers.bind_gradients(binding)
         return binding
-
-    def _weights_changed(self) -> None:
-        """After the flat weights changed on the host: nothing on the CPU (bound in place), a copy on CUDA."""
-        if self._device[0] == "cpu":
-            return
-        for binding in (self._binding, self._forward_binding):
-            if binding is None:
-                continue
-            # Rebinding from the host buffers is the one copy a step needs.
-            for name, view in zip(self._names, self._views(self._weights)):
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(view, *self._device))
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -146,20 +128,16 @@ class GradientGraphBackend:
                                           f"(format {metadata.get('format')!r})")
                 step = int(metadata.get(STEP_KEY, "0"))
                 weights = self._read(f, "")
-                moments = {m: self._read(f, f"{m}.") for m in self._optimizer.state()} if step else {}
+                moments = {m: self._read(f, f"{m}.") for m in self._buffers.moments()} if step else {}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path.name} cannot be read: {e}") from None
-        np.copyto(self._weights, weights)  # in place: the session keeps reading these buffers
-        for moment, values in self._optimizer.state().items():
-            values[:] = moments.get(moment, 0.0)
-        self._optimizer.step = step
-        self._weights_changed()
+        self._buffers.load(weights, moments, step)
         return metadata.get(STATE_KEY)
 
     def _read(self, f, prefix: str) -> np.ndarray:
         """The tensors `prefix + name`, flat in model order; CheckpointError naming the first missing or misfit one."""
         keys = set(f.keys())
-        flat = np.empty_like(self._weights)
+        flat = np.empty(int(self._flat.sizes.sum()), np.float32)
         for name, (a, b), shape in zip(self._names, self._flat.spans, self._shapes):
             key = prefix + name
             if key not in keys:
@@ -172,20 +150,20 @@ class GradientGraphBackend:
         return flat
 
     def save(self, path: Path, engine_state: str) -> None:
-        state = {m: dict(zip(self._names, self._views(v))) for m, v in self._optimizer.state().items()}
-        write_checkpoint(path, dict(zip(self._names, self._views(self._weights))), state, self._optimizer.step,
-                         engine_state)
+        state = {m: dict(zip(self._names, self._views(v))) for m, v in self._buffers.moments().items()}
+        write_checkpoint(path, dict(zip(self._names, self._views(self._buffers.weights()))), state,
+                         self._buffers.step, engine_state)
 
     def snapshot(self, slot: int) -> np.ndarray:
         buffer = self._snapshots[slot]
-        np.copyto(buffer, self._weights)
+        np.copyto(buffer, self._buffers.weights())
         return buffer
 
     def parameter(self, name: str) -> np.ndarray:
         if name in self._names:
             i = self._names.index(name)
             a, b = self._flat.spans[i]
-            return self._weights[a:b].reshape(self._shapes[i]).copy()
+            return self._buffers.weights()[a:b].reshape(self._shapes[i]).copy()
         return self._frozen()[name].copy()
 
     def parameter_names(self) -> list[str]:
@@ -214,15 +192,12 @@ class GradientGraphBackend:
         self._session.run_with_iobinding(binding)
         values = binding.get_outputs()
         loss = float(values[0].numpy())
-        if self._device[0] != "cpu":
-            for view, value in zip(self._views(self._grads), values[2:]):
-                view[...] = value.numpy()
+        self._grads = self._buffers.gradients(values)
         sums = tuple(self._head_sums(o) for o in outputs)
         return loss, self._grads, sums
 
     def update(self, grads: np.ndarray, lr: float, fresh: bool) -> None:
-        self._optimizer.update(self._weights, grads, lr)
-        self._weights_changed()
+        self._buffers.update(grads, lr, fresh)
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Mean cross-entropy (float64) and logits of the eval-mode forward graph at the current weights."""
@@ -271,7 +246,7 @@ class GradientGraphBackend:
         i = self._names.index(output.tensor)
         a, b = self._flat.spans[i]
         rows, inner = self._shapes[i]
-        product = self._weights[a:b].astype(np.float64) * self._grads[a:b]
+        product = self._buffers.weights()[a:b].astype(np.float64) * self._grads[a:b]
         return product.reshape(rows, output.heads, inner // output.heads).sum(axis=(0, 2))
 
     # -- publishing -------------------------------------------------------------------------------------
@@ -279,7 +254,7 @@ class GradientGraphBackend:
     def export_inference_model(self, path: Path, output_name: str) -> None:
         """forward_model.onnx with the current trainable weights as initializers: a self-contained inference model."""
         model = onnx.load(str(self._manifest.path(FORWARD_MODEL)))
-        trainable = dict(zip(self._names, self._views(self._weights)))
+        trainable = dict(zip(self._names, self._views(self._buffers.weights())))
         kept = [i for i in model.graph.input if i.name not in trainable]
         del model.graph.input[:]
         model.graph.input.extend(kept)

@@ -5,12 +5,17 @@ the trainer's flat buffers (engine/graph_trainer.py binds the weights to ONNX Ru
 The arithmetic follows torch's single-tensor implementations (`_single_tensor_adamw`, `_single_tensor_sgd`)
 operation by operation, in float32 with Python-float scalars. ATen's vector kernels fuse some multiply-adds
 (one rounding where numpy has two), so values agree to a bit or two, not bit for bit (tests/test_trainers.py).
+
+The same arithmetic as an ONNX graph (update_graph, update_scalars) runs the update where the weights live
+when they live on an execution provider's device (engine/buffers.py).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper
 
 
 class AdamW:
@@ -79,3 +84,63 @@ def build(optimizer: dict, size: int) -> AdamW | SGD:
     if optimizer["name"] == "sgd":
         return SGD(size)
     raise ValueError(f"unknown optimizer {optimizer['name']!r}")
+
+
+# -- the same update as an ONNX graph ----------------------------------------------------------------------
+
+UPDATE_OPSET = 17  # plain arithmetic ops; every onnxruntime either trainer runs knows this opset
+UPDATE_IR = 8
+
+
+def update_scalars(optimizer: AdamW | SGD, lr: float) -> dict[str, np.ndarray]:
+    """The per-step scalar inputs of update_graph for the step `optimizer.step` (already counted), computed in
+    Python floats and rounded to float32 exactly as the numpy update rounds them."""
+    if isinstance(optimizer, SGD):
+        return {"neg_lr": np.array(-lr, np.float32)}
+    step_size = lr / (1.0 - optimizer.beta1 ** optimizer.step)
+    return {"decay": np.array(1.0 - lr * optimizer.weight_decay, np.float32),
+            "bias_correction2_sqrt": np.array(math.sqrt(1.0 - optimizer.beta2 ** optimizer.step), np.float32),
+            "neg_step_size": np.array(-step_size, np.float32)}
+
+
+def update_graph(optimizer: AdamW | SGD) -> onnx.ModelProto:
+    """One optimizer step over flat float32 vectors: inputs weights, grads, the moments and update_scalars';
+    outputs new_weights and new_<moment>. Op for op the numpy update above."""
+    vector = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n"])  # noqa: E731
+    scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [])  # noqa: E731
+    const = lambda name, value: helper.make_tensor(name, TensorProto.FLOAT, [], [value])  # noqa: E731
+    node = helper.make_node
+    if isinstance(optimizer, SGD):
+        nodes = [node("Mul", ["grads", "neg_lr"], ["tmp"]), node("Add", ["weights", "tmp"], ["new_weights"])]
+        inputs = [vector("weights"), vector("grads"), scalar("neg_lr")]
+        outputs, constants = [vector("new_weights")], []
+    else:
+        nodes = [
+            node("Mul", ["weights", "decay"], ["decayed"]),  # param.mul_(1 - lr * weight_decay)
+            node("Sub", ["grads", "exp_avg"], ["diff"]),  # exp_avg.lerp_(grad, 1 - beta1)
+            node("Mul", ["diff", "one_minus_beta1"], ["lerp"]),
+            node("Add", ["exp_avg", "lerp"], ["new_exp_avg"]),
+            node("Mul", ["exp_avg_sq", "beta2"], ["kept"]),  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+            node("Mul", ["grads", "one_minus_beta2"], ["scaled"]),
+            node("Mul", ["scaled", "grads"], ["square"]),
+            node("Add", ["kept", "square"], ["new_exp_avg_sq"]),
+            node("Sqrt", ["new_exp_avg_sq"], ["root"]),  # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) + eps
+            node("Div", ["root", "bias_correction2_sqrt"], ["corrected"]),
+            node("Add", ["corrected", "eps"], ["denom"]),
+            node("Mul", ["new_exp_avg", "neg_step_size"], ["numerator"]),  # param.addcdiv_(exp_avg, denom, -step_size)
+            node("Div", ["numerator", "denom"], ["change"]),
+            node("Add", ["decayed", "change"], ["new_weights"]),
+        ]
+        inputs = [vector("weights"), vector("grads"), vector("exp_avg"), vector("exp_avg_sq"),
+                  scalar("decay"), scalar("bias_correction2_sqrt"), scalar("neg_step_size")]
+        outputs = [vector("new_weights"), vector("new_exp_avg"), vector("new_exp_avg_sq")]
+        constants = [const("one_minus_beta1", float(np.float32(1.0 - optimizer.beta1))),
+                     const("beta2", float(np.float32(optimizer.beta2))),
+                     const("one_minus_beta2", float(np.float32(1.0 - optimizer.beta2))),
+                     const("eps", float(np.float32(optimizer.eps)))]
+    graph = helper.make_graph(nodes, f"{optimizer.name}_update", inputs, outputs, initializer=constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", UPDATE_OPSET)],
+                              producer_name="vitserve")
+    model.ir_version = UPDATE_IR
+    onnx.checker.check_model(model)
+    return model

@@ -38,7 +38,8 @@ def providers_for(device: str) -> list:
     if "CUDAExecutionProvider" not in available:
         raise ConfigError(
             f"device {device!r} asked for CUDA, but this ONNX Runtime build only has {available}: "
-            "install onnxruntime-training==1.19.2 (the CUDA build) on a machine with an NVIDIA GPU, or use --device cpu"
+            "on a machine with an NVIDIA GPU install onnxruntime-gpu (CUDA 12/13; pip install '.[gpu]') for --trainer ort, "
+            "or onnxruntime-training's CUDA 11.8 build for --trainer ort-training; else use --device cpu"
         )
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 

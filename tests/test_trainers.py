@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from engine import optim
-from engine.graph_trainer import CheckpointError
+from engine import gradients, optim
+from engine.graph_trainer import CheckpointError, GradientGraphBackend
 from engine.manifest import Manifest
 from engine.runtime import session_options
 from engine.training import TrainingEngine
@@ -126,3 +126,63 @@ def test_a_damaged_or_foreign_ort_checkpoint_is_refused_naming_it(exported, tmp_
     with pytest.raises(CheckpointError, match=f"^checkpoint has no tensor '{name}'"):
         engine.restore_checkpoint(tmp_path / "short")
     assert engine.step == 0  # nothing changed
+
+
+# -- the device-resident path (engine/buffers.DeviceBuffers), run on the CPU execution provider ------------------
+
+def backend_pair(folder):
+    """The `ort` backend twice on the same weights: buffers on the host (numpy optimizer) and device-resident
+    buffers with the optimizer's ONNX graph (what CUDA runs), here on the CPU execution provider."""
+    manifest = Manifest.load(folder)
+    params = {p.name: p for p in manifest.parameters}
+    pair = {}
+    for resident in (False, True):
+        flat = gradients.FlatLayout([params[n] for n in manifest.trainable])
+        pair[resident] = GradientGraphBackend(manifest, "cpu", session_options(1), flat, resident=resident)
+        pair[resident].load(None)
+    return pair
+
+
+def test_device_resident_training_matches_host_training(exported, tmp_path):
+    pair = backend_pair(exported[0])
+    for step in range(8):
+        images, labels = batch(12, seed=300 + step)
+        results = {}
+        for resident, backend in pair.items():
+            loss, grads, _ = backend.forward_backward(images, labels, head_importance=False)
+            fresh = step % 3 != 2
+            if not fresh:  # what clipping or accumulation hands the optimizer: a changed host gradient
+                grads = grads * np.float32(0.5)
+            backend.update(grads, 1e-3, fresh)
+            results[resident] = loss
+        assert results[True] == pytest.approx(results[False], rel=1e-6), step
+    host, device = pair[False].snapshot(0), pair[True].snapshot(0)
+    np.testing.assert_allclose(device, host, rtol=1e-6, atol=1e-7)
+    images, labels = batch(10, seed=7)
+    (a, la), (b, lb) = (pair[r].evaluate(images, labels) for r in (False, True))
+    assert a == pytest.approx(b, rel=1e-6) and np.allclose(la, lb, rtol=1e-5, atol=1e-6)
+    pair[True].save(tmp_path / "device", "{}")  # a device checkpoint resumes on the host and vice versa
+    pair[False].load(tmp_path / "device")
+    np.testing.assert_array_equal(pair[False].snapshot(0), device)
+    assert pair[False].parameter_names() == pair[True].parameter_names()
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_graph_is_the_numpy_optimizer(name):
+    """optim.update_graph computes what optim.AdamW / optim.SGD compute, step for step, on flat vectors."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    numpy_opt, graph_opt = optim.build({"name": name}, 1000), optim.build({"name": name}, 0)
+    session = ort.InferenceSession(optim.update_graph(graph_opt).SerializeToString(), providers=["CPUExecutionProvider"])
+    w = rng.standard_normal(1000, dtype=np.float32)
+    state = {"weights": w.copy(), **{k: np.zeros(1000, np.float32) for k in numpy_opt.state()}}
+    for lr in (1e-3, 3e-2, 1e-4):
+        g = (rng.standard_normal(1000) * 10.0 ** rng.integers(-5, 1)).astype(np.float32)
+        numpy_opt.update(w, g, lr)
+        graph_opt.step += 1
+        outputs = session.run(None, {**state, "grads": g, **optim.update_scalars(graph_opt, lr)})
+        state = dict(zip(["weights", *numpy_opt.state()], outputs))
+        np.testing.assert_allclose(state["weights"], w, rtol=1e-6, atol=1e-7)
+        for moment, values in numpy_opt.state().items():
+            np.testing.assert_allclose(state[moment], values, rtol=1e-6, atol=1e-12)
