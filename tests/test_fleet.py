@@ -34,6 +34,7 @@ from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from tests.helpers import (
     MODEL,
+    TRAINERS,
     batch,
     clean_env,
     images_msg,
@@ -96,10 +97,12 @@ def within_two_polls(condition, what: str) -> None:
     wait_for(condition, seconds=2 * POLL, what=what)
 
 
-def test_replicas_follow_the_trainer_through_the_repository(exported, tmp_path):
+@pytest.mark.parametrize("backend", TRAINERS)
+def test_replicas_follow_the_trainer_through_the_repository(exported, tmp_path, backend):
+    """A training replica on either trainer publishes into the repository; predict replicas follow."""
     repo = tmp_path / "repo"
     trainer = start("--artifacts", str(exported[0]), "--role", "train", "--model-repository", str(repo),
-                    "--learning-rate", "0.01")
+                    "--learning-rate", "0.01", "--trainer", backend)
     replicas = [start("--role", "predict", "--model-repository", str(repo), "--repository-poll-seconds", str(POLL))
                 for _ in range(2)]
     try:
@@ -118,6 +121,7 @@ def test_replicas_follow_the_trainer_through_the_repository(exported, tmp_path):
             MODEL, "onnxruntime_onnx", 1)
 
         # Publish: both replicas serve version 2 within two poll intervals, with the trainer's logits.
+        assert trainer.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).trainer == backend
         train(trainer.stub, 2, seed=20)
         assert trainer.stub.Publish(pb.PublishRequest(), timeout=60).version == 2
         for r in replicas:

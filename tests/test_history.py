@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from proto import vitserve_pb2 as pb
-from tests.helpers import batch, images_msg, tensor
+from tests.helpers import TRAINERS, batch, images_msg, tensor
 
 
 def step(stub, seed: int, **flags) -> pb.TrainStepResponse:
@@ -17,7 +17,8 @@ def step(stub, seed: int, **flags) -> pb.TrainStepResponse:
     return stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels), **flags))
 
 
-def test_history_keeps_the_last_applied_steps_as_train_step_answered_them(serve):
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_history_keeps_the_last_applied_steps_as_train_step_answered_them(serve, trainer):
     server = serve(gradient_history=3)
     answers = [step(server.stub, seed) for seed in range(4)]
     step(server.stub, 9, accumulate_only=True)  # not applied: not history
@@ -57,7 +58,8 @@ def test_a_bad_step_range_is_invalid_argument_and_history_off_keeps_nothing(serv
     assert history.capacity == 0 and list(history.steps) == []
 
 
-def test_tensorboard_events_equal_the_train_step_answers(serve, tmp_path):
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_tensorboard_events_equal_the_train_step_answers(serve, tmp_path, trainer):
     board = tmp_path / "tb"
     server = serve(tensorboard_dir=str(board), tensorboard_histogram_every=2)
     answers = [step(server.stub, seed, head_importance=seed == 2) for seed in range(4)]

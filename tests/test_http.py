@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from proto import vitserve_pb2 as pb
 from server.auth import Security
 from server.http import create_http_server
-from tests.helpers import MODEL, REPO, batch, images_msg
+from tests.helpers import MODEL, REPO, TRAINERS, batch, images_msg
 
 
 @pytest.fixture
@@ -69,7 +69,8 @@ def test_tritonclient_http_health_metadata_and_infer_equal_grpc(http):
             np.testing.assert_array_equal(got, np.frombuffer(expected, "<f4").reshape(5, 10))
 
 
-def test_curl_infers_json_and_fine_tunes_one_step(http):
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_curl_infers_json_and_fine_tunes_one_step(http, trainer):
     server, url = http()
     images, labels = batch(4)
     code, answer = curl("-X", "POST", f"http://{url}/v2/models/{MODEL}/infer", "-H", "Content-Type: application/json",
@@ -85,7 +86,7 @@ def test_curl_infers_json_and_fine_tunes_one_step(http):
     code, step = curl("-X", "POST", f"http://{url}/v1/train-step", "-d", json.dumps(body))
     assert code == 200 and step["step"] == "1" and step["applied"] is True  # int64 is a string in proto3 JSON
     assert len(step["gradients"]) == 52 and len(step["attention"]) == 4
-    assert server.plane.training.step == 1
+    assert server.plane.training.step == 1 and server.plane.training.trainer == trainer
     code, info = curl(f"http://{url}/v1/model-info")
     assert code == 200 and info["step"] == "1" and info["name"] == MODEL
     code, history = curl(f"http://{url}/v1/gradient-history?parameter=mlp_head.*")
