@@ -1,28 +1,24 @@
 """Requests -> validated numpy batches: the one place a request's payload is decoded and checked.
 
-Raw tensor bytes, encoded images (Pillow) and KServe v2 input tensors are checked against the model
+Raw tensor bytes, encoded images (proto/images.py, Pillow) and KServe v2 input tensors are checked against the model
 (dtype, shape, byte count, finiteness, labels, batch limits) before anything runs, so the data plane
 only ever sees validated batches. Pure: numpy, Pillow and the proto messages, no grpc and no ONNX
 Runtime, so it can be fuzzed on its own (tests/fuzz). Every problem is an InvalidArgument naming it.
 """
 from __future__ import annotations
 
-import io
-import re
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from engine.errors import InvalidArgument
 from engine.manifest import Preprocessing
 from proto import open_inference_pb2 as v2
 from proto import vitserve_pb2 as pb
+from proto.images import ImageError, decode_batch
 from proto.tensors import DTYPES, dtype_name
 
 DTYPES_BY_NAME = {pb.DataType.Name(enum): dtype for enum, dtype in DTYPES.items()}
-MAX_IMAGE_PIXELS = 4096 * 4096  # an encoded image larger than this is refused before decoding (decompression bombs)
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 FP32 = "FP32"  # the v2 protocol's name of float32
 
 
@@ -52,37 +48,12 @@ def encode_tensor(array: np.ndarray) -> pb.Tensor:
 
 
 def decode_images(encoded: list[bytes], prep: Preprocessing) -> np.ndarray:
-    """Encoded files -> float32 (b, c, h, w): convert to L/RGB, resize (bilinear), scale to [0, 1], normalize."""
-    mode = {1: "L", 3: "RGB"}[prep.channels]
-    mean = np.asarray(prep.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(prep.std, dtype=np.float32).reshape(-1, 1, 1)
-    batch = np.empty((len(encoded), prep.channels, prep.height, prep.width), dtype=np.float32)
-    for i, blob in enumerate(encoded):
-        try:
-            with Image.open(io.BytesIO(blob)) as image:  # lazy: only the header is read here
-                if image.width * image.height > MAX_IMAGE_PIXELS:  # refuse before decoding (Pillow only warns
-                    raise Image.DecompressionBombError  # below twice its own limit: a memory DoS)
-                image = image.convert(mode)
-                if image.size != (prep.width, prep.height):
-                    image = image.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32)
-        except Image.DecompressionBombError:
-            raise InvalidArgument(f"image {i}: larger than {MAX_IMAGE_PIXELS} pixels") from None
-        except UnidentifiedImageError:
-            raise InvalidArgument(f"image {i}: cannot be decoded as an image ({len(blob)} bytes): "
-                                  "not a format Pillow reads") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise InvalidArgument(f"image {i}: cannot be decoded as an image ({len(blob)} bytes): "
-                                  f"{without_reprs(e)}") from None
-        pixels = pixels.reshape(prep.height, prep.width, prep.channels).transpose(2, 0, 1)  # (c, h, w)
-        batch[i] = (pixels / 255.0 - mean) / std
-    return batch
-
-
-def without_reprs(error: BaseException) -> str:
-    """The first line of an error's message with Python object reprs (`<_io.BytesIO object at 0x...>`) taken out."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text).strip() or type(error).__name__
+    """Encoded files -> float32 (b, c, h, w) by the model's preprocessing (proto/images.py, the client's decoder
+    too); a bad image is an InvalidArgument naming it ("image 3: ...")."""
+    try:
+        return decode_batch(encoded, prep)
+    except ImageError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 @dataclass(frozen=True)

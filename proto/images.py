@@ -1,0 +1,216 @@
+"""Encoded image -> model input: the one decoder of the server (Predict, TrainStep, EvalStep of encoded files) and
+the client (fit, evaluate, predict of a folder), so both turn the same file into the same pixels.
+
+A model's preprocessing record (engine.manifest.Preprocessing, the proto's vitserve.v1.Preprocessing, or the dict
+GetModelInfo gives the client) says how: `Recipe.of(record)` reads it once. Then, per image:
+
+1. **open**: Pillow reads the header; more than MAX_IMAGE_PIXELS is refused before anything is decoded (a
+   decompression bomb). The first frame of an animation is used.
+2. **mode**: the pixels become the model's L (1 channel) or RGB (3 channels):
+   - 8-bit modes (1, L, P, RGB, CMYK, YCbCr, HSV, ...) by Pillow's own conversion, as before, RGB to L by
+     ITU-R 601-2 luma and L to RGB by copying the grey into the three channels;
+   - alpha (RGBA, LA, PA, RGBa, a palette or L/RGB with a transparent colour) is **dropped**: the colour under a
+     transparent pixel is kept, as torchvision's ImageFolder loader (convert("RGB")) keeps it, so training on a
+     folder and predicting its files see the pixels torchvision would;
+   - 16-bit grey (I;16, I;16B, I;16L) and 32-bit integer grey (I, as Pillow opens some 16-bit files) are
+     16-bit samples, scaled by 255 / 65535 without rounding; I values outside [0, 65535] are refused;
+   - float grey (F): values in [0, 1] are scaled by 255, values in [0, 255] are taken as they are; NaN, Inf
+     or a wider range are refused;
+   - a mode Pillow cannot convert (LAB, ...) is refused, naming it.
+3. **size**: resize_shorter 0 resizes straight to height x width; N > 0 resizes so that the shorter side is N
+   (the longer side N * long / short, truncated, as torchvision's Resize(N)), then crops height x width from the
+   centre (zeros where the image is smaller). `interpolation` is the Pillow filter: nearest, bilinear, bicubic
+   or lanczos. An image of the target size is not resampled.
+4. **values**: (pixel / 255 - mean) / std per channel, float32 (c, h, w).
+
+Every problem is one ImageError whose message names the image (a file path, or "image 3" of a request) and the
+reason. numpy and Pillow only: the client ships with it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # an encoded image larger than this is refused before decoding (decompression bombs)
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+SIXTEEN_BIT_MAX = 65535.0
+
+
+class ImageError(ValueError):
+    """An image that cannot become model input: `source` names it (a file, "image 3"), `reason` says why."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def without_reprs(error: BaseException) -> str:
+    """The first line of an error's message with Python object reprs (`<_io.BytesIO object at 0x...>`) taken out."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text).strip() or type(error).__name__
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A preprocessing record, read once: what every image of one model goes through."""
+    height: int
+    width: int
+    channels: int
+    mean: np.ndarray  # float32 (c, 1, 1)
+    std: np.ndarray  # float32 (c, 1, 1)
+    resize_shorter: int = 0
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def of(cls, record: Any) -> Recipe:
+        """From engine.manifest.Preprocessing, vitserve.v1.Preprocessing or its dict (ModelInfo.preprocessing).
+        A record written before resize_shorter and interpolation existed (or a proto leaving them unset)
+        resizes straight, bilinear."""
+        if isinstance(record, Recipe):
+            return record
+        get = record.get if isinstance(record, Mapping) else lambda name, default=None: getattr(record, name, default)
+        channels = int(get("channels"))
+        if channels not in (1, 3):
+            raise ValueError(f"preprocessing: channels must be 1 or 3, got {channels}")
+        interpolation = get("interpolation", "") or "bilinear"
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocessing: interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                             f"got {interpolation!r}")
+        return cls(height=int(get("height")), width=int(get("width")), channels=channels,
+                   mean=np.asarray(get("mean"), dtype=np.float32).reshape(-1, 1, 1),
+                   std=np.asarray(get("std"), dtype=np.float32).reshape(-1, 1, 1),
+                   resize_shorter=int(get("resize_shorter", 0) or 0), interpolation=interpolation)
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.height, self.width
+
+
+def open_image(blob: bytes, source: str, mode: str) -> Image.Image:
+    """Encoded bytes -> a decoded Pillow image in `mode` ("L" or "RGB"), or in "F" (one channel, 0..255 floats)
+    for 16-bit, 32-bit and float images. ImageError names `source` and the reason."""
+    try:
+        with Image.open(io.BytesIO(blob)) as image:  # lazy: only the header is read here
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # refuse before decoding (Pillow only warns
+                raise Image.DecompressionBombError  # below twice its own limit: a memory DoS)
+            image.load()
+            return _converted(image, source, mode)
+    except Image.DecompressionBombError:
+        raise ImageError(source, f"larger than {MAX_IMAGE_PIXELS} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError(source, f"cannot be decoded as an image ({len(blob)} bytes): "
+                                 "not a format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(source, f"cannot be decoded as an image ({len(blob)} bytes): {without_reprs(e)}") from None
+
+
+def _converted(image: Image.Image, source: str, mode: str) -> Image.Image:
+    """The decoded image in `mode`, or "F" for the modes of more than 8 bits (see the module's rules)."""
+    if image.mode in SIXTEEN_BIT or image.mode == "I":
+        samples = np.asarray(image, dtype=np.float64)
+        if image.mode == "I" and samples.size and (samples.min() < 0 or samples.max() > SIXTEEN_BIT_MAX):
+            raise ImageError(source, f"32-bit integer pixels span [{samples.min():g}, {samples.max():g}], outside "
+                                     f"the 16-bit range [0, 65535] this decoder reads them in")
+        return Image.fromarray((samples * (255.0 / SIXTEEN_BIT_MAX)).astype(np.float32), mode="F")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ImageError(source, "float pixels include NaN or Inf")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            raise ImageError(source, f"float pixels span [{low:g}, {high:g}], neither [0, 1] nor [0, 255]")
+        return Image.fromarray(values * 255.0 if high <= 1 else values, mode="F")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the palette's colours (P -> RGB would warn), alpha dropped below
+    try:
+        return image.convert(mode) if image.mode != mode else image
+    except ValueError:  # Pillow: conversion from LAB to RGB not supported, ...
+        raise ImageError(source, f"image mode {image.mode} cannot be converted to {mode}") from None
+
+
+def to_input(image: Image.Image, recipe: Recipe, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """A converted image (open_image) -> float32 (c, h, w) model input. `box` (left, top, right, bottom) resizes
+    that region straight to height x width instead (a random resized crop)."""
+    size = (recipe.width, recipe.height)
+    resample = INTERPOLATIONS[recipe.interpolation]
+    if box is not None:
+        image = image.resize(size, resample, box=box)
+    elif recipe.resize_shorter > 0:
+        image = _center_crop(_resize_shorter(image, recipe.resize_shorter, resample), size)
+    elif image.size != size:
+        image = image.resize(size, resample)
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] != recipe.channels:  # an "F" image for an RGB model: the grey in every channel
+        pixels = np.repeat(pixels, recipe.channels, axis=2)
+    pixels = pixels.transpose(2, 0, 1)  # (c, h, w)
+    return (pixels / 255.0 - recipe.mean) / recipe.std
+
+
+def _resize_shorter(image: Image.Image, shorter: int, resample: Image.Resampling) -> Image.Image:
+    """Shorter side `shorter`, the longer one scaled alike and truncated (torchvision's Resize(int))."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short == shorter:
+        return image
+    new_long = int(shorter * long / short)
+    size = (shorter, new_long) if width <= height else (new_long, shorter)
+    return image.resize(size, resample)
+
+
+def _center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The centre `size` (width, height), rounded as torchvision's CenterCrop; zeros outside the image."""
+    width, height = image.size
+    left, top = int(round((width - size[0]) / 2.0)), int(round((height - size[1]) / 2.0))
+    return image if image.size == size else image.crop((left, top, left + size[0], top + size[1]))
+
+
+def decode(blob: bytes, recipe: Recipe, source: str) -> np.ndarray:
+    """Encoded bytes -> float32 (c, h, w) model input; ImageError names `source`."""
+    return to_input(open_image(blob, source, recipe.mode), recipe)
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """A file's bytes; a file that cannot be read is an ImageError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ImageError(str(path), f"cannot be read: {e.strerror or without_reprs(e)}") from None
+
+
+def decode_file(path: str | os.PathLike, recipe: Recipe) -> np.ndarray:
+    """An image file -> float32 (c, h, w) model input; ImageError names the file."""
+    return decode(read_file(path), recipe, str(path))
+
+
+def decode_batch(blobs: list[bytes], record: Any) -> np.ndarray:
+    """Encoded images -> float32 (b, c, h, w); the first bad one is an ImageError naming it "image <i>"."""
+    recipe = Recipe.of(record)
+    batch = np.empty((len(blobs), *recipe.shape), dtype=np.float32)
+    for i, blob in enumerate(blobs):
+        batch[i] = decode(blob, recipe, f"image {i}")
+    return batch
