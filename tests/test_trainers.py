@@ -81,6 +81,22 @@ def test_adamw_is_torch_adamw(lr, wd, seed):
         np.testing.assert_allclose(mine, torch_moment.numpy(), rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_adamw_walks_long_vectors_in_blocks_like_torch():
+    """Past one block (optim.BLOCK) the update runs block by block: still torch's AdamW across the seams."""
+    size = 2 * optim.BLOCK + 77
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(size, dtype=np.float32)
+    param = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    theirs, ours = torch.optim.AdamW([param], lr=1e-2), optim.AdamW(size)
+    for _ in range(3):
+        g = rng.standard_normal(size, dtype=np.float32)
+        ours.update(w, g, 1e-2)
+        param.grad = torch.from_numpy(g.copy())
+        theirs.step()
+    np.testing.assert_allclose(w, param.detach().numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ours.exp_avg_sq, theirs.state[param]["exp_avg_sq"].numpy(), rtol=1e-6)
+
+
 def test_sgd_is_torch_sgd():
     rng = np.random.default_rng(0)
     w = rng.standard_normal(100, dtype=np.float32)
