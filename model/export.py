@@ -18,10 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
-import importlib
-import importlib.util
 import io
-import json
 import os
 import platform
 import shutil
@@ -57,10 +54,11 @@ from engine.manifest import (
 )
 from engine.runtime import quiet_default_logger
 from engine.training import TRAINERS
-from model import gradgraph, verify
+from model import gradgraph, pretrained, recipes, verify
+from model.classes import construct, load_class  # noqa: F401 - the export's model builders, imported from here too
 from model.errors import ExportCheckError, ExportError
 from model.layout import place
-from model.vit import DEFAULT_PRESET, PRESETS, build
+from model.vit import DEFAULT_PRESET, PRESETS
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Opset 17 exports LayerNormalization as one node whose gradient ORT 1.19.2 cannot build;
@@ -84,57 +82,6 @@ def torch_adamw(**hyper) -> ort_optim.AdamW:
     block = ort_optim.AdamW(**hyper)
     block._adamw = _TorchModeAdamWOptimizer(bias_correction=True, **hyper)
     return block
-
-
-def load_class(spec: str):
-    """'package.module:Class' -> the class.
-
-    A package whose __init__ imports optional extras (vit-pytorch's imports torchvision)
-    still has leaf modules that import fine on their own: if importing the package
-    fails, load the leaf module's file alone.
-    """
-    module_name, _, class_name = spec.partition(":")
-    if not class_name:
-        raise ExportError(f"--model must look like module:Class, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        top, *middle = module_name.split(".")
-        found = importlib.util.find_spec(top)  # finds a top-level package without running it
-        if found is None or not found.submodule_search_locations or not middle:
-            raise ExportError(f"cannot import {module_name}: {error}") from None
-        path = Path(list(found.submodule_search_locations)[0]).joinpath(*middle[:-1], middle[-1] + ".py")
-        if not path.is_file():
-            raise ExportError(f"cannot import {module_name}: {error}") from None
-        leaf = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(leaf)
-        try:
-            leaf.loader.exec_module(module)
-        except ImportError as leaf_error:  # the leaf needs the missing package too (timm's needs torchvision)
-            raise ExportError(f"cannot import {module_name}: {leaf_error}") from None
-    if not hasattr(module, class_name):
-        raise ExportError(f"{module_name} has no {class_name}")
-    return getattr(module, class_name)
-
-
-CHANNEL_KWARGS = ("channels", "num_channels", "in_chans", "in_channels")  # vit-pytorch, Hugging Face, timm, ...
-
-
-def construct(cls, kwargs: dict) -> torch.nn.Module:
-    """An instance of `cls` from JSON kwargs. A Hugging Face model (it has a `config_class`) gets its config built
-    from them; a model whose forward returns an output object is made to return that object's `logits`."""
-    config_class = getattr(cls, "config_class", None)
-    try:
-        model = cls(config_class(**kwargs)) if config_class is not None else cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"cannot build {cls.__name__} from --kwargs: {e}") from None
-    model.register_forward_hook(logits_only)
-    return model
-
-
-def logits_only(module, inputs, output):
-    """Forward hook: the logits tensor of an output object (transformers' ImageClassifierOutput), else the output."""
-    return output.logits if not isinstance(output, torch.Tensor) and hasattr(output, "logits") else output
 
 
 def loss_node(training_model: onnx.ModelProto) -> LossNode:
@@ -332,8 +279,11 @@ def parameters_as_inputs(proto: onnx.ModelProto, names: list[str]) -> onnx.Model
 
 
 def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, channels: int, mean, std,
-           class_names: list[str], source: dict, freeze: list[str], optimizer: str, opset: int) -> Path:
-    """Write and check one model folder; returns its path. Raises ExportError (ExportCheckError on a mismatch)."""
+           class_names: list[str], source: dict, freeze: list[str], optimizer: str, opset: int,
+           resize_shorter: int = 0, interpolation: str = "bilinear") -> Path:
+    """Write and check one model folder; returns its path. Raises ExportError (ExportCheckError on a mismatch).
+    Encoded images are resized to image_size (resize_shorter > 0: the shorter side to it, then a centre crop) with
+    the `interpolation` filter and normalised by mean and std (engine/manifest.py's Preprocessing)."""
     started = time.perf_counter()
     names = [n for n, _ in model.named_parameters()]
     frozen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in freeze)]
@@ -366,7 +316,8 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
             name=name, source=source,
             input=TensorSpec(INPUT_NAME, (-1, channels, image_size, image_size)),
             output=TensorSpec(OUTPUT_NAME, (-1, len(class_names))),
-            preprocessing=Preprocessing(image_size, image_size, channels, tuple(mean), tuple(std)),
+            preprocessing=Preprocessing(image_size, image_size, channels, tuple(mean), tuple(std), resize_shorter,
+                                        interpolation),
             class_names=tuple(class_names),
             parameters=placement.parameters, attention=placement.attention, unplaced=placement.unplaced,
             frozen_batchnorm=tuple(batch_norms),
@@ -419,7 +370,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, help="input channels (default: kwargs channels, else 3)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel normalization mean for encoded images")
     p.add_argument("--std", type=float, nargs="+", help="per-channel normalization std for encoded images")
-    p.add_argument("--class-names", type=Path, help="text file, one class name per line")
+    p.add_argument("--pretrained", type=Path, metavar="PATH",
+                   help="start from a checkpoint: a Hugging Face folder (save_pretrained's) or a .safetensors, .pt or "
+                        ".bin state_dict; local files only. Its own preprocessing and class names come with it")
+    p.add_argument("--num-classes", type=int, metavar="N", help="replace the classification head with a new one of "
+                   "N classes, initialised from --seed (the backbone is kept)")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--labels", type=Path, metavar="FILE", help="class names: a text file, one a line")
+    names.add_argument("--labels-from", type=Path, metavar="DATA_DIR",
+                       help="class names: DATA_DIR's sub-folder names, sorted (an ImageFolder)")
     p.add_argument("--weights", type=Path, help="a state_dict (torch.save) to load before export")
     p.add_argument("--freeze", nargs="+", default=[], metavar="GLOB", help="parameters to freeze, e.g. 'to_patch_embedding.*'")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -430,7 +389,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.model and args.preset:
         p.error("give --preset or --model, not both")
+    if args.weights and args.pretrained:
+        p.error("give --weights or --pretrained, not both")
     return args
+
+
+def labels(args: argparse.Namespace, request: pretrained.Requested, num_classes: int) -> list[str]:
+    """--labels, --labels-from, the checkpoint's own names, else 0..9 for digits and class_<i> otherwise."""
+    if args.labels or args.labels_from:
+        given = f"--labels {args.labels}" if args.labels else f"--labels-from {args.labels_from}"
+        names = recipes.read_labels(args.labels) if args.labels else recipes.labels_from(args.labels_from)
+        if len(names) != num_classes:
+            hint = "" if args.num_classes else f" (--num-classes {len(names)} gives it a new head)"
+            raise ExportError(f"the model has {num_classes} classes but {given} names {len(names)}{hint}")
+        if "" in names or len(set(names)) != len(names):
+            raise ExportError(f"{given}: class names must be unique and not empty")
+        return names
+    if request.class_names and len(request.class_names) == num_classes:
+        return request.class_names
+    if request.source.get("preset") == "digits" and num_classes == 10:
+        return [str(i) for i in range(10)]
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def per_channel(values, channels: int, option: str) -> list[float]:
+    """One value per channel (a single value stands for all)."""
+    values = list(values) * channels if len(values) == 1 else list(values)
+    if len(values) != channels:
+        raise ExportError(f"{option}: need {channels} values (one per channel), got {len(values)}")
+    return values
 
 
 def main(argv=None) -> int:
@@ -446,44 +433,28 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     """The export the command line asks for; ExportError when it cannot be done."""
     torch.manual_seed(args.seed)
-    if args.model:
-        try:
-            kwargs = json.loads(args.kwargs)
-        except json.JSONDecodeError as e:
-            raise ExportError(f"--kwargs is not valid JSON: {e}") from None
-        model = construct(load_class(args.model), kwargs)
-        image_size = args.image_size or kwargs.get("image_size", kwargs.get("img_size"))
-        channels = args.channels or next((kwargs[k] for k in CHANNEL_KWARGS if k in kwargs), 3)
-        if not isinstance(image_size, int):
-            raise ExportError("--model needs a square --image-size (or an int image_size in --kwargs)")
-        name = args.name or args.model.rpartition(":")[2].lower()
-        source = {"model": args.model, "kwargs": kwargs}
-        mean, std = args.mean or [0.5] * channels, args.std or [0.5] * channels
-    else:
-        preset = args.preset or DEFAULT_PRESET
-        config = PRESETS[preset]
-        model = build(config)
-        image_size, channels, name = config.image_size, config.channels, args.name or preset
-        source = {"preset": preset, "config": config.model_kwargs()}
-        mean, std = args.mean or config.mean, args.std or config.std
+    request = pretrained.requested(args)
+    model, image_size, channels, recipe = request.model, request.image_size, request.channels, request.recipe
     if args.weights:
         model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    model.eval()
-    with torch.no_grad():
-        num_classes = model(torch.zeros(1, channels, image_size, image_size)).shape[-1]
-    if args.class_names:
-        class_names = args.class_names.read_text().split("\n")[:num_classes]
-    elif source.get("preset") == "digits":
-        class_names = [str(i) for i in range(10)]
-    else:
-        class_names = [f"class_{i}" for i in range(num_classes)]
-    if len(class_names) != num_classes or len(mean) != channels or len(std) != channels:
-        raise ExportError(f"need {num_classes} class names and {channels} mean/std values")
+    num_classes = pretrained.classes_of(request)
+    class_names = labels(args, request, num_classes)
+    mean = per_channel(args.mean or (recipe and recipe.mean) or request.mean or [0.5], channels, "--mean")
+    std = per_channel(args.std or (recipe and recipe.std) or request.std or [0.5], channels, "--std")
+    resize_shorter, interpolation = (recipe.resize_shorter, recipe.interpolation) if recipe else (0, "bilinear")
+    if request.report:
+        print("\n  ".join(request.report.lines()))
+    if recipe:
+        print(f"  preprocessing from {recipe.origin}: {image_size}x{image_size}"
+              + (f" (shorter side to {resize_shorter}, centre crop)" if resize_shorter else "")
+              + f", {interpolation}, mean {mean}, std {std}" + "".join(f"\n  note: {n}" for n in recipe.notes))
+    name, source = request.name, request.source
 
     started = time.perf_counter()
     folder = export(model=model, name=name, out=args.out, image_size=image_size, channels=channels, mean=mean,
                     std=std, class_names=class_names, source=source, freeze=args.freeze,
-                    optimizer=args.optimizer, opset=args.opset)
+                    optimizer=args.optimizer, opset=args.opset, resize_shorter=resize_shorter,
+                    interpolation=interpolation)
     manifest = Manifest.load(folder)
     check = manifest.export_check
     print(f"exported {name} to {folder} in {time.perf_counter() - started:.1f}s")

@@ -24,7 +24,8 @@ def test_manifest_describes_every_artifact(exported):
     assert sorted(manifest["files"]) == sorted(ARTIFACT_FILES)
     assert all(manifest["files"][f] == sha256(folder / f) for f in ARTIFACT_FILES)
     assert manifest["input"] == {"name": "images", "shape": [-1, 1, 8, 8], "dtype": "float32"}
-    assert manifest["preprocessing"] == {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.5]}
+    assert manifest["preprocessing"] == {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.5],
+                                         "resize_shorter": 0, "interpolation": "bilinear"}
     assert manifest["class_names"] == [str(i) for i in range(10)]
     assert [(p["name"], tuple(p["shape"])) for p in manifest["parameters"]] == [(n, tuple(t.shape)) for n, t in state.items()]
     qkv2 = "transformer.layers.2.0.fn.to_qkv.weight"
