@@ -282,7 +282,8 @@ def hugging_face_architecture(folder: Path) -> str:
     except (OSError, json.JSONDecodeError) as e:
         raise ExportError(f"cannot read {folder / 'config.json'}: {e}") from None
     if not architectures:
-        raise ExportError(f"{folder / 'config.json'} names no architecture: give --model transformers:<Class>")
+        raise ExportError(f"{folder / 'config.json'} names no Hugging Face architecture: give --model "
+                          "(transformers:<Class>, timm:<name> or module:Class)")
     return f"transformers:{architectures[0]}"
 
 
