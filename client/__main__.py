@@ -3,7 +3,9 @@
 Commands:
 
     info                        what model is served (version, training state, auto settings)
-    predict IMAGE...            classify image files
+    predict IMAGE...            classify image files (folders: every file below them; --csv FILE: a table)
+    fit DATA                    fine-tune on an ImageFolder or a CSV of path,label, epoch by epoch (docs/fit.md)
+    evaluate DATA               accuracy, per-class precision/recall/F1, confusion matrix (--plot FILE)
     train-step BATCH            fine-tuning steps (--accumulate: gradient accumulation) + gradient summaries
                                 (--heads: and head importance)
     eval-step BATCH             loss and accuracy of the training weights; changes nothing
@@ -32,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.cli import UsageError, build_parser, load_batch, parse_schedule, picture
+from client.cli import UsageError, build_parser, load_batch, parse_schedule, picture, resume_command
 from client.client import (
     CheckpointList,
     ClientError,
@@ -42,15 +44,18 @@ from client.client import (
     OptimizerState,
     ViTClient,
 )
+from client.evaluate import Evaluation, FolderPredictions
 from client.render import (
     Checkpointed,
     Explained,
+    Fitted,
     GradientPlot,
     Heads,
     Health,
     History,
     Predictions,
     TrainSteps,
+    print_epoch,
     render,
 )
 
@@ -80,9 +85,33 @@ def info(client: ViTClient, args: argparse.Namespace) -> ModelInfo:
     return client.model_info(args.model)
 
 
-def predict(client: ViTClient, args: argparse.Namespace) -> Predictions:
-    return Predictions(args.images, client.predict([Path(f) for f in args.images], args.top_k, args.logits,
-                                                   model=args.model))
+def predict(client: ViTClient, args: argparse.Namespace) -> Predictions | FolderPredictions:
+    """Files one request as before; folders (or --csv) decoded here and sent in batches, bad files skipped."""
+    if args.csv is None and not any(Path(f).is_dir() for f in args.images):
+        return Predictions(args.images, client.predict([Path(f) for f in args.images], args.top_k, args.logits,
+                                                       model=args.model))
+    if args.logits:
+        raise UsageError("--logits goes with image files, not with folders or --csv")
+    return client.predict_folder(args.images, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,
+                                 strict=args.strict, csv_path=args.csv, model=args.model)
+
+
+def fit(client: ViTClient, args: argparse.Namespace) -> Fitted:
+    if args.end_lr is not None and args.schedule is None:
+        raise UsageError("--end-lr goes with --schedule")
+    on_epoch = None if args.json else print_epoch
+    result = client.fit(args.data, args.out, on_epoch=on_epoch, epochs=args.epochs, batch_size=args.batch_size,
+                        seed=args.seed, val_split=args.val_split, val=args.val, lr=args.lr,
+                        schedule=parse_schedule(args.schedule, args.end_lr) if args.schedule else None,
+                        augment=args.augment, patience=args.patience, publish=args.publish, resume=args.resume,
+                        strict=args.strict, workers=args.workers, retry_seconds=args.retry_seconds,
+                        progress=False if args.no_progress else None)
+    return Fitted(result, resume_command(args.argv) if result.interrupted else "")
+
+
+def evaluate(client: ViTClient, args: argparse.Namespace) -> Evaluation:
+    return client.evaluate(args.data, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,
+                           strict=args.strict, plot=picture(args.plot), model=args.model)
 
 
 def train_step(client: ViTClient, args: argparse.Namespace) -> TrainSteps:
@@ -163,7 +192,7 @@ def history(client: ViTClient, args: argparse.Namespace) -> History:
 
 
 COMMANDS: dict[str, Callable[[ViTClient, argparse.Namespace], Any]] = {
-    "health": health, "info": info, "predict": predict, "train-step": train_step, "eval-step": eval_step,
+    "health": health, "info": info, "predict": predict, "fit": fit, "evaluate": evaluate, "train-step": train_step, "eval-step": eval_step,
     "optimizer": optimizer, "checkpoint": checkpoint, "publish": publish, "explain": explain, "grads": grads,
     "heads": heads, "history": history,
 }
@@ -176,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     with connect(args) as client:
         result = COMMANDS[args.command](client, args)
         render(result, args.json)
+    if isinstance(result, Fitted) and result.result.interrupted:
+        return 128 + result.result.interrupted  # as a process stopped by that signal reports it
     return 1 if isinstance(result, Health) and not result.serving else 0
 
 
@@ -194,6 +225,7 @@ def describe(error: Exception, address: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # --help or a usage error, already printed by argparse
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     try:

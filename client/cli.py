@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import zipfile
 from pathlib import Path
@@ -44,9 +45,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", parents=[common], help="classify image files")
     p.add_argument("--model", default="", metavar="NAME", help="which model (default: the only one)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...) or folders (every file "
+                                                              "below them, decoded here and sent in batches)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes per image (default 5)")
-    p.add_argument("--logits", action="store_true", help="also print the raw logits")
+    p.add_argument("--logits", action="store_true", help="also print the raw logits (files only, not folders)")
+    p.add_argument("--csv", metavar="FILE", help="write a table: path, class, probability, then the other top-k")
+    add_data_arguments(p)
+
+    f = sub.add_parser("fit", parents=[common], help="fine-tune on an ImageFolder or a CSV, epoch by epoch",
+                       description="Fine-tune the served model on DATA (an ImageFolder: one sub-folder per class; or "
+                                   "a CSV of path,label) with TrainStep, scoring each epoch with EvalStep. Writes "
+                                   "fit.json, fit_curve.png and fit-state.json into --out; checkpoints fit-best and "
+                                   "fit-last on the server. Ctrl-C or SIGTERM stop after the current step.")
+    f.add_argument("data", metavar="DATA", help="an ImageFolder or a CSV of path,label (paths relative to it)")
+    held = f.add_mutually_exclusive_group()
+    held.add_argument("--val-split", type=float, default=0.2, metavar="F",
+                      help="hold out this fraction of each class for validation (stratified, seeded; default 0.2)")
+    held.add_argument("--val", metavar="DATA", help="a separate validation ImageFolder or CSV")
+    f.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training files (default 10)")
+    f.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per TrainStep (default 32)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the split, the order and the augmentation")
+    rate = f.add_mutually_exclusive_group()
+    rate.add_argument("--lr", type=float, metavar="X", help="constant learning rate, set once at the start")
+    rate.add_argument("--schedule", nargs=3, metavar=("PEAK", "WARMUP", "DECAY"),
+                      help="linear warmup to PEAK over WARMUP steps, then decay over DECAY steps (as `optimizer`)")
+    f.add_argument("--end-lr", type=float, metavar="E", help="learning rate at the end of the decay (default 0)")
+    f.add_argument("--augment", action="store_true", help="random resized crop and horizontal flip, per epoch")
+    f.add_argument("--patience", type=int, default=0, metavar="P",
+                   help="stop after P epochs without a better validation accuracy (default 0: never)")
+    f.add_argument("--publish", action="store_true", help="at the end, restore the best checkpoint and publish it")
+    f.add_argument("--resume", action="store_true", help="continue the fit whose state is in --out")
+    f.add_argument("--out", default="fit-output", metavar="DIR", help="folder for fit.json, the curve and the state "
+                                                                      "(default fit-output)")
+    f.add_argument("--retry-seconds", type=float, default=120.0, metavar="S",
+                   help="how long to wait for a server that went away before giving up (default 120)")
+    add_data_arguments(f, batch=False, progress=True)
+
+    v = sub.add_parser("evaluate", parents=[common], help="accuracy, per-class precision/recall/F1 and a confusion "
+                                                         "matrix of the served model on labelled data")
+    v.add_argument("data", metavar="DATA", help="an ImageFolder or a CSV of path,label")
+    v.add_argument("--model", default="", metavar="NAME", help="which model (default: the only one)")
+    v.add_argument("--top-k", type=int, default=5, metavar="K", help="also the top-K accuracy (default 5)")
+    v.add_argument("--plot", metavar="FILE.png|.svg", help="write the confusion matrix")
+    add_data_arguments(v)
 
     t = sub.add_parser("train-step", parents=[common], help="run fine-tuning steps on one batch")
     add_batch_arguments(t)
@@ -107,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="FILE.png|.svg",
                    help="also plot the loss and the parameters' gradient norms (and q/k/v) over the steps")
     return parser
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, batch: bool = True, progress: bool = False) -> None:
+    """How files are read: --batch-size (unless the command has its own), --workers, --strict (and --no-progress)."""
+    if batch:
+        parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per call (default 32)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="decoding threads (default 2)")
+    parser.add_argument("--strict", action="store_true",
+                        help="a file that cannot be decoded is an error (default: skipped and named at the end)")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this fit: the same arguments plus --resume, as the user started us."""
+    name = os.path.basename(sys.argv[0])
+    program = [sys.executable, "-m", "client"] if name in ("__main__.py", "-c", "") else [name]
+    return shlex.join([*program, *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def picture(path: str | None) -> Path | None:

@@ -720,3 +720,25 @@ class ViTClient:
         """Where the loss and each trainable parameter's gradient are computed ("" for all parameters)."""
         request = vitserve_pb2.ExplainGradientsRequest(parameter=parameter)
         return from_proto(Explanation, self._call(self._stub.ExplainGradients, request))
+
+    def fit(self, data: str | os.PathLike, out: str | os.PathLike = "fit-output", **options: Any) -> Any:
+        """Fine-tune on DATA (an ImageFolder or a CSV of path,label) epoch by epoch; writes fit.json, the curve
+        and the run's state into `out`. `options`: client.fit.FitOptions' fields (epochs, batch_size, seed,
+        val_split or val, lr or schedule, augment, patience, publish, resume, strict, ...). A client.fit.FitResult."""
+        from client.fit import fit
+
+        return fit(self, data, out, **options)
+
+    def evaluate(self, data: str | os.PathLike, **options: Any) -> Any:
+        """Accuracy, top-k accuracy, per-class precision, recall and F1 and the confusion matrix of the model
+        Predict serves on DATA (an ImageFolder or a CSV); a client.evaluate.Evaluation."""
+        from client.evaluate import evaluate
+
+        return evaluate(self, data, **options)
+
+    def predict_folder(self, inputs: Sequence[str | os.PathLike], **options: Any) -> Any:
+        """Classify files and every file below folders, in batches (csv_path: also write the table); a
+        client.evaluate.FolderPredictions."""
+        from client.evaluate import predict_folder
+
+        return predict_folder(self, list(inputs), **options)

@@ -330,3 +330,49 @@ def gradient_history_figure(history: GradientHistory, pattern: str = "") -> Figu
     first, last = numbers[0], numbers[-1]
     fig.suptitle(f"Gradient history: steps {first} to {last} ({len(steps)} kept of at most {history.capacity})")
     return fig
+
+
+# ---------------------------------------------------------------- fit and evaluate
+
+def fit_curve(epochs: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """A fit's epochs: train and validation loss (left) and validation accuracy (right), best epoch marked."""
+    if not epochs:
+        raise ValueError("nothing to plot: no finished epoch")
+    fig = Figure(figsize=(11, 4.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    x = [e["epoch"] for e in epochs]
+    loss_ax.plot(x, [e["train_loss"] for e in epochs], "o-", color="#1f77b4", label="train loss")
+    loss_ax.plot(x, [e["val_loss"] for e in epochs], "s--", color="#7f7f7f", label="validation loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("cross-entropy loss")
+    loss_ax.legend(frameon=False)
+    accuracy = [e["val_accuracy"] * 100 for e in epochs]
+    acc_ax.plot(x, accuracy, "o-", color="#d62728", label="validation accuracy")
+    best = [e for e in epochs if e.get("best")]
+    if best:
+        acc_ax.plot([best[-1]["epoch"]], [best[-1]["val_accuracy"] * 100], "*", color="black", markersize=14,
+                    label=f"best: epoch {best[-1]['epoch']}, {best[-1]['val_accuracy']:.1%}")
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("validation accuracy (%)")
+    acc_ax.legend(frameon=False, loc="lower right")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"fit: {len(epochs)} epochs, {epochs[-1]['images_per_s']:.0f} images/s in the last")
+    return save(fig, path)
+
+
+def confusion_matrix(matrix: np.ndarray, labels: list[str], path: str | os.PathLike, title: str = "") -> Path:
+    """A confusion matrix (rows: true class, columns: predicted), counts in the cells (scikit-learn's display)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(5.0, 0.45 * len(labels) + 3)
+    fig = Figure(figsize=(size, size * 0.9), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay(matrix, display_labels=labels).plot(ax=ax, cmap="Blues", colorbar=True,
+                                                               xticks_rotation="vertical" if len(labels) > 8 else
+                                                               "horizontal")
+    ax.set_title(title or "confusion matrix")
+    return save(fig, path)

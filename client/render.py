@@ -37,7 +37,10 @@ from client.client import (
     TrainStepResult,
 )
 
+from client.evaluate import Evaluation, FolderPredictions
+
 if TYPE_CHECKING:
+    from client.fit import FitResult
     from client.graphs import PathPicture
 
 
@@ -101,6 +104,13 @@ class History:
 
 
 @dataclass
+class Fitted:
+    """fit: the run's result, and the command that resumes it when a signal stopped it ("" otherwise)."""
+    result: FitResult
+    resume_command: str = ""
+
+
+@dataclass
 class GradientPlot:
     """grads: the train step and the gradient-flow figure written of it."""
     plot: Path
@@ -158,6 +168,11 @@ def _(result: Heads) -> Any:
 @document.register
 def _(result: History) -> Any:
     return {**result.history.as_dict(), **({"plot": str(result.plot)} if result.plot else {})}
+
+
+@document.register
+def _(result: Fitted) -> Any:
+    return {**result.result.as_dict(), **({"resume_command": result.resume_command} if result.resume_command else {})}
 
 
 @document.register
@@ -366,6 +381,65 @@ def print_eval(r: EvalResult) -> None:
 def print_gradient_plot(result: GradientPlot) -> None:
     print_step(result.step)
     print(f"wrote {result.plot}")
+
+
+# ---------------------------------------------------------------- fit, evaluate, predict DIR
+
+def print_epoch(e: dict) -> None:
+    """One finished epoch of a fit, as it finishes."""
+    print(f"epoch {e['epoch']}  step {e['step']}  loss {e['train_loss']:.4f}  val loss {e['val_loss']:.4f}  "
+          f"val acc {e['val_accuracy'] * 100:.1f}%  {e['images_per_s']:.0f} img/s" + ("  best" if e["best"] else ""),
+          flush=True)
+
+
+def print_skipped(skipped: dict[str, str]) -> None:
+    if skipped:
+        print(f"{len(skipped)} file(s) skipped (not decodable; --strict makes the first an error):")
+        for path, reason in skipped.items():
+            print(f"  {path}: {reason}")
+
+
+@text.register
+def print_fitted(fitted: Fitted) -> None:
+    r = fitted.result
+    print(f"fit {r.stopped}: {len(r.epochs)} epoch(s) in {r.out}, step {r.step}; {r.train_images} training and "
+          f"{r.val_images} validation files" + (f"; {r.reconnects} reconnect(s)" if r.reconnects else ""))
+    if r.best:
+        print(f"best: epoch {r.best['epoch']}, validation accuracy {r.best['val_accuracy'] * 100:.1f}% "
+              f"(checkpoint {r.best['checkpoint']}, step {r.best['step']})")
+    print_skipped(r.skipped)
+    if r.published is not None:
+        print_published(r.published)
+    if r.files:
+        print(f"wrote {', '.join(r.files)}")
+    if fitted.resume_command:
+        p = r.position
+        print(f"stopped in epoch {p['epoch']} after batch {p['batch']} (step {p['step']}); checkpoint fit-last saved")
+        print(f"resume with: {fitted.resume_command}")
+
+
+@text.register
+def print_evaluation(e: Evaluation) -> None:
+    print(f"{e.data}: {e.count} images, model version {e.model_version}")
+    print(f"accuracy        {e.accuracy * 100:.2f}%")
+    print(f"top-{e.top_k} accuracy  {e.top_k_accuracy * 100:.2f}%")
+    print(f"macro F1        {e.macro_f1:.4f}")
+    rows = [(c.name, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", str(c.support)) for c in e.classes]
+    print_table(("class", "precision", "recall", "F1", "support"), rows, right={1, 2, 3, 4})
+    print_skipped(e.skipped)
+    if e.plot:
+        print(f"wrote {e.plot}")
+
+
+@text.register
+def print_folder_predictions(p: FolderPredictions) -> None:
+    if p.csv:
+        print(f"classified {len(p.rows)} files (model version {p.model_version}); wrote {p.csv}")
+    else:
+        for path, top in p.rows:
+            print(f"{path}  " + "  ".join(f"{label} {prob * 100:.1f}%" for label, prob in top))
+        print(f"(model version {p.model_version})")
+    print_skipped(p.skipped)
 
 
 # ---------------------------------------------------------------- optimizer
