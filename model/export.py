@@ -449,6 +449,9 @@ def run(args: argparse.Namespace) -> int:
               + (f" (shorter side to {resize_shorter}, centre crop)" if resize_shorter else "")
               + f", {interpolation}, mean {mean}, std {std}" + "".join(f"\n  note: {n}" for n in recipe.notes))
     name, source = request.name, request.source
+    if args.pretrained and (args.out / name).resolve() in (args.pretrained.resolve(), *args.pretrained.resolve().parents):
+        raise ExportError(f"the export would replace {args.out / name}, which holds the checkpoint: give another "
+                          "--name or --out")
 
     started = time.perf_counter()
     folder = export(model=model, name=name, out=args.out, image_size=image_size, channels=channels, mean=mean,

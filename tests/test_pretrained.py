@@ -248,6 +248,13 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, name, content, m
         message.format(path=path))
 
 
+def test_the_export_never_replaces_the_checkpoints_own_folder(tmp_path, capsys):
+    checkpoint = hf_checkpoint(tmp_path / "vit")
+    assert export_failed(capsys, ["--pretrained", str(checkpoint), "--out", str(tmp_path), "--name", "vit"]) == (
+        f"the export would replace {tmp_path / 'vit'}, which holds the checkpoint: give another --name or --out")
+    assert (checkpoint / "model.safetensors").is_file()
+
+
 def test_a_hub_name_is_not_downloaded(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert export_failed(capsys, ["--model", HF_MODEL, "--pretrained", "google/vit-base-patch16-224"]) == (
