@@ -1,7 +1,7 @@
 """python -m bench [--quick] [--out bench/results] [--only NAME ...]: the whole benchmark, one run.
 
 Prints the table (with the machine and the targets, met / not met), one section per kind of
-measurement (train-step, trainers, predict, dynamic-batching, summaries-cost, matmul-peak, achieved-flops,
+measurement (train-step with fit, trainers, predict, dynamic-batching, summaries-cost, matmul-peak, achieved-flops,
 export, data-parallel), and writes <out>/results.txt, <out>/results.json and <out>/bench.png. Exported models
 are cached in bench/.cache/.
 --quick (~4 minutes with the models cached, CI smoke test): fewer repeats, shorter windows, no torch.compile.
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from bench import report, workloads as w
+    from bench import fit as fit_workloads, report, workloads as w
     from bench.artifacts import DEFAULT_CACHE, ArtifactCache
     from bench.cpu import CpuMonitor
     from bench.stats import Row, Section
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
         ("train-step vit-small64 b32", lambda: w.train(ctx, "vit-small64", 32)),
         ("train-step torch.compile digits b64", lambda: w.train_compiled(ctx, "digits", 64)),
         ("train-step torch.compile vit-small64 b32", lambda: w.train_compiled(ctx, "vit-small64", 32)),
+        ("fit digits b64", lambda: fit_workloads.fit(ctx, "digits", 64)),  # vitserve fit vs a bare TrainStep loop
+        ("fit vit-small64 b32", lambda: fit_workloads.fit(ctx, "vit-small64", 32)),
         ("trainers digits b64", lambda: w.trainers(ctx, "digits", 64)),
         ("trainers vit-small64 b32", lambda: w.trainers(ctx, "vit-small64", 32)),
         ("trainers vit-s16-224 b8", lambda: w.trainers(ctx, "vit-s16-224", 8)),
