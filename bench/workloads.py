@@ -652,7 +652,7 @@ def predict(ctx: Context, preset: str, batches=(8, 32)) -> list[Row]:
     client = served.client()
     v2 = tc.InferenceServerClient(served.address)
     v2_http = th.InferenceServerClient(served.http_address)
-    model_name = served.plane.manifest.name
+    model_name = served.plane.registry.model().manifest.name
     settings = served.settings
     served_note = (f"server defaults: dynamic batching {'on' if settings.dynamic_batching else 'off'}, "
                    f"delay {settings.max_batch_delay_ms} ms")

@@ -46,7 +46,7 @@ def create_server(settings: Settings, plane: DataPlane | None = None,
         for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
             health_servicer.set(name, status)
 
-    plane.watch_ready(health_follows)
+    plane.registry.watch_ready(health_follows)
 
     reflection.enable(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"]))
 

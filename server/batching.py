@@ -1,6 +1,6 @@
 """Server-side dynamic batching for Predict: concurrent requests coalesced into one ONNX Runtime run.
 
-Callers block in `submit(images)`; one worker thread takes the oldest request,
+Callers block in `answer(images)`; one worker thread takes the oldest request,
 gathers whatever else is queued (waiting at most `max_delay_s` for more) up to
 `max_batch` rows, runs them as one batch, and hands each caller exactly its own
 rows back. Under load the queue fills while a batch runs, so batches grow with
@@ -77,11 +77,6 @@ class DynamicBatcher:
         self.batch_sizes: Counter[int] = Counter()  # rows per executed batch -> count
         self._worker = threading.Thread(target=self._loop, name="vitserve-batcher", daemon=True)
         self._worker.start()
-
-    def submit(self, images: np.ndarray) -> tuple[int, np.ndarray]:
-        """Block until this request's rows are computed; returns (model_version, logits rows)."""
-        answer = self.answer(images)
-        return answer.version, answer.logits
 
     def answer(self, images: np.ndarray) -> Answer:
         """Block until this request's rows are computed; returns them with their run and time in the queue."""

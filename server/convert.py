@@ -1,6 +1,6 @@
 """Records <-> messages: the one place where the server's records meet the wire schema.
 
-Each record (a frozen dataclass in engine/, server/dataplane.py or server/statistics.py) is defined
+Each record (a frozen dataclass in engine/, server/dataplane.py, server/registry.py, server/trainer.py or server/statistics.py) is defined
 once and maps to one proto message, field by field and by name (RECORDS): vitserve.v1's, and the
 KServe v2 messages built from records (statistics, repository index). Conversion is generic: nested records become
 nested messages, sequences repeated fields, str values of enum fields their numbers. A test checks
@@ -24,10 +24,12 @@ from engine.store import CheckpointInfo, CheckpointList, ModelVersion
 from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult
 from proto import open_inference_pb2 as v2
 from proto import vitserve_pb2 as pb
-from server.dataplane import GradientHistory, ModelIndex, ModelInfo, RepositoryIndex
+from server.dataplane import ModelInfo
 from server.decode import encode_tensor
 from server.models import Prediction
+from server.registry import ModelIndex, RepositoryIndex
 from server.statistics import BatchStatistics, Duration, InferStatistics, ModelStatistics, ModelStatisticsList
+from server.trainer import GradientHistory
 
 RECORDS: dict[type, type[Message]] = {
     GradientSummary: pb.GradientSummary,

@@ -58,7 +58,7 @@ def decode_images(encoded: list[bytes], prep: Preprocessing) -> np.ndarray:
 
 @dataclass(frozen=True)
 class BatchValidator:
-    """Checks payloads against one model's input; the servicers' only way from a request to a batch."""
+    """Checks inference payloads against one model's input; the front doors' only way from a request to a batch."""
     input_shape: tuple[int, ...]  # (-1, C, H, W)
     num_classes: int
     max_batch_size: int
@@ -75,15 +75,6 @@ class BatchValidator:
             return self.images_from_files(list(images.encoded.images))
         t = images.tensor
         return self.images_from_tensor(dtype_name(t.dtype), list(t.shape), t.data)
-
-    def labelled(self, request: pb.TrainStepRequest | pb.EvalStepRequest | pb.HeadImportanceRequest
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """(images, labels) of a TrainStep, EvalStep or HeadImportance request."""
-        images = self.images(request.images)
-        if not request.HasField("labels"):
-            raise InvalidArgument("labels: none given (an INT64 tensor [batch])")
-        t = request.labels
-        return images, self.labels_from_tensor(dtype_name(t.dtype), list(t.shape), t.data, batch=len(images))
 
     def v2_images(self, request: v2.ModelInferRequest, input_name: str) -> np.ndarray:
         """The one FP32 input of a KServe v2 ModelInferRequest, from raw_input_contents or contents.fp32_contents."""
@@ -132,6 +123,27 @@ class BatchValidator:
         self.check_batch(len(encoded))
         return decode_images(encoded, self.preprocessing)
 
+    def check_batch(self, size: int) -> None:
+        if size == 0:
+            raise InvalidArgument("images: the batch is empty")
+        if size > self.max_batch_size:
+            raise InvalidArgument(f"images: batch of {size} is over the maximum of {self.max_batch_size}")
+
+
+@dataclass(frozen=True)
+class TrainingBatchValidator(BatchValidator):
+    """Checks labelled batches (TrainStep, EvalStep, HeadImportance) against the trained model: its images as
+    BatchValidator checks them, and one label per image, each a class of the model."""
+
+    def labelled(self, request: pb.TrainStepRequest | pb.EvalStepRequest | pb.HeadImportanceRequest
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of a TrainStep, EvalStep or HeadImportance request."""
+        images = self.images(request.images)
+        if not request.HasField("labels"):
+            raise InvalidArgument("labels: none given (an INT64 tensor [batch])")
+        t = request.labels
+        return images, self.labels_from_tensor(dtype_name(t.dtype), list(t.shape), t.data, batch=len(images))
+
     def labels_from_tensor(self, dtype: str, shape, data: bytes, batch: int) -> np.ndarray:
         if dtype != "INT64":
             raise InvalidArgument(f"labels: dtype must be INT64, got {dtype}")
@@ -142,9 +154,3 @@ class BatchValidator:
         if out_of_range.size:
             raise InvalidArgument(f"labels: must be in [0, {self.num_classes}), got {int(out_of_range[0])}")
         return labels
-
-    def check_batch(self, size: int) -> None:
-        if size == 0:
-            raise InvalidArgument("images: the batch is empty")
-        if size > self.max_batch_size:
-            raise InvalidArgument(f"images: batch of {size} is over the maximum of {self.max_batch_size}")

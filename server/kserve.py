@@ -56,7 +56,7 @@ class InferenceServicer:
     """The v2 methods, over the same DataPlane as vitserve.v1.VitServe."""
 
     def __init__(self, plane: DataPlane):
-        self.plane = plane
+        self.registry = plane.registry
 
     @grpc_errors
     def ServerLive(self, request: v2.ServerLiveRequest, context) -> v2.ServerLiveResponse:
@@ -64,57 +64,59 @@ class InferenceServicer:
 
     @grpc_errors
     def ServerReady(self, request: v2.ServerReadyRequest, context) -> v2.ServerReadyResponse:
-        return v2.ServerReadyResponse(ready=self.plane.ready)
+        return v2.ServerReadyResponse(ready=self.registry.ready)
 
     @grpc_errors
     def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
         try:
-            self.plane.v2_model(request.name, request.version)
+            self.registry.v2_model(request.name, request.version)
         except NotFound:  # readiness is a question, not an error: another model or version is just not ready
             return v2.ModelReadyResponse(ready=False)
-        return v2.ModelReadyResponse(ready=self.plane.ready)
+        return v2.ModelReadyResponse(ready=self.registry.ready)
 
     @grpc_errors
     def ServerMetadata(self, request: v2.ServerMetadataRequest, context) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(name=server_name(self.plane.settings.role), version=server_version(),
+        return v2.ServerMetadataResponse(name=server_name(self.registry.settings.role), version=server_version(),
                                          extensions=EXTENSIONS)
 
     @grpc_errors
     def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
-        model, version = self.plane.v2_model(request.name, request.version)
+        model, version = self.registry.v2_model(request.name, request.version)
         inputs, outputs = tensor_metadata(model)
         return v2.ModelMetadataResponse(name=request.name, versions=[version], platform=PLATFORM,
                                         inputs=[inputs], outputs=[outputs])
 
     @grpc_errors
     def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
-        model, _ = self.plane.v2_model(request.model_name, request.model_version)
+        model, _ = self.registry.v2_model(request.model_name, request.model_version)
         output = model.manifest.output_name
-        with model.inference_request(request.model_version) as call:
+
+        def decode(model) -> np.ndarray:
             images = model.decoder.v2_images(request, model.manifest.input_name)
             for wanted in request.outputs:
                 if wanted.name != output:
                     raise InvalidArgument(f"outputs: unknown output '{wanted.name}'; the model's output is "
                                           f"'{output}'")
-            version, logits = call.logits(images)
-            return v2.ModelInferResponse(
-                model_name=request.model_name, model_version=str(version), id=request.id,
-                outputs=[v2.ModelInferResponse.InferOutputTensor(name=output, datatype=FP32,
-                                                                 shape=list(logits.shape))],
-                raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
+            return images
+
+        version, logits = self.registry.infer(request.model_name, request.model_version, decode)
+        return v2.ModelInferResponse(
+            model_name=request.model_name, model_version=str(version), id=request.id,
+            outputs=[v2.ModelInferResponse.InferOutputTensor(name=output, datatype=FP32, shape=list(logits.shape))],
+            raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
 
     @grpc_errors
     def ModelConfig(self, request: v2.ModelConfigRequest, context) -> v2.ModelConfigResponse:
-        self.plane.v2_model(request.name, request.version)
-        return v2.ModelConfigResponse(config=self.plane.triton_config(request.name))
+        self.registry.v2_model(request.name, request.version)
+        return v2.ModelConfigResponse(config=self.registry.triton_config(request.name))
 
     @grpc_errors
     def ModelStatistics(self, request: v2.ModelStatisticsRequest, context) -> v2.ModelStatisticsResponse:
-        return to_proto(self.plane.model_statistics(request.name, request.version))
+        return to_proto(self.registry.model_statistics(request.name, request.version))
 
     @grpc_errors
     def RepositoryIndex(self, request: v2.RepositoryIndexRequest, context) -> v2.RepositoryIndexResponse:
-        return to_proto(self.plane.repository_index(request.repository_name, request.ready))
+        return to_proto(self.registry.repository_index(request.repository_name, request.ready))
 
 
 METHODS = {  # served method -> (request, response) message types

@@ -9,8 +9,6 @@ mixes a call in flight). A call that names no version runs on the newest.
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,25 +105,13 @@ class ServedModel:
         self.statistics.record_run(run)
         return Answer(logits, run, 0)
 
-    @contextlib.contextmanager
-    def inference_request(self, version: str = ""):
-        """One inference request, timed for the statistics from here to the end of the block:
-
-            with model.inference_request() as request:
-                images = model.decoder.images(...)  # an invalid request raises here: counted as a failure
-                answer = convert(request.predict(images))  # or request.logits(images)
-
-        A block that raises counts as a failed request of the version that ran it (else the newest served)."""
-        request = InferenceRequest(self, version)
-        start = time.perf_counter_ns()
-        try:
-            yield request
-        except BaseException:
-            ran = request.answer.version if request.answer else (self._served[-1].version if self._served else 0)
-            self.statistics.record_failure(ran, time.perf_counter_ns() - start)
-            raise
-        if request.answer is not None:
-            self.statistics.record_success(request.answer, request.images, time.perf_counter_ns() - start)
+    def prediction(self, answer: Answer, k: int = 0, return_logits: bool = False) -> Prediction:
+        """Top-k classes (and the logits when asked for) of an answer's logits."""
+        k = min(k or DEFAULT_TOP_K, self.manifest.num_classes)
+        indices, probs = top_k(answer.logits, k)
+        names = self.manifest.class_names
+        return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
+                          answer.logits if return_logits else None, answer.version)
 
     def close(self) -> None:
         """Stop the batcher (requests already queued are answered first) and forget the gauges. The versions stay:
@@ -136,29 +122,3 @@ class ServedModel:
         for v in self._served:
             self._metrics.forget_model_version(self.name, v.version)
 
-
-class InferenceRequest:
-    """One inference request to a model, from ServedModel.inference_request: it runs the batch and keeps what
-    the statistics need (the answer and the images)."""
-
-    def __init__(self, model: ServedModel, version: str = "") -> None:
-        self._model = model
-        self._version = version
-        self.answer: Answer | None = None
-        self.images = 0
-
-    def logits(self, images: np.ndarray) -> tuple[int, np.ndarray]:
-        """(model version, logits (b, classes))."""
-        self.answer = self._model.answer(images, self._version)
-        self.images = len(images)
-        return self.answer.version, self.answer.logits
-
-    def predict(self, images: np.ndarray, k: int = 0, return_logits: bool = False) -> Prediction:
-        """Top-k classes (and the logits when asked for) of the batch."""
-        manifest = self._model.manifest
-        k = min(k or DEFAULT_TOP_K, manifest.num_classes)
-        version, logits = self.logits(images)
-        names = manifest.class_names
-        indices, probs = top_k(logits, k)
-        return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
-                          logits if return_logits else None, version)

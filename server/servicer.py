@@ -1,4 +1,5 @@
-"""The vitserve.v1 gRPC servicer: decode the request, call the data plane, convert the answer. No logic lives here.
+"""The vitserve.v1 gRPC servicer: decode the request, call the registry or the trainer, convert the answer. No logic
+lives here.
 
 Requests become validated batches in server/decode.py, records become messages in server/convert.py,
 and errors become statuses in server/grpc_errors.py.
@@ -23,68 +24,68 @@ def _optional(request, name: str):
 class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
     def __init__(self, plane: DataPlane):
         self.plane = plane
-
-    @property
-    def decode(self):
-        return self.plane.decoder  # labelled batches: the trainer's model
+        self.registry = plane.registry
 
     @grpc_errors
     def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        model = self.plane.model(request.model)
-        with model.inference_request() as call:  # timed for the v2 ModelStatistics, failures included
-            images = model.decoder.images(request.images)
-            return prediction_proto(call.predict(images, request.top_k, request.return_logits))
+        return prediction_proto(self.registry.predict(request.model, lambda model: model.decoder.images(request.images),
+                                                      request.top_k, request.return_logits))
 
     @grpc_errors
     def TrainStep(self, request: pb.TrainStepRequest, context) -> pb.TrainStepResponse:
-        images, labels = self.decode.labelled(request)
+        trainer = self.plane.trainer("train step")
+        images, labels = trainer.batches.labelled(request)
         remaining = context.time_remaining()  # None without a client deadline
-        return to_proto(self.plane.train_step(
+        return to_proto(trainer.train_step(
             images, labels, summaries=not request.omit_gradient_summaries, accumulate_only=request.accumulate_only,
             deadline=time.monotonic() + remaining if remaining is not None else None,
             head_importance=request.head_importance))
 
     @grpc_errors
     def HeadImportance(self, request: pb.HeadImportanceRequest, context) -> pb.HeadImportanceResponse:
-        return to_proto(self.plane.head_importance(*self.decode.labelled(request)))
+        trainer = self.plane.trainer("head importance")
+        return to_proto(trainer.head_importance(*trainer.batches.labelled(request)))
 
     @grpc_errors
     def GetGradientHistory(self, request: pb.GradientHistoryRequest, context) -> pb.GradientHistoryResponse:
-        return to_proto(self.plane.gradient_history(request.first_step, request.last_step, request.parameter))
+        return to_proto(self.plane.trainer("gradient history").gradient_history(
+            request.first_step, request.last_step, request.parameter))
 
     @grpc_errors
     def EvalStep(self, request: pb.EvalStepRequest, context) -> pb.EvalStepResponse:
-        return to_proto(self.plane.eval_step(*self.decode.labelled(request)))
+        trainer = self.plane.trainer("eval step")
+        return to_proto(trainer.eval_step(*trainer.batches.labelled(request)))
 
     @grpc_errors
     def GetOptimizer(self, request, context) -> pb.OptimizerState:
-        return to_proto(self.plane.optimizer())
+        return to_proto(self.plane.trainer("optimizer").optimizer())
 
     @grpc_errors
     def SetOptimizer(self, request: pb.SetOptimizerRequest, context) -> pb.OptimizerState:
+        trainer = self.plane.trainer("set optimizer")
         schedule = from_proto(request.schedule, LinearSchedule) if request.HasField("schedule") else None
-        return to_proto(self.plane.set_optimizer(_optional(request, "learning_rate"), schedule,
-                                                 _optional(request, "clip_grad_norm")))
+        return to_proto(trainer.set_optimizer(_optional(request, "learning_rate"), schedule,
+                                              _optional(request, "clip_grad_norm")))
 
     @grpc_errors
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context) -> pb.CheckpointInfo:
-        return to_proto(self.plane.save_checkpoint(request.name))
+        return to_proto(self.plane.trainer("save checkpoint").save_checkpoint(request.name))
 
     @grpc_errors
     def ListCheckpoints(self, request, context) -> pb.ListCheckpointsResponse:
-        return to_proto(self.plane.list_checkpoints())
+        return to_proto(self.plane.trainer("list checkpoints").list_checkpoints())
 
     @grpc_errors
     def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest, context) -> pb.CheckpointInfo:
-        return to_proto(self.plane.restore_checkpoint(request.name))
+        return to_proto(self.plane.trainer("restore checkpoint").restore_checkpoint(request.name))
 
     @grpc_errors
     def Publish(self, request, context) -> pb.ModelVersion:
-        return to_proto(self.plane.publish())
+        return to_proto(self.plane.trainer("publish").publish())
 
     @grpc_errors
     def ExplainGradients(self, request: pb.ExplainGradientsRequest, context) -> pb.ExplainGradientsResponse:
-        return to_proto(self.plane.explain(request.parameter))
+        return to_proto(self.plane.trainer("explain").explain(request.parameter))
 
     @grpc_errors
     def GetModelInfo(self, request, context) -> pb.ModelInfo:

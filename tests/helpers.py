@@ -32,6 +32,7 @@ from model.vit import PRESETS
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from server.dataplane import DataPlane
+from server.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,16 @@ class RunningServer:
     address: str
     server: grpc.Server
     channel: grpc.Channel
+
+    @property
+    def trainer(self) -> Trainer:
+        """The server's trainer (its checkpoints, versions and queue)."""
+        return self.plane.trainer("a test")
+
+    @property
+    def engine(self):
+        """The trainer's training engine: its weights and step counter."""
+        return self.trainer.engine
 
     def stop(self) -> None:
         """Stop like SIGTERM does: no new calls, then the final checkpoint (idempotent)."""

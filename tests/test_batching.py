@@ -35,7 +35,7 @@ def test_concurrent_callers_get_their_own_rows_over_grpc(serve):
     for images, a, b in zip(requests, got, expected):
         assert a.shape == (len(images), 10)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    sizes_run = batched.plane.batcher.batch_sizes
+    sizes_run = batched.plane.registry.model().batcher.batch_sizes
     assert sum(n * c for n, c in sizes_run.items()) == sum(sizes)  # every row ran exactly once
     assert max(sizes_run) > 5, sizes_run  # and requests really were coalesced
 
@@ -50,7 +50,8 @@ def test_a_request_larger_than_the_batch_limit_runs_alone():
     batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.05)
     try:
         images = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)
-        version, out = batcher.submit(images)
+        answer = batcher.answer(images)
+        version, out = answer.version, answer.logits
         assert version == 7 and runs == [6]
         np.testing.assert_array_equal(out, images[:, :2] * 2)
     finally:
@@ -71,7 +72,7 @@ def test_an_error_reaches_every_caller_of_the_batch_and_the_batcher_survives():
     try:
         def submit(x):
             calls.wait()
-            return batcher.submit(x)
+            return batcher.answer(x)
 
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(submit, np.full((1, 2), v, np.float32)) for v in (1.0, -1.0, 2.0)]
@@ -79,7 +80,7 @@ def test_an_error_reaches_every_caller_of_the_batch_and_the_batcher_survives():
         assert all(isinstance(e, ValueError) for e in errors), errors  # one batch, one failure for all
         assert [str(e) for e in errors] == ["bad batch"] * 3
         assert runs == [3]  # the three requests ran as one batch
-        assert batcher.submit(np.ones((1, 2), np.float32))[1].tolist() == [[1.0, 1.0]]
+        assert batcher.answer(np.ones((1, 2), np.float32)).logits.tolist() == [[1.0, 1.0]]
         assert runs == [3, 1]
     finally:
         batcher.close()
@@ -122,10 +123,11 @@ def test_environment_switches_batching(exported, tmp_path):
                                      data_dir=tmp_path / raw, metrics_port=-1)
         plane = DataPlane(settings)
         try:
-            assert (plane.batcher is not None) is batched
-            assert plane.predict(images).indices.shape == (3, 5)
+            model = plane.registry.model()
+            assert (model.batcher is not None) is batched
+            assert plane.registry.predict("", lambda m: images).indices.shape == (3, 5)
             assert plane.metrics.registry.get_sample_value("vitserve_batch_size_count") == (1 if batched else 0)
             if batched:
-                assert plane.batcher.batch_sizes == {3: 1}
+                assert model.batcher.batch_sizes == {3: 1}
         finally:
             plane.close()

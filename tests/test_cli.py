@@ -333,8 +333,8 @@ import server.__main__, server.app, client, client.__main__
 
 plane = DataPlane(Settings(artifacts=Path(sys.argv[1])))
 images = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
-plane.predict(images)
-loss = plane.train_step(images, np.array([3, 7], dtype=np.int64)).loss
+plane.registry.predict("", lambda model: model.decoder.images_from_tensor("FLOAT32", images.shape, images.tobytes()))
+loss = plane.trainer("train step").train_step(images, np.array([3, 7], dtype=np.int64)).loss
 print(json.dumps({"loss": float(loss), "attempts": attempts,
                   "torch_modules": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}))
 """

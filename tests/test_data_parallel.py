@@ -37,7 +37,7 @@ from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from server.__main__ import join_job
 from server.config import Settings
-from server.dataplane import CHECKPOINT_FOLDERS
+from server.persistence import CHECKPOINT_FOLDERS
 from tests.helpers import (
     TRAINERS,
     MODEL,

@@ -67,4 +67,4 @@ def test_a_fusion_that_changes_the_logits_is_refused(tmp_path):
 def test_exported_and_published_models_are_fused(running, exported):
     assert ops(onnx.load(exported[0] / "inference.onnx"), "MultiHeadAttention") == 4
     version = running.stub.Publish(pb.PublishRequest()).version
-    assert ops(onnx.load(running.plane.versions.model_path(version)), "MultiHeadAttention") == 4
+    assert ops(onnx.load(running.trainer.versions.model_path(version)), "MultiHeadAttention") == 4

@@ -125,12 +125,14 @@ def test_arbitrary_requests_get_client_errors_and_replay_to_the_same_state(expor
                 except grpc.RpcError as e:
                     assert e.code() in CLIENT_ERRORS, (method, e.code(), e.details())
             assert stub.GetModelInfo(pb.GetModelInfoRequest()).name  # still up
-            state, step = plane.training.parameters(), plane.training.step
+            engine = plane.trainer("fuzz").engine
+            state, step = engine.parameters(), engine.step
         with server(artifacts) as (plane, stub):  # replay what was accepted, on a fresh server
             for method, request in accepted:
                 getattr(stub, method)(request, timeout=30)
-            assert plane.training.step == step
-            replayed = plane.training.parameters()
+            engine = plane.trainer("fuzz").engine
+            assert engine.step == step
+            replayed = engine.parameters()
             assert all(np.array_equal(state[n], replayed[n], equal_nan=True) for n in state)
 
     run()

@@ -96,7 +96,7 @@ def test_train_step_loss_and_weights_match_pytorch(running, torch_model):
     assert response.loss == pytest.approx(loss, rel=1e-5)
     expected_norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
     assert response.grad_norm == pytest.approx(expected_norm, rel=1e-4)
-    assert_adam_weights_close(running.plane.training.parameters(), torch_model, [grads])
+    assert_adam_weights_close(running.engine.parameters(), torch_model, [grads])
 
 
 def test_second_step_still_matches_pytorch(running, torch_model):
@@ -113,7 +113,7 @@ def test_second_step_still_matches_pytorch(running, torch_model):
         optimizer.step()
         assert response.loss == pytest.approx(float(loss.detach()), rel=1e-5)
         assert not response.gradients and not response.attention
-    assert_adam_weights_close(running.plane.training.parameters(), torch_model, grads)
+    assert_adam_weights_close(running.engine.parameters(), torch_model, grads)
 
 
 def test_gradient_summaries_match_pytorch_gradients(running, torch_model):
@@ -234,14 +234,14 @@ def assert_details(details: str, case: str) -> None:
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_train_step_is_rejected_and_changes_nothing(running, case):
     request, message = BAD[case]
-    before = running.plane.training.parameters()
+    before = running.engine.parameters()
     with pytest.raises(grpc.RpcError) as err:
         running.stub.TrainStep(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
     assert_details(err.value.details(), case)
-    assert running.plane.training.step == 0
-    after = running.plane.training.parameters()
+    assert running.engine.step == 0
+    after = running.engine.parameters()
     assert all(np.array_equal(before[n], after[n]) for n in before)
     # the server is still up and trains normally afterwards
     images, labels = batch(4)
@@ -266,22 +266,22 @@ def test_predict_calls_run_concurrently_with_training(running):
     from concurrent.futures import ThreadPoolExecutor
 
     images, labels = batch(16, seed=9)
-    expected = running.plane.inference.logits(images)
+    expected = running.plane.registry.model().latest.engine.logits(images)
 
     def predict(i):
         r = running.stub.Predict(pb.PredictRequest(images=images_msg(images[i:i + 1]), return_logits=True))
         return np.frombuffer(r.logits.data, dtype="<f4")
 
-    training = running.plane.training._lock  # one train step at a time: while held, steps wait in flight
+    training = running.engine._lock  # one train step at a time: while held, steps wait in flight
     with ThreadPoolExecutor(8) as pool:
         training.acquire()
         try:
             steps = [pool.submit(running.stub.TrainStep, train_request(images, labels, omit_gradient_summaries=True))
                      for _ in range(3)]
-            wait_for(lambda: running.plane._train_calls == 3, what="3 TrainSteps in the data plane")
+            wait_for(lambda: running.trainer.queued == 3, what="3 TrainSteps in the data plane")
             rows = list(pool.map(predict, range(16), timeout=60))  # a Predict that waited for training times out
             assert [s.done() for s in steps] == [False] * 3  # every Predict answered with all 3 steps in flight
-            assert running.plane.training.step == 0
+            assert running.engine.step == 0
         finally:
             training.release()
     assert sorted(s.result().step for s in steps) == [1, 2, 3]

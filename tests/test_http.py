@@ -86,7 +86,7 @@ def test_curl_infers_json_and_fine_tunes_one_step(http, trainer):
     code, step = curl("-X", "POST", f"http://{url}/v1/train-step", "-d", json.dumps(body))
     assert code == 200 and step["step"] == "1" and step["applied"] is True  # int64 is a string in proto3 JSON
     assert len(step["gradients"]) == 52 and len(step["attention"]) == 4
-    assert server.plane.training.step == 1 and server.plane.training.trainer == trainer
+    assert server.engine.step == 1 and server.engine.trainer == trainer
     code, info = curl(f"http://{url}/v1/model-info")
     assert code == 200 and info["step"] == "1" and info["name"] == MODEL
     code, history = curl(f"http://{url}/v1/gradient-history?parameter=mlp_head.*")
@@ -158,7 +158,7 @@ def test_tokens_guard_http_like_grpc(http, tmp_path):
                         "-H", "Authorization: Bearer reader-token-123")
     assert code == 403 and answer == {"error": "TrainStep changes the model and needs the write token "
                                                "(got the read token)"}
-    assert server.plane.training.step == 0
+    assert server.engine.step == 0
     with pytest.raises(InferenceServerException):
         triton_http.InferenceServerClient(url=url).get_model_metadata(MODEL)  # no token: refused
 

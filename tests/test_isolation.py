@@ -60,17 +60,17 @@ def comparable(message):
 def test_isolated_training_answers_exactly_as_in_process_training(serve, tmp_path):
     isolated = serve(data_dir=tmp_path / "a", train_isolation="process")
     local = serve(data_dir=tmp_path / "b", train_isolation="thread")
-    assert isinstance(isolated.plane.training, IsolatedTrainingEngine)
-    assert isinstance(local.plane.training, TrainingEngine)
-    assert isolated.plane.training.pid != os.getpid()
+    assert isinstance(isolated.engine, IsolatedTrainingEngine)
+    assert isinstance(local.engine, TrainingEngine)
+    assert isolated.engine.pid != os.getpid()
     for a, b in zip(steps(isolated), steps(local), strict=True):
         assert comparable(a) == comparable(b)  # bit for bit: loss, every summary, head scores, logits
-    weights_a, weights_b = isolated.plane.training.parameters(), local.plane.training.parameters()
+    weights_a, weights_b = isolated.engine.parameters(), local.engine.parameters()
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         np.testing.assert_array_equal(weights_a[name], weights_b[name], err_msg=name)
-    assert (isolated.plane.training.step, isolated.plane.training.learning_rate) == (
-        local.plane.training.step, local.plane.training.learning_rate)
+    assert (isolated.engine.step, isolated.engine.learning_rate) == (
+        local.engine.step, local.engine.learning_rate)
 
 
 def test_errors_raised_in_the_child_reach_the_caller_unchanged(running):
@@ -82,7 +82,7 @@ def test_errors_raised_in_the_child_reach_the_caller_unchanged(running):
     with pytest.raises(grpc.RpcError) as e:
         running.stub.TrainStep(pb.TrainStepRequest(images=images_msg(images), labels=tensor(labels)), timeout=1e-9)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert running.plane.training.step == 0
+    assert running.engine.step == 0
 
 
 def test_predict_answers_while_a_train_step_runs(running):
@@ -114,11 +114,11 @@ def test_predict_answers_while_a_train_step_runs(running):
     inside = [t for t in finished if window["start"] < t < window["end"]]
     assert len(inside) >= 10, f"{len(inside)} Predict calls finished during {window['end'] - window['start']:.3f}s " \
                               "of training"
-    assert running.plane.training.step == 10
+    assert running.engine.step == 10
 
 
 def test_a_dead_training_process_gives_unavailable_and_inference_goes_on(running):
-    pid = running.plane.training.pid
+    pid = running.engine.pid
     os.kill(pid, signal.SIGKILL)
     images, labels = batch(4)
     message = (f"the training process {pid} died (killed by signal 9) during train step; restart the server: it "

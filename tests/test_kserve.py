@@ -92,9 +92,9 @@ def test_infer_with_typed_contents(v2):
 
 def test_infer_goes_through_the_dynamic_batcher(v2, serve):
     running, client = v2
-    before = sum(running.plane.batcher.batch_sizes.values())
+    before = sum(running.plane.registry.model().batcher.batch_sizes.values())
     infer(client, batch(3, seed=1)[0])
-    assert sum(running.plane.batcher.batch_sizes.values()) == before + 1
+    assert sum(running.plane.registry.model().batcher.batch_sizes.values()) == before + 1
 
     # Concurrent ModelInfer and Predict calls share batches; each caller still gets exactly its own rows.
     inputs = [batch(1 + i % 3, seed=10 + i)[0] for i in range(12)]
@@ -121,7 +121,7 @@ def test_infer_goes_through_the_dynamic_batcher(v2, serve):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # The batcher ran the 6 ModelInfer and the 6 Predict calls as one batch of all their rows; the data
     # plane's batch-size histogram saw that one batch and nothing else.
-    assert shared.plane.batcher.batch_sizes == {rows: 1}
+    assert shared.plane.registry.model().batcher.batch_sizes == {rows: 1}
     registry = shared.plane.metrics.registry
     assert registry.get_sample_value("vitserve_batch_size_count") == 1
     assert registry.get_sample_value("vitserve_batch_size_sum") == rows == 24
@@ -203,7 +203,7 @@ def test_bad_v2_requests_get_clear_statuses(running, case):
     # The server still serves (and the request changed nothing).
     ok = stub.ModelInfer(raw_request(IMAGES), timeout=30)
     assert list(ok.outputs[0].shape) == [3, CONFIG.num_classes]
-    assert running.plane.training.step == 0
+    assert running.engine.step == 0
 
 
 def test_bad_requests_through_tritonclient(v2):

@@ -137,7 +137,7 @@ def test_statistics_count_every_request_and_run(v2, serve):
     assert grpc_error(running.stub.Predict, pb.PredictRequest())[0] == "INVALID_ARGUMENT"
     with pytest.raises(InferenceServerException):
         infer(client, batch(1)[0], model="resnet50")  # NOT_FOUND: not this model's request
-    model = running.plane.model()
+    model = running.plane.registry.model()
     serving = model.served
     model.serve((dataclasses.replace(serving[-1], engine=BrokenEngine()),))
     try:

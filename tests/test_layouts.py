@@ -259,7 +259,7 @@ def test_head_importance_equals_pytorch_with_gates_on_the_heads(layout, serve, t
     assert [h.block for h in response.heads] == list(range(DEPTH)) and response.step == 0
     for got, want in zip(response.heads, expected):
         np.testing.assert_allclose(got.importance, want, rtol=1e-5, atol=1e-5 * float(want.max()))
-    assert server.plane.training.step == 0  # nothing changed
+    assert server.engine.step == 0  # nothing changed
 
 
 def test_head_importance_in_a_train_step_changes_nothing_else(layout, serve):
@@ -272,7 +272,7 @@ def test_head_importance_in_a_train_step_changes_nothing_else(layout, serve):
     b = gated.stub.TrainStep(request)
     assert a.head_importance == [] and len(b.head_importance) == DEPTH
     assert b.loss == a.loss and [g.l2_norm for g in b.gradients] == [g.l2_norm for g in a.gradients]
-    after_a, after_b = plain.plane.training.parameters(), gated.plane.training.parameters()
+    after_a, after_b = plain.engine.parameters(), gated.engine.parameters()
     assert set(after_b) == {p.name for p in Manifest.load(layout.folder).parameters}  # no gate among the weights
     assert all(np.array_equal(after_a[n], after_b[n]) for n in after_a)
     expected = gated_importance(layout, images, labels)  # the step's importance is that of the weights before it

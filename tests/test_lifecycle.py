@@ -27,7 +27,7 @@ def train(stub, images, labels, **kw) -> pb.TrainStepResponse:
 
 
 def weights(running) -> dict[str, np.ndarray]:
-    return running.plane.training.parameters()
+    return running.engine.parameters()
 
 
 def assert_same_weights(a: dict, b: dict):
@@ -78,7 +78,7 @@ def test_eval_step_matches_pytorch_and_changes_nothing(running, torch_model):
     correct = int((logits.argmax(-1).numpy() == labels).sum())
     assert (r.correct, r.count, r.step) == (correct, 16, 0) and r.accuracy == pytest.approx(correct / 16)
     assert_same_weights(before, weights(running))
-    assert running.plane.training.step == 0
+    assert running.engine.step == 0
 
 
 def test_eval_step_rejects_bad_labels(running):
@@ -189,7 +189,7 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights(running, torch_mode
     r = train(running.stub, *huge_batch())
     assert not r.applied and r.step == 0 and "the loss is nan" in r.skipped_reason
     assert_same_weights(before, weights(running))
-    assert running.plane.training.step == 0
+    assert running.engine.step == 0
     # nothing of the bad batch leaks into the next step: it matches PyTorch from the original weights
     images, labels = batch(8)
     r = train(running.stub, images, labels)
@@ -252,7 +252,7 @@ def test_save_list_restore_round_trip(running):
     assert listing.latest == "manual-00000005"
 
     restored = running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="two-steps"))
-    assert restored.step == 2 and running.plane.training.step == 2
+    assert restored.step == 2 and running.engine.step == 2
     assert_same_weights(at_two, weights(running))
     assert train(running.stub, *batch(8, seed=2), omit_gradient_summaries=True).step == 3
 
@@ -278,7 +278,7 @@ def test_restoring_an_unknown_checkpoint_is_not_found_and_changes_nothing(runnin
         running.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="nope"))
     assert err.value.details() == "no checkpoint named 'nope' (ListCheckpoints shows the saved ones)"
     assert_same_weights(before, weights(running))
-    assert running.plane.training.step == 1
+    assert running.engine.step == 1
 
 
 def test_automatic_checkpoints_every_n_steps_keep_the_newest(serve):
@@ -312,15 +312,15 @@ def test_a_failed_checkpoint_write_leaves_no_entry(running, monkeypatch):
         path.write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(running.plane.training, "save_checkpoint", crash)
+    monkeypatch.setattr(running.engine, "save_checkpoint", crash)
     with pytest.raises(grpc.RpcError) as err:
         running.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="good"))  # would replace "good"
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # a write failure names the folder
     assert err.value.details() == (f"checkpoint 'good' could not be written to "
-                                   f"{running.plane.checkpoints.root}: disk full")
+                                   f"{running.trainer.checkpoints.store.root}: disk full")
     listing = running.stub.ListCheckpoints(pb.ListCheckpointsRequest())
     assert [(c.name, c.created_unix) for c in listing.checkpoints] == [("good", good.created_unix)]
-    folder = running.plane.checkpoints._dirs.root
+    folder = running.trainer.checkpoints.store._dirs.root
     assert sorted(p.name for p in folder.iterdir()) == ["good"]  # no temporary left behind
 
 
@@ -329,7 +329,7 @@ def test_a_crash_between_the_renames_is_recovered(running):
     renamed in, the next start puts the old one back."""
     train(running.stub, *batch(4))
     running.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="keep"))
-    root = running.plane.checkpoints._dirs.root
+    root = running.trainer.checkpoints.store._dirs.root
     (root / "keep").rename(root / ".old-keep-1234abcd")  # the state such a crash leaves
     (root / ".tmp-keep-99999999").mkdir()  # and an unfinished new one
     from engine.store import AtomicDirs
@@ -347,11 +347,11 @@ def test_a_restart_resumes_from_the_latest_checkpoint_exactly(serve, tmp_path):
     train(first.stub, *batch(8, seed=3), omit_gradient_summaries=True)
     at_stop = weights(first)
     first.stop()  # what SIGTERM does: the final checkpoint
-    listing = [(c.name, c.reason, c.step) for c in first.plane.list_checkpoints().checkpoints]
+    listing = [(c.name, c.reason, c.step) for c in first.trainer.list_checkpoints().checkpoints]
     assert listing == [("step-00000004", "shutdown", 4)]
 
     second = serve(data_dir=data)
-    assert second.plane.training.step == 4
+    assert second.engine.step == 4
     assert_same_weights(at_stop, weights(second))  # byte for byte
     state = second.stub.GetOptimizer(pb.GetOptimizerRequest())
     assert state.schedule_position == 1 and state.learning_rate == pytest.approx(2e-3 * 2 / 3)
@@ -376,7 +376,7 @@ def test_a_restart_resumes_from_the_latest_checkpoint_exactly(serve, tmp_path):
 def test_a_checkpoint_holds_weights_and_optimizer_state(running, trainer):
     train(running.stub, *batch(8))
     running.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="inspect"))
-    path = str(running.plane.checkpoints.path(running.plane.checkpoints.get("inspect")))
+    path = str(running.trainer.checkpoints.store.path(running.trainer.checkpoints.store.get("inspect")))
     if trainer == "ort":  # safetensors: weights by name, AdamW's moments, the step in the metadata
         from safetensors import safe_open
 

@@ -26,13 +26,13 @@ def test_a_too_large_message_is_resource_exhausted_and_the_connection_lives(serv
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.value.details()
     assert err.value.details() == f"SERVER: Received message larger than max ({request.ByteSize()} vs. {1 << 20})"
-    assert running.plane.training.step == 0
+    assert running.engine.step == 0
     assert running.stub.TrainStep(train_request()).step == 1  # same channel, still fine
 
 
 def test_a_full_training_queue_is_resource_exhausted(serve):
     running = serve(max_queued_train_steps=1)
-    lock = running.plane.training._lock
+    lock = running.engine._lock
     lock.acquire()  # a long step is "running"
     results = []
     try:
@@ -40,7 +40,7 @@ def test_a_full_training_queue_is_resource_exhausted(serve):
                    for i in range(2)]
         for t in waiting:
             t.start()
-        wait_for(lambda: running.plane._train_calls == 2)  # one at the lock's head, one queued: the limit
+        wait_for(lambda: running.trainer.queued == 2)  # one at the lock's head, one queued: the limit
         with pytest.raises(grpc.RpcError) as err:
             running.stub.TrainStep(train_request(seed=9))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -52,13 +52,13 @@ def test_a_full_training_queue_is_resource_exhausted(serve):
     for t in waiting:
         t.join()
     assert sorted(r.step for r in results) == [1, 2]  # the queued ones ran; the refused one did not
-    assert running.plane.training.step == 2
+    assert running.engine.step == 2
 
 
 def test_a_step_whose_deadline_passed_while_waiting_is_not_applied(serve):
     running = serve()
-    before = running.plane.training.parameters()
-    lock = running.plane.training._lock
+    before = running.engine.parameters()
+    lock = running.engine._lock
     lock.acquire()
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -67,8 +67,8 @@ def test_a_step_whose_deadline_passed_while_waiting_is_not_applied(serve):
         time.sleep(0.2)  # not a synchronization: the server's copy of the deadline must pass too before the release
     finally:
         lock.release()
-    wait_for(lambda: running.plane._train_calls == 0)
-    assert running.plane.training.step == 0
-    after = running.plane.training.parameters()
+    wait_for(lambda: running.trainer.queued == 0)
+    assert running.engine.step == 0
+    after = running.engine.parameters()
     assert all(np.array_equal(before[n], after[n]) for n in before)
     assert running.stub.TrainStep(train_request()).step == 1

@@ -22,7 +22,7 @@ from engine.errors import ConfigError
 from engine.manifest import MANIFEST, Manifest
 from proto import vitserve_pb2 as pb
 from proto.vitserve_pb2_grpc import VitServeStub
-from server.dataplane import CHECKPOINT_FOLDERS
+from server.persistence import CHECKPOINT_FOLDERS
 from tests.helpers import (
     TRAINERS,
     REPO,
@@ -61,7 +61,7 @@ def two_checkpoints(serve, data: Path) -> dict[str, np.ndarray]:
     server = serve(data_dir=data)
     step(server.stub, 0)
     server.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="one"))
-    at_one = server.plane.training.parameters()
+    at_one = server.engine.parameters()
     step(server.stub, 1)
     server.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="two"))
     server.stop()
@@ -100,8 +100,8 @@ def test_startup_quarantines_a_damaged_checkpoint_and_resumes_from_the_newest_in
     harm(checkpoints_at(data, trainer) / "two")
     with caplog.at_level(logging.WARNING, logger="engine.store"):
         server = serve(data_dir=data)
-    assert server.plane.training.step == 1
-    weights = server.plane.training.parameters()
+    assert server.engine.step == 1
+    weights = server.engine.parameters()
     assert all(np.array_equal(weights[n], at_one[n]) for n in at_one)
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert warning.startswith("checkpoint two is damaged (") and problem in warning and "moved aside to" in warning
@@ -118,7 +118,7 @@ def test_with_no_intact_checkpoint_the_server_starts_from_the_export(serve, tmp_
     for name in ("one", "two"):
         overwrite_middle(checkpoints_at(data, trainer) / name / CHECKPOINT)
     server = serve(data_dir=data)
-    assert server.plane.training.step == 0
+    assert server.engine.step == 0
     assert sorted(p.split("-")[0] for p in quarantined_checkpoints(data, trainer)) == \
         ["one", "two"]
 
@@ -129,15 +129,15 @@ def test_restore_of_a_damaged_checkpoint_is_failed_precondition_and_changes_noth
     step(server.stub, 0)
     server.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="one"))
     step(server.stub, 1)
-    before = server.plane.training.parameters()
-    overwrite_middle(server.plane.checkpoints.root / "one" / CHECKPOINT)
+    before = server.engine.parameters()
+    overwrite_middle(server.trainer.checkpoints.store.root / "one" / CHECKPOINT)
     with pytest.raises(grpc.RpcError) as e:
         server.stub.RestoreCheckpoint(pb.RestoreCheckpointRequest(name="one"))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert e.value.details() == ("checkpoint 'one' is damaged: checkpoint does not match the sha256 written with it "
                                  "(its bytes changed); nothing was restored")
-    assert server.plane.training.step == 2
-    after = server.plane.training.parameters()
+    assert server.engine.step == 2
+    after = server.engine.parameters()
     assert all(np.array_equal(before[n], after[n]) for n in before)
 
 
@@ -147,7 +147,7 @@ def test_list_checkpoints_lists_damaged_entries_as_damaged_and_never_fails(serve
     for seed, name in enumerate(("a", "b", "c")):
         step(server.stub, seed)
         server.stub.SaveCheckpoint(pb.SaveCheckpointRequest(name=name))
-    root = server.plane.checkpoints.root
+    root = server.trainer.checkpoints.store.root
     truncate(root / "c" / CHECKPOINT)
     (root / "b" / "meta.json").write_text("{not json")
     listing = server.stub.ListCheckpoints(pb.ListCheckpointsRequest())
@@ -167,7 +167,7 @@ def test_a_damaged_published_version_is_quarantined_and_the_previous_one_served(
     server.stop()
     overwrite_middle(data / "digits4" / "models" / "v000002" / "inference.onnx")
     again = serve(data_dir=data)
-    assert again.plane.model_version == 1
+    assert again.plane.registry.model_version == 1
     assert [p.name[:7] for p in (data / "digits4" / "quarantine" / "models").iterdir()] == ["v000002"]
     images, _ = batch(2)
     assert again.stub.Predict(pb.PredictRequest(images=images_msg(images))).model_version == 1
@@ -227,7 +227,7 @@ def test_a_full_disk_is_resource_exhausted_naming_the_folder_and_the_server_goes
         assert len(server.stub.Predict(pb.PredictRequest(images=images_msg(images))).predictions) == 2
         remount(data, "size=64m")  # space again: the final checkpoint holds every acknowledged step
         server.stop()
-        assert [c.step for c in server.plane.checkpoints.list()] == [2]
+        assert [c.step for c in server.trainer.checkpoints.store.list()] == [2]
 
 
 def test_a_data_dir_that_turns_read_only_is_failed_precondition_and_nothing_is_lost(serve, tmp_path):
@@ -243,27 +243,27 @@ def test_a_data_dir_that_turns_read_only_is_failed_precondition_and_nothing_is_l
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert e.value.details().startswith(f"{what} could not be written to {data / 'digits4' / root}: ")
             assert "Read-only file system" in e.value.details()
-        assert step(server.stub, 1).step == 2 and server.plane.model_version == 0
+        assert step(server.stub, 1).step == 2 and server.plane.registry.model_version == 0
         remount(data, "rw")
         server.stop()  # the final checkpoint holds both acknowledged steps
-        assert [c.step for c in server.plane.checkpoints.list()] == [2]
+        assert [c.step for c in server.trainer.checkpoints.store.list()] == [2]
 
 
 def test_with_a_checkpoint_every_step_a_step_that_cannot_be_made_durable_is_rolled_back(serve, tmp_path):
     with mounted(tmp_path / "small", "size=256k") as data:
         server = serve(data_dir=data, checkpoint_every_steps=1)
-        before = server.plane.training.parameters()
+        before = server.engine.parameters()
         with pytest.raises(grpc.RpcError) as e:
             step(server.stub, 0)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert e.value.details().endswith("(the disk is full); the step was rolled back (weights, optimizer state "
                                           "and step as before the call)")
-        assert server.plane.training.step == 0
-        after = server.plane.training.parameters()
+        assert server.engine.step == 0
+        after = server.engine.parameters()
         assert all(np.array_equal(before[n], after[n]) for n in before)
         remount(data, "size=64m")
         assert step(server.stub, 0).step == 1  # acknowledged: durable
-        assert [c.step for c in server.plane.checkpoints.list()] == [1]
+        assert [c.step for c in server.trainer.checkpoints.store.list()] == [1]
         server.stop()
 
 
@@ -376,8 +376,8 @@ def test_sigkill_right_after_a_quarantine_move_loses_nothing(exported, serve, tm
     assert "checkpoint two is damaged (checkpoint does not match the sha256 written with it" in log.read_text()
     assert "Traceback" not in log.read_text()
     again = serve(data_dir=data)
-    assert again.plane.training.step == 1
-    weights = again.plane.training.parameters()
+    assert again.engine.step == 1
+    weights = again.engine.parameters()
     assert all(np.array_equal(weights[n], at_one[n]) for n in at_one)
     quarantined = quarantined_checkpoints(data, trainer)
     assert len(quarantined) == 1 and quarantined[0].startswith("two-")

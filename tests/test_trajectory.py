@@ -40,7 +40,7 @@ def test_100_adamw_steps_end_where_pytorch_ends(running, torch_model):
     ours, theirs = np.array(losses).T
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     assert theirs[-10:].mean() < theirs[:10].mean()  # it trained: the comparison is of a moving model
-    after = running.plane.training.parameters()
+    after = running.engine.parameters()
     for name, param in torch_model.named_parameters():
         expected = param.detach().numpy()
         relative = np.linalg.norm(after[name] - expected) / np.linalg.norm(expected)

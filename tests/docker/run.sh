@@ -297,11 +297,11 @@ if what == "reference":  # in-process data plane on the same artifacts: the loss
         plane = DataPlane(Settings(artifacts=Path(arg), data_dir=Path(data), trainer=TRAINER))
         out["losses"] = []
         for step in (1, 2, 3, 4):
-            out["losses"].append(float(plane.train_step(*batch(step), summaries=False).loss))
+            out["losses"].append(float(plane.trainer("train step").train_step(*batch(step), summaries=False).loss))
             if step == 3:
-                out["eval3"] = float(plane.eval_step(*EVAL).loss)
+                out["eval3"] = float(plane.trainer("eval step").eval_step(*EVAL).loss)
         out["eval0_fresh"] = float(DataPlane(Settings(artifacts=Path(arg), data_dir=Path(data) / "fresh",
-                                                      trainer=TRAINER)).eval_step(*EVAL).loss)
+                                                      trainer=TRAINER)).trainer("eval step").eval_step(*EVAL).loss)
 else:
     from client import ViTClient
     with ViTClient(arg, timeout=60) as c:

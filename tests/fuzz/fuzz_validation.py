@@ -15,11 +15,11 @@ import numpy as np
 
 from engine.errors import InvalidArgument
 from engine.manifest import Preprocessing
-from server.decode import BatchValidator
+from server.decode import TrainingBatchValidator
 
 DTYPE_NAMES = ["FLOAT32", "FLOAT64", "FLOAT16", "INT64", "INT32", "UINT8", "DATA_TYPE_UNSPECIFIED", "99"]
-GRAY = BatchValidator((-1, 1, 8, 8), 10, 16, Preprocessing(8, 8, 1, (0.5,), (0.5,)))
-RGB = BatchValidator((-1, 3, 8, 8), 10, 16, Preprocessing(8, 8, 3, (0.5,) * 3, (0.25,) * 3))
+GRAY = TrainingBatchValidator((-1, 1, 8, 8), 10, 16, Preprocessing(8, 8, 1, (0.5,), (0.5,)))
+RGB = TrainingBatchValidator((-1, 3, 8, 8), 10, 16, Preprocessing(8, 8, 3, (0.5,) * 3, (0.25,) * 3))
 
 
 def _tensor_fields(data: bytes) -> tuple[str, list[int], bytes]:
