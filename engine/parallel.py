@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import ConfigError, DeadlineExceeded, Unavailable, VitServeError
+from engine.errors import ConfigError, Unavailable, VitServeError
 from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
 
 log = logging.getLogger(__name__)
@@ -398,9 +398,7 @@ class DataParallelEngine:
                    accumulate_only: bool = False, deadline: float | None = None, head_importance: bool = False,
                    on_gradients=None) -> StepResult:
         with self.lock, self._group.lock:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded("the deadline passed while the step waited for the running one; "
-                                       "it was not applied")
+            self._engine.check_deadline(deadline)
             start = time.perf_counter()
             shards = _split(images, labels, self._group.size)
             self._command("train", shards, total=len(labels), accumulate_only=accumulate_only,
@@ -416,6 +414,7 @@ class DataParallelEngine:
 
     def head_importance(self, images: np.ndarray, labels: np.ndarray) -> HeadImportanceResult:
         with self.lock, self._group.lock:
+            self._engine.check_not_accumulating("head importance")
             shards = _split(images, labels, self._group.size)
             self._command("heads", shards, total=len(labels))
             return _heads(self._engine, self._group, *shards[0], len(labels))

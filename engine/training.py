@@ -249,20 +249,31 @@ class TrainingEngine:
         """name -> that parameter's part of a flat vector, in its shape (views, no copies)."""
         return {n: flat[a:b].reshape(s) for n, (a, b), s in zip(self._trainable, self._flat.spans, self._shapes)}
 
+    # -- the step's guards: each is checked here, once, for every wrapper (isolation, data-parallel) ---
+
+    @staticmethod
+    def check_deadline(deadline: float | None) -> None:
+        """DEADLINE_EXCEEDED when `deadline` (time.monotonic()) passed while the call waited for the running step."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed while the step waited for the running one; it was not applied")
+
+    def check_not_accumulating(self, what: str) -> None:
+        """FAILED_PRECONDITION while batches are being accumulated: `what` would read a gradient that is not whole."""
+        if self._accumulated:
+            raise FailedPrecondition(f"{self._accumulated} batches of gradients are being accumulated; apply them "
+                                     f"with a TrainStep before asking for {what}")
+
     def gradients(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and every trainable parameter's gradient for one batch alone; nothing is updated or kept."""
         with self._lock:
-            if self._accumulated:
-                raise InvalidArgument("gradients are being accumulated; apply them with a TrainStep first")
+            self.check_not_accumulating("the gradients of one batch")
             loss, grads, _ = self._backend.forward_backward(images, labels, False)
             return loss, self._views(grads.copy())
 
     def head_importance(self, images: np.ndarray, labels: np.ndarray) -> HeadImportanceResult:
         """Head importance of one batch at the current weights; nothing is updated or kept."""
         with self._lock:
-            if self._accumulated:
-                raise FailedPrecondition(f"{self._accumulated} batches of gradients are being accumulated; apply "
-                                         "them with a TrainStep before asking for head importance")
+            self.check_not_accumulating("head importance")
             loss, _, sums = self._backend.forward_backward(images, labels, True)
             return HeadImportanceResult(loss, self._step, self.head_scores(sums))
 
@@ -276,9 +287,7 @@ class TrainingEngine:
         gets every parameter's gradient of an applied step (views, valid during the call), e.g. for histograms.
         """
         with self._lock:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded("the deadline passed while the step waited for the running one; "
-                                       "it was not applied")
+            self.check_deadline(deadline)
             start = time.perf_counter()
             loss, grads, sums = self._backend.forward_backward(images, labels, head_importance)
             return self._accumulate(loss, grads, self.head_scores(sums), start, summaries, accumulate_only,

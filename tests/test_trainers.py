@@ -202,3 +202,24 @@ def test_the_optimizer_graph_is_the_numpy_optimizer(name):
         np.testing.assert_allclose(state["weights"], w, rtol=1e-6, atol=1e-7)
         for moment, values in numpy_opt.state().items():
             np.testing.assert_allclose(state[moment], values, rtol=1e-6, atol=1e-12)
+
+
+def test_the_step_guards_have_one_code_and_message_each(exported):
+    """The deadline and accumulation guards live in the step function (isolation and data-parallel call them)."""
+    import time
+
+    from engine.errors import DeadlineExceeded, FailedPrecondition
+
+    engine = TrainingEngine(Manifest.load(exported[0]), "cpu", session_options(1), 1e-3, trainer="ort")
+    images, labels = batch(4)
+    with pytest.raises(DeadlineExceeded) as e:
+        engine.train_step(images, labels, deadline=time.monotonic() - 1)
+    assert str(e.value) == "the deadline passed while the step waited for the running one; it was not applied"
+    assert engine.step == 0
+    engine.train_step(images, labels, accumulate_only=True)
+    for call, what in ((engine.gradients, "the gradients of one batch"), (engine.head_importance, "head importance")):
+        with pytest.raises(FailedPrecondition) as e:
+            call(images, labels)
+        assert str(e.value) == ("1 batches of gradients are being accumulated; apply them with a TrainStep before "
+                                f"asking for {what}")
+    assert engine.train_step(images, labels).accumulated_batches == 2
