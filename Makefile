@@ -77,7 +77,7 @@ export: $(ARTIFACTS)/manifest.json
 REPO ?= model_repository
 TRITON_FLAGS ?=
 export-triton: export
-	$(BIN)/python -m engine.triton --artifacts $(ARTIFACTS) --out $(REPO) --force $(TRITON_FLAGS)
+	$(BIN)/python -m engine.store.triton --artifacts $(ARTIFACTS) --out $(REPO) --force $(TRITON_FLAGS)
 
 # Exports with .venv, then serves from the TRAINER's environment (installing it first).
 SERVE_BIN = $(if $(filter ort-training,$(TRAINER)),$(BIN),$(ORT_VENV)/bin)

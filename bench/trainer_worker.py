@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from bench.stats import time_calls
     from engine.manifest import Manifest
     from engine.runtime import quiet_default_logger, session_options
-    from engine.training import TrainingEngine
+    from engine.train.step import TrainingEngine
 
     quiet_default_logger()
     out = sys.stdout

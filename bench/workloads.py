@@ -255,7 +255,7 @@ def train(ctx: Context, preset: str, batch: int) -> list[Row]:
 def in_process_engine(folder: Path, threads: int, trainer: str = "ort"):
     from engine.manifest import Manifest
     from engine.runtime import session_options
-    from engine.training import TrainingEngine
+    from engine.train.step import TrainingEngine
 
     return TrainingEngine(Manifest.load(folder), "cpu", session_options(threads, training=True), 1e-3, trainer=trainer)
 

@@ -133,7 +133,7 @@ class Manifest:
     class_names: tuple[str, ...]
     parameters: tuple[Parameter, ...]  # model order
     attention: tuple[QkvLayout, ...]  # block order
-    inference_fused_attention_blocks: int  # MultiHeadAttention nodes in inference.onnx (engine/fusion.py)
+    inference_fused_attention_blocks: int  # MultiHeadAttention nodes in inference.onnx (engine/graph/fusion.py)
     loss: LossNode  # the node of the training artifacts' graph that computes the loss (trainer ort-training)
     opset: int
     optimizer: dict[str, Any]  # {"name": "adamw" | "sgd", hyperparameters...}

@@ -35,10 +35,10 @@ import torch
 from onnxruntime.training import artifacts as ort_artifacts
 from onnxruntime.training.onnxblock import optim as ort_optim
 
-from engine import rewrite
-from engine.fusion import optimize_inference_model
-from engine.graph_explain import name_backward_nodes
-from engine.graph_trainer import write_initial_weights
+from model import rewrite
+from engine.graph.fusion import optimize_inference_model
+from engine.graph.graph_explain import name_backward_nodes
+from engine.train.graph_backend import write_initial_weights
 from engine.manifest import (
     ARTIFACT_FILES,
     FORWARD_MODEL,
@@ -53,7 +53,7 @@ from engine.manifest import (
     sha256,
 )
 from engine.runtime import quiet_default_logger
-from engine.training import TRAINERS
+from engine.train.step import TRAINERS
 from model import gradgraph, pretrained, recipes, verify
 from model.classes import construct, load_class  # noqa: F401 - the export's model builders, imported from here too
 from model.errors import ExportCheckError, ExportError
@@ -202,7 +202,7 @@ def pin_static_shapes(proto: onnx.ModelProto, example_shape: tuple[int, ...]) ->
 
 
 def training_forward(model, example, opset: int) -> onnx.ModelProto:
-    """The training-mode forward graph, shapes pinned and rewritten for faster gradient kernels (engine/rewrite.py).
+    """The training-mode forward graph, shapes pinned and rewritten for faster gradient kernels (model/rewrite.py).
 
     Traced in training mode also where it serves eval (with a dropout-free model): in eval mode the TorchScript
     exporter merges equal initializers (every LayerNorm weight at its initial ones), so parameters would vanish."""
@@ -212,7 +212,7 @@ def training_forward(model, example, opset: int) -> onnx.ModelProto:
 
 def write_training_artifacts(model, example, folder: Path, opset: int, trainable, frozen,
                              optimizer: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """Export the training-mode forward graph, rewrite it (engine/rewrite.py) and generate ORT's artifacts from it.
+    """Export the training-mode forward graph, rewrite it (model/rewrite.py) and generate ORT's artifacts from it.
 
     Returns (the forward graph, nodes in execution order; the training graph ORT built from it,
     whose node order ORT rearranges).
@@ -241,7 +241,7 @@ def write_gradient_trainer(model: torch.nn.Module, forward: onnx.ModelProto, exa
 
     `forward` (training_forward's graph) with its Dropouts in eval mode, as ORT's eval model has them, becomes the
     forward graph of EvalStep and Publish (which makes its inputs initializers again): the graph the other
-    trainer's eval model comes from, so a published version has the structure engine/fusion.py fuses, whichever
+    trainer's eval model comes from, so a published version has the structure engine/graph/fusion.py fuses, whichever
     trainer published it."""
     gradgraph.export_gradient_graphs(model, example, trainable, folder)
     onnx.save(parameters_as_inputs(dropout_off(copy.deepcopy(forward)), trainable), folder / FORWARD_MODEL)

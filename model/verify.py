@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from engine.inference import InferenceEngine
 from engine.manifest import INFERENCE_MODEL, Manifest
 from engine.runtime import session_options
-from engine.training import TrainingEngine
+from engine.train.step import TrainingEngine
 
 LOGITS_TOL = 1e-4  # relative to the largest |logit|
 LOSS_TOL = 1e-4  # relative to max(1, |loss|)

@@ -1,7 +1,7 @@
 """`python -m server`: start the vitserve gRPC server. Flags override VITSERVE_* variables, which override defaults.
 
 With --data-parallel (under `mpiexec --with-ft ulfm -n W`) rank 0 is this server and ranks >= 1 run the
-data-parallel worker loop of engine/parallel.py instead: no gRPC, HTTP or metrics, only a training engine.
+data-parallel worker loop of engine/train/parallel.py instead: no gRPC, HTTP or metrics, only a training engine.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import threading
 import typing
 
+import engine.no_ortmodule_probe  # noqa: F401 - first: see its docstring
 from engine.errors import ConfigError, VitServeError
 from server.app import create_server
 from server.auth import Security
@@ -61,10 +62,10 @@ def parse_args(argv=None) -> dict:
 
 
 def join_job(settings: Settings):
-    """With --data-parallel: this process's place in the MPI job (engine/parallel.py imports mpi4py only then)."""
+    """With --data-parallel: this process's place in the MPI job (engine/train/parallel.py imports mpi4py only then)."""
     if settings.role == "predict":
         raise ConfigError("--data-parallel trains: use it with --role all or train, not predict")
-    from engine.parallel import join
+    from engine.train.parallel import join
 
     return join()
 
@@ -74,10 +75,10 @@ def run_worker(settings: Settings, group) -> int:
 
     The stop signals (mpiexec forwards them to every rank) are left to rank 0, which writes the final
     checkpoint and then stops the workers."""
-    from engine import parallel
+    from engine.train import parallel
     from engine.manifest import Manifest
     from engine.runtime import quiet_default_logger, session_options
-    from engine.training import TrainingEngine
+    from engine.train.step import TrainingEngine
 
     for sig in STOP_SIGNALS + DATA_PARALLEL_STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         if group is not None:
             group.stop_workers(2)
         else:
-            from engine.parallel import launched_rank
+            from engine.train.parallel import launched_rank
 
             if launched_rank() > 0:
                 return 2  # every rank of the job found the same problem: rank 0 says it
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         if group is not None:  # after the final checkpoint: every worker exits with the job
             group.stop_workers(0)
     if group is not None and group.lost and status == 0:  # the job lost a rank: say so to whatever restarts it
-        from engine.parallel import RANK_LOST
+        from engine.train.parallel import RANK_LOST
 
         return RANK_LOST
     return status

@@ -15,13 +15,13 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from engine.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
-from engine.gradients import GradientSummary, QkvGradient
-from engine.heads import HeadScores
+from engine.graph.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
+from engine.train.gradients import GradientSummary, QkvGradient
+from engine.graph.heads import HeadScores
 from engine.manifest import Parameter, Preprocessing, QkvLayout, Unplaced
-from engine.schedule import LinearSchedule
-from engine.store import CheckpointInfo, CheckpointList, ModelVersion
-from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult
+from engine.train.schedule import LinearSchedule
+from engine.store.files import CheckpointInfo, CheckpointList, ModelVersion
+from engine.train.step import EvalResult, HeadImportanceResult, OptimizerState, StepResult
 from proto import open_inference_pb2 as v2
 from proto import vitserve_pb2 as pb
 from server.dataplane import ModelInfo

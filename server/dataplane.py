@@ -22,7 +22,7 @@ from engine.errors import ConfigError, FailedPrecondition
 from engine.manifest import INFERENCE_MODEL, TRAINER_FILES, Manifest, Parameter, Preprocessing, QkvLayout, Unplaced
 from engine.runtime import VERSION as ORT_VERSION
 from engine.runtime import quiet_default_logger
-from engine.store import CheckpointInfo, ModelVersion, VersionStore
+from engine.store.files import CheckpointInfo, ModelVersion, VersionStore
 from server.config import Settings
 from server.metrics import Metrics
 from server.registry import ModelRegistry

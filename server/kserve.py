@@ -2,7 +2,7 @@
 
 Off-the-shelf v2 clients (tritonclient, KServe's, MLServer's) ask it for liveness, readiness and
 metadata and run ModelInfer; Triton's extensions that a one-model server can answer are served too:
-ModelConfig (the Triton configuration `python -m engine.triton` writes), ModelStatistics (measured
+ModelConfig (the Triton configuration `python -m engine.store.triton` writes), ModelStatistics (measured
 on the inference path) and RepositoryIndex (the versions and their states). Inference goes through
 the same data plane, validation and dynamic batcher as Predict; the model version is the published
 version being served ("0" before any Publish). Every other method of Triton's service answers

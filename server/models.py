@@ -1,7 +1,7 @@
 """The models a server answers inference calls for, by name: each with its decoder, batcher, statistics and versions.
 
 A trainer (or an `all` server) serves one model, its own; a predict replica over a model repository
-serves every model in it (engine/follower.py keeps their versions). Either way a `ServedModel` holds
+serves every model in it (engine/store/follower.py keeps their versions). Either way a `ServedModel` holds
 what an inference call needs: the manifest and the validator built from it, the Triton configuration,
 the dynamic batcher (one per model: a batch never mixes models), the v2 statistics, and the versions
 being served as one tuple that is replaced whole (a call reads it once, so a switch never fails or
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import NotFound, Unavailable
-from engine.follower import LoadedVersion
+from engine.store.follower import LoadedVersion
 from engine.inference import top_k
 from engine.manifest import Manifest
 from proto import model_config_pb2

@@ -1,6 +1,6 @@
 """The trainer's durable state: its checkpoints, resuming from them, the autosave timer, and write failures.
 
-A checkpoint is written atomically and verified when read (engine/store.py). At startup the training engine
+A checkpoint is written atomically and verified when read (engine/store/files.py). At startup the training engine
 resumes from the newest checkpoint that verifies and loads; one that does not is quarantined with a WARNING
 naming it, and the next older one is tried. A checkpoint is written after every N applied steps
 (--checkpoint-every-steps), every T seconds while the state changed (--checkpoint-every-seconds), on
@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from engine.errors import ConfigError, FailedPrecondition, InvalidArgument, ResourceExhausted
-from engine.isolation import IsolatedTrainingEngine
+from engine.train.isolation import IsolatedTrainingEngine
 from engine.manifest import TRAINER_FILES, Manifest
 from engine.runtime import session_options
-from engine.store import CheckpointInfo, CheckpointList, CheckpointStore, check_writable, describe_os_error, os_errno
-from engine.training import TrainingEngine
+from engine.store.files import CheckpointInfo, CheckpointList, CheckpointStore, check_writable, describe_os_error, os_errno
+from engine.train.step import TrainingEngine
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,12 @@ class Checkpoints:
 
     def open_engine(self):
         """A training engine on the newest checkpoint that verifies and loads, else on the export's weights; on
-        rank 0 of an MPI job (--data-parallel) wrapped in engine/parallel.py's DataParallelEngine."""
+        rank 0 of an MPI job (--data-parallel) wrapped in engine/train/parallel.py's DataParallelEngine."""
         engine, resumed = self._resume()
         if resumed:
             log.info("resumed from checkpoint %s (step %d)", resumed.name, resumed.step)
         if self.settings.data_parallel:
-            from engine.parallel import DataParallelEngine
+            from engine.train.parallel import DataParallelEngine
 
             engine = DataParallelEngine(engine, self.settings.checksum_every_steps)
         return engine

@@ -9,7 +9,7 @@ What is served depends on the role, chosen once at startup:
 * `serve_artifacts`: the model of --artifacts (a trainer's own model, or a predict replica's over the trainer's
   data directory), at its newest published version; the trainer swaps in each version it publishes.
 * `follow_repository`: a predict replica over --model-repository serves every model in it; a poll thread
-  (engine/follower.py) brings new, changed and removed models and versions.
+  (engine/store/follower.py) brings new, changed and removed models and versions.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ConfigError, InvalidArgument, NotFound, Unavailable, Unimplemented
-from engine.follower import READY, UNAVAILABLE, UNLOADED, LoadedVersion, ModelState, RepositoryFollower, poll_forever
+from engine.store.follower import READY, UNAVAILABLE, UNLOADED, LoadedVersion, ModelState, RepositoryFollower, poll_forever
 from engine.inference import InferenceEngine
 from engine.manifest import INFERENCE_MODEL, Manifest
 from engine.runtime import providers_for, resident_bytes, session_options
-from engine.store import ModelVersion, VersionStore
-from engine.triton import model_config
+from engine.store.files import ModelVersion, VersionStore
+from engine.store.triton import model_config
 from proto import model_config_pb2
 from server.config import Settings
 from server.metrics import Metrics
@@ -250,7 +250,7 @@ class ModelRegistry:
         return model, str(model.version(version).version)
 
     def triton_config(self, name: str = "") -> model_config_pb2.ModelConfig:
-        """A model's Triton configuration. The own model's is what `python -m engine.triton` writes for it, with this
+        """A model's Triton configuration. The own model's is what `python -m engine.store.triton` writes for it, with this
         server's batch limit, device and --repository-versions; a repository model's is its config.pbtxt."""
         if self._own is not None and name in ("", self._own.name):
             return model_config(self._own, self.settings.max_batch_size, gpu=self.settings.device.startswith("cuda"),

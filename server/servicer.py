@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from engine.schedule import LinearSchedule
+from engine.train.schedule import LinearSchedule
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from server.convert import from_proto, prediction_proto, to_proto

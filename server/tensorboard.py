@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.training import StepResult
+from engine.train.step import StepResult
 
 
 def _summary_writer():

@@ -2,7 +2,7 @@
 
 It exists on the training roles (`all`, `train`) only. Every RPC that reads or changes the training state
 is one method here, called by the servicer after the request is decoded by `batches` (the training-batch
-validator). The step itself, for either trainer, is engine/training.py's TrainingEngine (or its isolated
+validator). The step itself, for either trainer, is engine/train/step.py's TrainingEngine (or its isolated
 or data-parallel wrapper); around it this class keeps:
 
 * the queue: one step runs, at most --max-queued-train-steps wait, the rest are RESOURCE_EXHAUSTED;
@@ -23,17 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from engine.explain import Explanation, GradientExplainer
-from engine.fusion import optimize_inference_model
-from engine.graph_explain import GradientGraphExplainer
-from engine.isolation import IsolatedTrainingEngine
+from engine.errors import InvalidArgument, ResourceExhausted, Unavailable
+from engine.graph.explain import Explanation, GradientExplainer
+from engine.graph.fusion import optimize_inference_model
+from engine.graph.graph_explain import GradientGraphExplainer
+from engine.train.isolation import IsolatedTrainingEngine
 from engine.manifest import GRADIENT_MODEL, TRAINING_MODEL, Manifest
-from engine.repository import RepositoryWriter
+from engine.store.repository import RepositoryWriter
 from engine.runtime import release_freed_memory
-from engine.schedule import LinearSchedule
-from engine.store import CheckpointInfo, CheckpointList, ModelVersion, VersionStore
-from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult
+from engine.train.schedule import LinearSchedule
+from engine.store.files import CheckpointInfo, CheckpointList, ModelVersion, VersionStore
+from engine.train.step import EvalResult, HeadImportanceResult, OptimizerState, StepResult
 from server.config import Settings
 from server.decode import TrainingBatchValidator
 from server.metrics import Metrics

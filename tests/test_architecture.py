@@ -4,7 +4,8 @@ outside it).
 
     proto/   the contract: stubs and the dtype table
     model/   the torch side (define, export, verify); may use engine/, never server/
-    engine/  ONNX Runtime, numpy in and out; knows neither torch nor grpc, neither model/ nor server/
+    engine/  ONNX Runtime, numpy in and out; knows neither torch nor grpc, neither model/ nor server/;
+             its rooms train/ -> graph/ -> top level <- store/ import downwards only
     server/  the front doors (gRPC, KServe v2, metrics) on engine/; never torch or model/
     client/  ships without server/, engine/ and model/
 """
@@ -92,6 +93,30 @@ def test_import_rules(package):
     assert not broken, f"{len(broken)} import(s) break the rules of {package}/:\n" + "\n".join(broken)
 
 
+ENGINE_ROOMS = {  # engine/'s rooms -> the rooms they may import: the records and runtime at the top import none
+    "top": set(), "store": {"top"}, "graph": {"top"}, "train": {"top", "graph"}}
+
+
+def test_the_engine_rooms_import_downwards_only():
+    """engine/'s top level (manifest, errors, runtime, inference) imports none of its rooms; store/ and graph/ only
+    the top; train/ the top and graph/. No cycle, so each room can be read from the top down."""
+    broken, seen = [], 0
+    for path in python_files("engine"):
+        parts = path.relative_to(REPO / "engine").parts
+        room = parts[0] if len(parts) > 1 else "top"
+        assert room in ENGINE_ROOMS, f"engine/{room}/ is not in ENGINE_ROOMS: say what it may import"
+        for line, module, statement in imported_modules(path):
+            names = module.split(".")
+            if names[0] != "engine" or len(names) < 2:
+                continue
+            seen += 1
+            target = names[1] if names[1] in ENGINE_ROOMS else "top"
+            if target != room and target not in ENGINE_ROOMS[room]:
+                broken.append(f"{path.relative_to(REPO)}:{line}: {statement}  (engine/{room} must not import {target})")
+    assert seen > 20, "found almost no engine-internal import: the scan is broken"
+    assert not broken, "\n".join(broken)
+
+
 # ---------------------------------------------------------------- (b) importing engine/ in a fresh interpreter
 
 def module_name(path: Path) -> str:
@@ -130,6 +155,7 @@ def profile(frame, event, arg):
         back = frame.f_back
         calls.append(f"{frame.f_code.co_name} called from {back.f_code.co_filename}:{back.f_lineno}")
 
+importlib.import_module("engine.no_ortmodule_probe")  # as the serving programs do, first
 sys.meta_path.insert(0, Spy())
 threading.setprofile(profile)
 sys.setprofile(profile)
@@ -156,8 +182,19 @@ def import_in_fresh_interpreter(module: str) -> dict:
     return report
 
 
+def test_importing_the_engine_package_changes_no_global_state():
+    """`import engine` (and its sub-packages) sets nothing in sys.modules: the ORTModule probe is skipped only by a
+    program that imports engine.no_ortmodule_probe itself."""
+    script = ("import sys; before = set(sys.modules); import engine, engine.train, engine.graph, engine.store; "
+              "print(' '.join(sorted(set(sys.modules) - before)))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=clean_env(), capture_output=True,
+                            text=True, timeout=CALL_TIMEOUT)
+    assert result.stdout.split() == ["engine", "engine.graph", "engine.store", "engine.train"], \
+        result.stdout + result.stderr
+
+
 def test_the_engine_modules_are_all_listed():
-    assert {"engine", "engine.runtime", "engine.inference", "engine.training", "engine.triton"} <= set(ENGINE_MODULES)
+    assert {"engine", "engine.runtime", "engine.inference", "engine.train.step", "engine.store.triton"} <= set(ENGINE_MODULES)
     assert len(ENGINE_MODULES) == len(python_files("engine"))
 
 

@@ -327,6 +327,7 @@ class TorchSpy:
         return None
 
 sys.meta_path.insert(0, TorchSpy())
+import engine.no_ortmodule_probe
 from server.dataplane import DataPlane
 from server.config import Settings
 import server.__main__, server.app, client, client.__main__

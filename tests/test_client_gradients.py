@@ -450,7 +450,7 @@ def test_explain_picture_in_process(layout, folders, serve, tmp_path, trainer):
                     if b.on_path is None:  # the others join where the fused output's gradient is assembled:
                         joins = p.path[b.joins]
                         assert b.joins > on.on_path, (b, on)
-                        if trainer == "ort-training":  # the Split's gradient, a Concat, reads them (engine/rewrite.py)
+                        if trainer == "ort-training":  # the Split's gradient, a Concat, reads them (model/rewrite.py)
                             assert b.part.gradient_tensor in joins.inputs and joins.op_type == "Concat", joins
             else:
                 (b,) = placed

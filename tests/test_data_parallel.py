@@ -30,9 +30,9 @@ import pytest
 
 from engine.errors import ConfigError
 from engine.manifest import Manifest
-from engine.parallel import DIVERGED, RANK_LOST
+from engine.train.parallel import DIVERGED, RANK_LOST
 from engine.runtime import session_options
-from engine.training import TrainingEngine
+from engine.train.step import TrainingEngine
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from server.__main__ import join_job
@@ -262,7 +262,7 @@ def test_a_killed_rank_makes_training_unavailable_and_a_restart_resumes(exported
         images, _ = batch(2, 3)
         assert len(s.Predict(pb.PredictRequest(images=images_msg(images)), timeout=CALL).predictions) == 2
         log = stop_job(job, RANK_LOST)
-        assert f"ERROR engine.parallel: rank 0: {message}" in log
+        assert f"ERROR engine.train.parallel: rank 0: {message}" in log
     finally:
         kill(job)
 

@@ -1,4 +1,4 @@
-"""engine/explain.py against real exported training graphs: the loss, every gradient's node and path, q/k/v."""
+"""engine/graph/explain.py against real exported training graphs: the loss, every gradient's node and path, q/k/v."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from model import export as exporter
 from engine.errors import FailedPrecondition, NotFound
-from engine.explain import GradientExplainer
+from engine.graph.explain import GradientExplainer
 from engine.manifest import TRAINING_MODEL, Manifest
 from tests.helpers import REPO
 
@@ -107,7 +107,7 @@ def test_qkv_parts_are_q_k_v_and_sum_into_the_projection_gradient(explained):
     producer = {out: n for n in graph.node for out in n.output}
     consumers = lambda t: [n for n in graph.node if t in n.input]  # noqa: E731
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    (split,) = {producer[p.tensor].name: producer[p.tensor] for p in parts}.values()  # one Split (engine/rewrite.py)
+    (split,) = {producer[p.tensor].name: producer[p.tensor] for p in parts}.values()  # one Split (model/rewrite.py)
     assert split.op_type == "Split"
     projection_grad = split.input[0] + "_grad"  # the to_qkv MatMul output's gradient
     # Independent of the explainer's structural rule: q, k, v are the Split's pieces 0, 1, 2, each inner wide.
@@ -151,5 +151,5 @@ def test_vit_pytorch_export_has_qkv_parts_in_both_blocks(tmp_path):
 
 
 def test_explain_module_does_not_import_torch():
-    code = "import sys, engine.explain; sys.exit('torch' in sys.modules)"
+    code = "import sys, engine.graph.explain; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -1,4 +1,4 @@
-"""engine/graph_explain.py against real gradient graphs (model/gradgraph.py): the loss, where backpropagation starts,
+"""engine/graph/graph_explain.py against real gradient graphs (model/gradgraph.py): the loss, where backpropagation starts,
 every gradient's node and path, q/k/v, and the readable node names, for the digits preset and three other layouts.
 
 digits comes from the session's full export (conftest's `exported`); the layouts (tests/layout_models.py) are
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.errors import FailedPrecondition, NotFound
-from engine.graph_explain import BACKWARD_OF, NAMED, GradientGraphExplainer, name_backward_nodes
+from engine.graph.graph_explain import BACKWARD_OF, NAMED, GradientGraphExplainer, name_backward_nodes
 from engine.manifest import GRADIENT_MODEL, LossNode, Manifest, Preprocessing, TensorSpec
 from model import gradgraph
 from model.layout import place
@@ -297,5 +297,5 @@ def test_frozen_parameter_has_no_gradient(case):
 
 
 def test_graph_explain_module_does_not_import_torch():
-    code = "import sys, engine.graph_explain; sys.exit('torch' in sys.modules)"
+    code = "import sys, engine.graph.graph_explain; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

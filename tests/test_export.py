@@ -15,7 +15,7 @@ from model.vit import PRESETS, build
 from engine.inference import InferenceEngine
 from engine.manifest import ARTIFACT_FILES, Manifest, sha256
 from engine.runtime import session_options
-from engine.training import TrainingEngine
+from engine.train.step import TrainingEngine
 
 
 def test_manifest_describes_every_artifact(exported):

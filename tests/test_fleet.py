@@ -28,8 +28,8 @@ from tritonclient.grpc import model_config_pb2 as triton_model_config
 from tritonclient.utils import InferenceServerException
 
 from engine.manifest import INFERENCE_MODEL, Manifest
-from engine.repository import CONFIG_FILE, MODEL_FILE, write_model_files, write_version_files
-from engine.triton import model_config
+from engine.store.repository import CONFIG_FILE, MODEL_FILE, write_model_files, write_version_files
+from engine.store.triton import model_config
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from tests.helpers import (
@@ -202,7 +202,7 @@ def test_replicas_follow_the_trainer_through_the_repository(exported, tmp_path, 
 
 
 def add_model(repo: Path, name: str, manifest: Manifest, graph: Path, versions=(1,), num_versions: int = 1) -> Path:
-    """A model folder as a trainer (or `python -m engine.triton`) writes it, under another name."""
+    """A model folder as a trainer (or `python -m engine.store.triton`) writes it, under another name."""
     folder = repo / name
     folder.mkdir(parents=True)
     manifest = dataclasses.replace(manifest, name=name)
@@ -255,7 +255,7 @@ def test_a_replica_serves_every_model_of_the_repository_by_name(exported, tmp_pa
             grpc.StatusCode.INVALID_ARGUMENT,
             "this replica serves 2 models (alpha, beta): name one in the request's model field")
         no_manifest = ("it has no manifest.json (vitserve replicas need the export's manifest: publish it from a "
-                       "trainer with --model-repository, or write the folder with python -m engine.triton)")
+                       "trainer with --model-repository, or write the folder with python -m engine.store.triton)")
         assert replica.index() == [("alpha", "1", "READY", ""), ("beta", "1", "UNAVAILABLE", "unloaded"),
                                    ("beta", "2", "READY", ""), ("broken", "", "UNAVAILABLE", no_manifest)]
         metrics = scrape(replica.server.metrics_url)

@@ -1,4 +1,4 @@
-"""The inference graph's attention fusion (engine/fusion.py): same logits as the unfused graph, fewer nodes."""
+"""The inference graph's attention fusion (engine/graph/fusion.py): same logits as the unfused graph, fewer nodes."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ from model.export import export_onnx, load_class
 from model.layout import place
 from model.vit import ViTConfig, build
 from proto import vitserve_pb2 as pb
-from engine.fusion import fuse_attention, optimize_inference_model
+from engine.graph.fusion import fuse_attention, optimize_inference_model
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

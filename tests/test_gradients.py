@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine.gradients import FlatLayout, qkv_breakdown, summarize, summarize_all
+from engine.train.gradients import FlatLayout, qkv_breakdown, summarize, summarize_all
 from engine.manifest import Parameter, QkvLayout
 
 finite = st.floats(-1e3, 1e3, width=32)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.isolation import IsolatedTrainingEngine
-from engine.training import TrainingEngine
+from engine.train.isolation import IsolatedTrainingEngine
+from engine.train.step import TrainingEngine
 from proto import vitserve_pb2 as pb
 from tests.helpers import TRAINERS, batch, images_msg, tensor
 
@@ -143,7 +143,7 @@ def test_a_process_that_trains_runs_numpy_blas_on_one_thread(exported):
         "from threadpoolctl import threadpool_info\n"
         "from engine.manifest import Manifest\n"
         "from engine.runtime import session_options\n"
-        "from engine.training import TrainingEngine\n"
+        "from engine.train.step import TrainingEngine\n"
         "def blas(): return [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
         "before = blas()\n"
         "TrainingEngine(Manifest.load(sys.argv[1]), 'cpu', session_options(2, training=True), 1e-3)\n"

@@ -44,7 +44,7 @@ PROBE_HANDLERS = {"grpc", "httpGet", "tcpSocket", "exec"}
 VITSERVE_PORTS = {"grpc": 50051, "http": 8000, "metrics": 8002}
 REPOSITORY_CLAIM = "vitserve-repository"
 MPI_PYTHON = "/opt/venv/bin/python"
-# besides -n; --with-ft ulfm because engine/parallel.py refuses a job without Open MPI's fault tolerance
+# besides -n; --with-ft ulfm because engine/train/parallel.py refuses a job without Open MPI's fault tolerance
 MPIRUN_OPTIONS = ["--with-ft", "ulfm", "--bind-to", "none", "-x", "PYTHONUNBUFFERED=1"]
 
 

@@ -55,7 +55,7 @@ def predict_logits(running, images: np.ndarray) -> np.ndarray:
 
 def export_triton(artifacts, out, *flags: str) -> mc.ModelConfig:
     """What `make export-triton TRITON_FLAGS=flags` writes as config.pbtxt, parsed with tritonclient's proto."""
-    run = subprocess.run([sys.executable, "-m", "engine.triton", "--artifacts", str(artifacts), "--out", str(out),
+    run = subprocess.run([sys.executable, "-m", "engine.store.triton", "--artifacts", str(artifacts), "--out", str(out),
                           "--force", *flags], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     return text_format.Parse((out / MODEL / "config.pbtxt").read_text(), mc.ModelConfig())

@@ -332,7 +332,7 @@ def test_a_crash_between_the_renames_is_recovered(running):
     root = running.trainer.checkpoints.store._dirs.root
     (root / "keep").rename(root / ".old-keep-1234abcd")  # the state such a crash leaves
     (root / ".tmp-keep-99999999").mkdir()  # and an unfinished new one
-    from engine.store import AtomicDirs
+    from engine.store.files import AtomicDirs
 
     AtomicDirs(root)  # what a restart does
     assert sorted(p.name for p in root.iterdir()) == ["keep"]

@@ -1,4 +1,4 @@
-"""The forward-graph rewrites made before ORT builds the gradient graph (engine/rewrite.py): same function,
+"""The forward-graph rewrites made before ORT builds the gradient graph (model/rewrite.py): same function,
 other kernels.
 
 The export's own check (logits, loss and every gradient against PyTorch) runs on the rewritten graphs in
@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.training import artifacts as ort_artifacts
 
-from engine import rewrite
+from engine.graph import rewrite as graph_rewrite
+from model import rewrite
 from model import export as ex
 from model.vit import PRESETS, build
 
@@ -35,9 +36,9 @@ def ops(proto: onnx.ModelProto) -> collections.Counter:
 
 
 def slow_transposes(proto: onnx.ModelProto) -> list[list[int]]:
-    """The perms of the Transposes ORT runs element by element (rewrite.split_transposes' targets)."""
-    return [rewrite.perm_of(n) for n in proto.graph.node
-            if n.op_type == "Transpose" and not rewrite.moves_one_axis(rewrite.perm_of(n))]
+    """The perms of the Transposes ORT runs element by element (graph_rewrite.split_transposes' targets)."""
+    return [graph_rewrite.perm_of(n) for n in proto.graph.node
+            if n.op_type == "Transpose" and not graph_rewrite.moves_one_axis(graph_rewrite.perm_of(n))]
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +164,8 @@ def test_a_transpose_split_in_two_moves_every_element_where_one_would(data):
     dims = data.draw(st.lists(st.integers(1, 4), min_size=rank - 1, max_size=rank - 1), label="dims")
     perm = [0, *data.draw(st.permutations(range(1, rank)), label="perm")]  # the batch stays outermost, as in models
     proto = transposed(perm, dims)
-    written = rewrite.split_transposes(proto, "x", (2, *dims))
-    assert written == (0 if rewrite.moves_one_axis(perm) else 1)
+    written = graph_rewrite.split_transposes(proto, "x", (2, *dims))
+    assert written == (0 if graph_rewrite.moves_one_axis(perm) else 1)
     assert slow_transposes(proto) == []
     for batch in (1, 3):  # the batch axis stays dynamic
         x = np.arange(batch * int(np.prod(dims)), dtype=np.float32).reshape(batch, *dims)
@@ -173,17 +174,17 @@ def test_a_transpose_split_in_two_moves_every_element_where_one_would(data):
 
 def test_onnx_runtime_does_not_fold_the_split_transposes_back_into_one(tmp_path):
     proto = transposed([0, 2, 4, 3, 5, 1], [3, 4, 2, 4, 2])  # the patch cut of a 3-channel 8x8 image, 2x2 patches
-    assert rewrite.split_transposes(proto, "x", (2, 3, 4, 2, 4, 2)) == 1
+    assert graph_rewrite.split_transposes(proto, "x", (2, 3, 4, 2, 4, 2)) == 1
     onnx.save(proto, tmp_path / "split.onnx")
     assert slow_transposes(optimized(tmp_path / "split.onnx", tmp_path)) == []
 
 
 def test_a_transpose_whose_block_dims_are_unknown_or_dynamic_is_left_alone():
     proto = transposed([0, 2, 4, 3, 5, 1], [3, 4, 2, 4, 2])
-    assert rewrite.split_transposes(proto, "x", (2, 3, 4, 2, 4, 1)) == 0  # the probe fails: wrong example shape
+    assert graph_rewrite.split_transposes(proto, "x", (2, 3, 4, 2, 4, 1)) == 0  # the probe fails: wrong example shape
     assert slow_transposes(proto) == [[0, 2, 4, 3, 5, 1]]
     proto = transposed([2, 1, 0], [3, 4])  # the batch axis (dynamic) would be the innermost block
-    assert rewrite.split_transposes(proto, "x", (2, 3, 4)) == 0
+    assert graph_rewrite.split_transposes(proto, "x", (2, 3, 4)) == 0
 
 
 def optimized(path, tmp_path) -> onnx.ModelProto:
@@ -203,10 +204,10 @@ def optimized_ops(path, tmp_path) -> collections.Counter:
 def test_a_published_inference_graph_gets_its_gelus_back_together_and_its_attention_fused(exported, tmp_path):
     """Publish exports the trained weights from the rewritten eval graph; the inference graph ORT runs still has
     fused GELUs (ORT's forward Gelu kernel beats Erf and four elementwise ops) and MultiHeadAttention per block."""
-    from engine.fusion import optimize_inference_model
+    from engine.graph.fusion import optimize_inference_model
     from engine.manifest import Manifest
     from engine.runtime import session_options
-    from engine.training import TrainingEngine
+    from engine.train.step import TrainingEngine
 
     manifest = Manifest.load(exported[0])
     engine = TrainingEngine(manifest, "cpu", session_options(1, training=True), 1e-3)

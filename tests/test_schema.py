@@ -10,10 +10,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine.gradients import GradientSummary
+from engine.train.gradients import GradientSummary
 from engine.manifest import Parameter
-from engine.schedule import LinearSchedule
-from engine.store import CheckpointInfo, CheckpointList
+from engine.train.schedule import LinearSchedule
+from engine.store.files import CheckpointInfo, CheckpointList
 from proto import vitserve_pb2 as pb
 from proto.tensors import DTYPES
 from server.convert import RECORDS, from_proto, to_proto

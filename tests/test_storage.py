@@ -98,7 +98,7 @@ def test_startup_quarantines_a_damaged_checkpoint_and_resumes_from_the_newest_in
     at_one = two_checkpoints(serve, data)
     harm, problem = DAMAGE[damage]
     harm(checkpoints_at(data, trainer) / "two")
-    with caplog.at_level(logging.WARNING, logger="engine.store"):
+    with caplog.at_level(logging.WARNING, logger="engine.store.files"):
         server = serve(data_dir=data)
     assert server.engine.step == 1
     weights = server.engine.parameters()

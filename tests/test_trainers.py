@@ -1,7 +1,7 @@
 """The two trainers side by side, and the `ort` trainer's own parts: its optimizers and its checkpoints.
 
-`ort` runs PyTorch's autograd exported as plain ONNX ops (engine/graph_trainer.py) with torch.optim's
-arithmetic in numpy (engine/optim.py); `ort-training` runs ONNX Runtime's training artifacts. Given the
+`ort` runs PyTorch's autograd exported as plain ONNX ops (engine/train/graph_backend.py) with torch.optim's
+arithmetic in numpy (engine/train/optim.py); `ort-training` runs ONNX Runtime's training artifacts. Given the
 same weights and batches they must train the same model: 20 AdamW steps, losses and weights within 1e-5.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from engine import gradients, optim
-from engine.graph_trainer import CheckpointError, GradientGraphBackend
+from engine.train import gradients, optim
+from engine.train.graph_backend import CheckpointError, GradientGraphBackend
 from engine.manifest import Manifest
 from engine.runtime import session_options
-from engine.training import TrainingEngine
+from engine.train.step import TrainingEngine
 from tests.helpers import batch
 
 STEPS = 20

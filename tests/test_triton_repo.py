@@ -1,4 +1,4 @@
-"""`python -m engine.triton`: the Triton model repository it writes, run as the CLI (no Triton server here)."""
+"""`python -m engine.store.triton`: the Triton model repository it writes, run as the CLI (no Triton server here)."""
 from __future__ import annotations
 
 import subprocess
@@ -20,7 +20,7 @@ from tests.helpers import REPO
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.triton", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "engine.store.triton", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -96,7 +96,7 @@ def test_config_matches_manifest_and_graph(repo, exported):
 def test_contrib_ops_are_named(repo, exported):
     graph = onnx.load(str(repo[0] / "digits4/1/model.onnx")).graph
     fused = sum(n.domain == "com.microsoft" and n.op_type == "MultiHeadAttention" for n in graph.node)
-    assert fused == 4  # the export fuses each block's attention (engine/fusion.py)
+    assert fused == 4  # the export fuses each block's attention (engine/graph/fusion.py)
     assert "com.microsoft.MultiHeadAttention x4" in repo[1].stdout
     assert "Triton's onnxruntime backend runs them" in repo[1].stdout
 
@@ -186,5 +186,5 @@ def test_model_without_dynamic_batch_or_with_other_names_is_refused(exported, tm
 
 
 def test_no_torch():
-    code = "import sys, engine.triton; sys.exit('torch' in sys.modules)"
+    code = "import sys, engine.store.triton; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0

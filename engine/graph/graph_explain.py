@@ -22,7 +22,7 @@ torch.onnx writes on the forward nodes (`pkg.torch.onnx.name_scopes`); no grpc, 
   forward `transformer.layers.0.0.fn.to_qkv/MatMul`, backward
   `backward/transformer.layers.0.0.fn.to_qkv/MatMul/Transpose_1`; the loss `loss/Div`, the start of
   backpropagation `backward/loss/Div`. Node names are free in ONNX: renaming changes nothing ORT runs;
-- q, k and v: as in engine/explain.py, from the forward graph (the fused projection's output cut in
+- q, k and v: as in engine/graph/explain.py, from the forward graph (the fused projection's output cut in
   three, ordered by their roles in the attention), and their gradients from the matching above: for a
   fused projection, the three pieces that meet in the cut's gradient (the Split's Concat) feeding the
   fused weight's gradient; for separate projections, each projection output's gradient.
@@ -39,7 +39,7 @@ import onnx
 from onnx import numpy_helper
 
 from engine.errors import ConfigError
-from engine.explain import GRAD, GradientExplainer, QkvPartGradient
+from engine.graph.explain import GRAD, GradientExplainer, QkvPartGradient
 from engine.manifest import Manifest
 
 LOSS, LOGITS = "loss", "logits"

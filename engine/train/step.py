@@ -1,8 +1,8 @@
 """The training engine: one step function over either trainer (a TrainingBackend).
 
 Two backends run forward + backward and the optimizer:
-* `ort` (engine/graph_trainer.py): PyTorch's autograd exported as plain ONNX ops, on any onnxruntime;
-* `ort-training` (engine/ort_training.py): ONNX Runtime's deprecated training build and its artifacts.
+* `ort` (engine/train/graph_backend.py): PyTorch's autograd exported as plain ONNX ops, on any onnxruntime;
+* `ort-training` (engine/train/ort_training.py): ONNX Runtime's deprecated training build and its artifacts.
 
 Everything else is here, once, for both: gradient accumulation, a guard that refuses to apply NaN/Inf,
 optional clipping by global norm, the learning rate of the policy, the update, the gradient summaries,
@@ -25,11 +25,12 @@ from typing import Literal, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from engine import gradients, heads
+from engine.graph import heads
+from engine.train import gradients
 from engine.errors import ConfigError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from engine.manifest import Manifest
 from engine.runtime import tune_process_for_training
-from engine.schedule import LinearSchedule, LrPolicy, check_learning_rate
+from engine.train.schedule import LinearSchedule, LrPolicy, check_learning_rate
 
 Trainer = Literal["ort", "ort-training"]
 TRAINERS: tuple[str, ...] = ("ort", "ort-training")
@@ -48,7 +49,7 @@ class TrainingBackend(Protocol):
     def forward_backward(self, images: np.ndarray, labels: np.ndarray, head_importance: bool
                          ) -> tuple[float, np.ndarray, tuple[np.ndarray, ...]]:
         """This batch's mean loss, its flat gradient (valid until the next call) and, when asked for, each
-        attention module's signed head sums (engine/heads.py)."""
+        attention module's signed head sums (engine/graph/heads.py)."""
 
     def update(self, grads: np.ndarray, lr: float, fresh: bool) -> None:
         """One optimizer step with `grads`; `fresh`: they are the last forward_backward's, unchanged."""
@@ -71,11 +72,11 @@ class TrainingBackend(Protocol):
 def open_backend(trainer: str, manifest: Manifest, device: str, options: ort.SessionOptions,
                  flat: gradients.FlatLayout) -> TrainingBackend:
     if trainer == "ort":
-        from engine.graph_trainer import GradientGraphBackend
+        from engine.train.graph_backend import GradientGraphBackend
 
         return GradientGraphBackend(manifest, device, options, flat)
     if trainer == "ort-training":
-        from engine.ort_training import OrtTrainingBackend
+        from engine.train.ort_training import OrtTrainingBackend
 
         return OrtTrainingBackend(manifest, device, options, flat)
     raise ConfigError(f"trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
@@ -99,7 +100,7 @@ class StepResult:
 
 @dataclass(frozen=True)
 class ShardGradients:
-    """Forward + backward of one shard of a batch on its own (data-parallel training, engine/parallel.py)."""
+    """Forward + backward of one shard of a batch on its own (data-parallel training, engine/train/parallel.py)."""
     loss: float  # the shard's mean loss (0.0 for an empty shard)
     gradients: np.ndarray  # flat float32 in model order: the gradient of the shard's mean loss (zeros when empty)
     head_sums: tuple[np.ndarray, ...]  # with head importance: per attention module, heads.head_sums of the shard

@@ -1,9 +1,9 @@
 """The `ort-training` trainer: ONNX Runtime's on-device training build (Module + Optimizer over the artifacts).
 
 onnxruntime-training 1.19.2 is the last release of ORT's training packages (Python <= 3.12, CUDA 11.8);
-the `ort` trainer (engine/graph_trainer.py) runs on the maintained runtime instead. Uses the pybind classes
+the `ort` trainer (engine/train/graph_backend.py) runs on the maintained runtime instead. Uses the pybind classes
 of onnxruntime.capi directly: the `onnxruntime.training.api` wrappers import torch, and the serving path
-must not. A TrainingBackend (engine/training.py): numpy in, numpy out, no step logic of its own.
+must not. A TrainingBackend (engine/train/step.py): numpy in, numpy out, no step logic of its own.
 
 Checkpoints are ORT's own format, with the engine's state (step, learning-rate policy) as a property.
 """
@@ -17,9 +17,10 @@ import onnxruntime as ort
 from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import get_ort_device_type
 
-from engine import gradients, heads
+from engine.graph import heads
+from engine.train import gradients
 from engine.errors import ConfigError, FailedPrecondition
-from engine.explain import GradientExplainer
+from engine.graph.explain import GradientExplainer
 from engine.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest
 from engine.runtime import parse_device
 
@@ -52,7 +53,7 @@ class OrtTrainingBackend:
         self._flat = flat
         self._names = [p.name for p in flat.params]
         self._size = int(flat.sizes.sum())
-        self._head_outputs = None  # where each attention module's head outputs are (engine/heads.py), on first use
+        self._head_outputs = None  # where each attention module's head outputs are (engine/graph/heads.py), on first use
         self._heads_folder = None  # holds the head-importance graph once written
         self._snapshots = None
 
@@ -112,7 +113,7 @@ class OrtTrainingBackend:
         """This batch's loss, gradient (flat, a new array) and, when asked for, each attention module's head sums.
 
         With head importance the step runs on the twin graph that also outputs each head's output and its
-        gradient (engine/heads.py): same parameters, same state, same loss and gradients."""
+        gradient (engine/graph/heads.py): same parameters, same state, same loss and gradients."""
         module = self._bind(head_importance)
         module.lazy_reset_grad()  # this batch alone: the engine keeps an accumulated sum itself
         fetches = C.OrtValueVector()
@@ -151,7 +152,7 @@ class OrtTrainingBackend:
         return self._head_outputs
 
     def _bind(self, head_importance: bool) -> C.Module:
-        """The training module for this step: the plain graph, or its head-importance twin (engine/heads.py).
+        """The training module for this step: the plain graph, or its head-importance twin (engine/graph/heads.py).
 
         A Module binds the state's gradient buffers when it is built (a second one on the same state takes
         them over), so the backend holds one at a time and rebuilds it, and the optimizer, when head

@@ -11,7 +11,7 @@ Pure graph analysis of `training_model.onnx` (onnx + the manifest; no grpc, no t
 - a parameter's distance from the loss is a shortest producer -> consumer path through the
   backward graph, from the loss's gradient node to the node producing W_grad, both included;
 - a fused qkv projection's output is cut into q, k and v by one Split (the export rewrites the
-  traced graph's three Slices into one, engine/rewrite.py) or by Slices or Gathers; each part's gradient
+  traced graph's three Slices into one, model/rewrite.py) or by Slices or Gathers; each part's gradient
   "<part>_grad" comes out of the attention backward and goes back through the cut's gradient (a
   Concat for a Split; SliceGrads and their Sum for Slices) into the projection output's gradient.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 import onnx
 
 from engine.errors import ConfigError, FailedPrecondition, NotFound
-from engine.heads import HeadOutput
+from engine.graph.heads import HeadOutput
 from engine.manifest import Manifest, Parameter, QkvLayout
-from engine.rewrite import constant_value
+from engine.graph.rewrite import constant_value
 
 GRAD = "_grad"  # ORT's gradient tensor suffix
 GRAD_NODE = "_Grad/"  # ORT's gradient node name infix

@@ -1,7 +1,7 @@
 """Write a Triton Inference Server model repository from an exported model, so inference can move to Triton or KServe.
 
-    python -m engine.triton --artifacts artifacts/digits --out model_repository
-    python -m engine.triton --artifacts artifacts/digits --out model_repository --force \\
+    python -m engine.store.triton --artifacts artifacts/digits --out model_repository
+    python -m engine.store.triton --artifacts artifacts/digits --out model_repository --force \\
         --model data/digits/models/v000003/inference.onnx      # a published, fine-tuned version
     tritonserver --model-repository=model_repository
 
@@ -35,8 +35,8 @@ import onnx
 from engine import DEFAULT_MAX_BATCH_SIZE
 from engine.errors import ConfigError
 from engine.manifest import INFERENCE_MODEL, Manifest, sha256
-from engine.repository import CONFIG_FILE, LABELS_FILE, MODEL_FILE, write_model_files, write_version_files
-from engine.store import NAME, AtomicDirs
+from engine.store.repository import CONFIG_FILE, LABELS_FILE, MODEL_FILE, write_model_files, write_version_files
+from engine.store.files import NAME, AtomicDirs
 from proto import model_config_pb2 as mc
 
 VERSION = "1"
@@ -91,7 +91,7 @@ def model_config(manifest: Manifest, max_batch_size: int = DEFAULT_MAX_BATCH_SIZ
                  num_versions: int = 1) -> mc.ModelConfig:
     """Triton's ModelConfig for the manifest's model; dims leave out the batch axis (max_batch_size > 0).
 
-    The defaults are those of `python -m engine.triton` (and so of `make export-triton`)."""
+    The defaults are those of `python -m engine.store.triton` (and so of `make export-triton`)."""
     return mc.ModelConfig(
         name=manifest.name,
         platform=PLATFORM,
@@ -147,7 +147,7 @@ def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, m
                               f"version {VERSION})")
 
     config = model_config(manifest, max_batch_size, gpu, instances, queue_delay_us)
-    header = (f"# Triton model configuration written by `python -m engine.triton` from {artifacts}\n"
+    header = (f"# Triton model configuration written by `python -m engine.store.triton` from {artifacts}\n"
               f"# {VERSION}/{MODEL_FILE}: {source} (sha256 {sha256(source)})\n")
     with folders.write(manifest.name, meta_file=False) as (staging, _):  # built aside, renamed into place
         (staging / VERSION).mkdir()
@@ -157,7 +157,7 @@ def write_repository(artifacts: Path, out: Path, *, model: Path | None = None, m
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.triton", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m engine.store.triton", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/digits"), help="folder written by make export")

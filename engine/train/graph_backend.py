@@ -6,8 +6,8 @@ runs it, on any execution provider: the maintained runtime, no training build. f
 eval-mode forward with the same parameter inputs (EvalStep, Publish).
 
 The weights, the gradients and the optimizer's moments are flat float32 vectors in model order
-(gradients.FlatLayout), bound to the session by IOBinding (engine/buffers.py): on the CPU the trainer's own
-numpy buffers, read and written in place, updated by engine/optim.py; on CUDA OrtValues in device memory that
+(gradients.FlatLayout), bound to the session by IOBinding (engine/train/buffers.py): on the CPU the trainer's own
+numpy buffers, read and written in place, updated by engine/train/optim.py; on CUDA OrtValues in device memory that
 stay there between steps, updated by the optimizer's ONNX graph on the same device.
 
 Checkpoints are safetensors files any runtime reads: every trainable weight under its PyTorch name (a
@@ -25,8 +25,9 @@ from onnx import numpy_helper
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from engine import gradients, heads
-from engine.buffers import DeviceBuffers, HostBuffers
+from engine.graph import heads
+from engine.train import gradients
+from engine.train.buffers import DeviceBuffers, HostBuffers
 from engine.errors import ConfigError, FailedPrecondition
 from engine.manifest import FORWARD_MODEL, GRADIENT_MODEL, WEIGHTS, Manifest
 from engine.runtime import parse_device, providers_for

@@ -1,13 +1,13 @@
 """The `ort` trainer's optimizers: torch.optim.AdamW and torch.optim.SGD, step for step, over flat float32 vectors.
 
 numpy, in place, no temporaries beyond two scratch vectors: the weights, the gradients and the moments are
-the trainer's flat buffers (engine/graph_trainer.py binds the weights to ONNX Runtime without a copy).
+the trainer's flat buffers (engine/train/graph_backend.py binds the weights to ONNX Runtime without a copy).
 The arithmetic follows torch's single-tensor implementations (`_single_tensor_adamw`, `_single_tensor_sgd`)
 operation by operation, in float32 with Python-float scalars. ATen's vector kernels fuse some multiply-adds
 (one rounding where numpy has two), so values agree to a bit or two, not bit for bit (tests/test_trainers.py).
 
 The same arithmetic as an ONNX graph (update_graph, update_scalars) runs the update where the weights live
-when they live on an execution provider's device (engine/buffers.py).
+when they live on an execution provider's device (engine/train/buffers.py).
 """
 from __future__ import annotations
 

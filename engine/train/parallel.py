@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ConfigError, Unavailable, VitServeError
-from engine.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
+from engine.train.step import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
 
 log = logging.getLogger(__name__)
 

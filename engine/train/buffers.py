@@ -1,13 +1,13 @@
 """Where the `ort` trainer keeps its flat weights, gradients and optimizer moments, and how it updates them.
 
-Two places, one interface (engine/graph_trainer.py uses either):
+Two places, one interface (engine/train/graph_backend.py uses either):
 
 * `HostBuffers`, on the CPU: numpy vectors that ONNX Runtime reads and writes in place through IOBinding (the
   weights as the gradient graph's parameter inputs, the gradients as its outputs), and the optimizer of
-  engine/optim.py updating the weights in place. Nothing but the batch is copied per step.
+  engine/train/optim.py updating the weights in place. Nothing but the batch is copied per step.
 * `DeviceBuffers`, on an execution provider's device (CUDA): the weights, the gradients and both moments are
   OrtValues in device memory, bound by address, so they never leave the device between steps. The optimizer
-  is an ONNX graph (optim.update_graph: the same arithmetic as engine/optim.py, op for op) run on the same
+  is an ONNX graph (optim.update_graph: the same arithmetic as engine/train/optim.py, op for op) run on the same
   device, double-buffered: it reads the weights and moments of one set and writes the other, and the
   parameter inputs are rebound to the new set. Per step the gradient comes to the host once, because the
   step function's non-finite guard, clipping and summaries read it; it goes back only when the step changed
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from engine import gradients, optim
+from engine.train import gradients, optim
 
 FLOAT = np.dtype(np.float32).itemsize
 

@@ -35,7 +35,7 @@ from engine.errors import Unavailable
 from engine.manifest import Manifest
 
 log = logging.getLogger(__name__)
-PRELOAD = ["engine.training"]  # imported once by the fork server, inherited by every child
+PRELOAD = ["engine.no_ortmodule_probe", "engine.train.step"]  # imported once by the fork server, inherited by every child
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -83,7 +83,7 @@ def _serve(conn, manifest: Manifest, device: str, threads: int, learning_rate: f
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which shuts the child down
     from engine.runtime import quiet_default_logger, session_options
-    from engine.training import TrainingEngine
+    from engine.train.step import TrainingEngine
 
     quiet_default_logger()
     try:

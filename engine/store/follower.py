@@ -1,6 +1,6 @@
 """A predict replica's view of the model repository: which models and versions it serves, kept up to date by polling.
 
-Triton's poll mode (`--model-control-mode=poll`), over engine/repository.py's layout:
+Triton's poll mode (`--model-control-mode=poll`), over engine/store/repository.py's layout:
 
 * every model folder is a model, served by its folder name; a folder that disappears is unloaded;
 * a model serves the versions its config.pbtxt's version_policy names (latest N by default, N = 1);
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.manifest import Manifest
-from engine.repository import ModelFolder, model_names, read_model
+from engine.store.repository import ModelFolder, model_names, read_model
 from engine.runtime import release_freed_memory, resident_bytes
-from engine.store import describe_os_error
+from engine.store.files import describe_os_error
 from proto import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)

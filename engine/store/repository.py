@@ -1,6 +1,6 @@
 """The model repository a fleet shares, in Triton's layout: a trainer writes it, predict replicas (and Triton) read it.
 
-    <repo>/<model>/config.pbtxt        Triton's ModelConfig (engine/triton.py builds it; version_policy says how
+    <repo>/<model>/config.pbtxt        Triton's ModelConfig (engine/store/triton.py builds it; version_policy says how
                                        many versions replicas serve)
     <repo>/<model>/labels.txt          the class names, one a line (the output's label_filename)
     <repo>/<model>/manifest.json       the export's manifest: what a replica needs to decode and describe the model
@@ -10,7 +10,7 @@
 Triton reads config.pbtxt, labels.txt and <version>/model.onnx and ignores the rest (non-numeric folders
 and other files). Everything appears whole or not at all: a new model folder (with its first version)
 and every later version folder are built under a temporary name and renamed into place after fsync
-(engine/store.py's AtomicDirs); config.pbtxt, labels.txt and manifest.json are replaced by rename.
+(engine/store/files.py's AtomicDirs); config.pbtxt, labels.txt and manifest.json are replaced by rename.
 Readers never write: `read_model` looks at a folder as it is and says what is wrong with each part.
 No torch, no grpc.
 """
@@ -28,7 +28,7 @@ from google.protobuf import text_format
 
 from engine.errors import ConfigError
 from engine.manifest import MANIFEST, Manifest, sha256
-from engine.store import META, NAME, AtomicDirs, describe_os_error, fsync_path
+from engine.store.files import META, NAME, AtomicDirs, describe_os_error, fsync_path
 from proto import model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
@@ -155,7 +155,7 @@ def read_model(path: Path) -> ModelFolder:
     except ConfigError as e:
         problem = f"{MANIFEST}: {e}" if (path / MANIFEST).is_file() else (
             f"it has no {MANIFEST} (vitserve replicas need the export's manifest: publish it from a trainer with "
-            "--model-repository, or write the folder with python -m engine.triton)")
+            "--model-repository, or write the folder with python -m engine.store.triton)")
     if not problem:
         try:
             config = text_format.Parse((path / CONFIG_FILE).read_text(), mc.ModelConfig())

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from engine.rewrite import constant_value, gelu_together, live_nodes, perm_of, split_transposes
+from engine.graph.rewrite import constant_value, gelu_together, live_nodes, perm_of, split_transposes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -125,7 +125,7 @@ def fuse_attention(model: onnx.ModelProto, heads: list[int]) -> tuple[onnx.Model
 def optimize_inference_model(path, heads: list[int], input_name: str, input_shape: tuple[int, ...]) -> int:
     """Fuse the attention of the model at `path` in place if the fused logits agree; returns blocks fused.
 
-    GELUs the export kept apart for training (engine/rewrite.py) are put back into the form ORT fuses, and
+    GELUs the export kept apart for training (model/rewrite.py) are put back into the form ORT fuses, and
     Transposes ORT would run element by element are split into two it runs in blocks (rewrite.split_transposes).
 
     The check runs both graphs on the same random batch in ONNX Runtime: the fused graph must give

@@ -1,0 +1,3 @@
+"""Graph work on ONNX models: where the loss and each gradient are computed (explain.py for the onnxruntime-training
+graph, graph_explain.py for the gradient graph), head importance (heads.py), attention fused for inference
+(fusion.py), and the rewrites and graph helpers they share (rewrite.py)."""
