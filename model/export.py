@@ -52,6 +52,7 @@ from engine.manifest import (
     TensorSpec,
     sha256,
 )
+from engine.graph.rewrite import measured
 from engine.runtime import quiet_default_logger
 from engine.train.step import TRAINERS
 from model import gradgraph, pretrained, recipes, verify
@@ -185,7 +186,7 @@ def pin_static_shapes(proto: onnx.ModelProto, example_shape: tuple[int, ...]) ->
     """
     inferred = onnx.shape_inference.infer_shapes(proto)
     typed = [vi for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type]
-    values = rewrite.measured(inferred, INPUT_NAME, example_shape, [vi.name for vi in typed])
+    values = measured(inferred, INPUT_NAME, example_shape, [vi.name for vi in typed])
     for vi in typed:
         a, b = (v.shape for v in values[vi.name])
         if len(a) != len(b):

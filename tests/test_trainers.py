@@ -144,7 +144,7 @@ def test_a_damaged_or_foreign_ort_checkpoint_is_refused_naming_it(exported, tmp_
     assert engine.step == 0  # nothing changed
 
 
-# -- the device-resident path (engine/buffers.DeviceBuffers), run on the CPU execution provider ------------------
+# -- the device-resident path (engine/train/buffers.DeviceBuffers), run on the CPU execution provider ------------------
 
 def backend_pair(folder):
     """The `ort` backend twice on the same weights: buffers on the host (numpy optimizer) and device-resident
