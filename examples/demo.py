@@ -1,109 +1,104 @@
-"""Fine-tune the served ViT on scikit-learn's digits over gRPC, publish it, and classify the test set.
+"""The journey, end to end, on data that ships offline: a pretrained Hugging Face ViT and a folder of images to a
+served, fine-tuned model.
 
-    python -m examples.demo [--epochs N] [--batch-size B] [--address HOST:PORT] [--out demo-output]
+    python -m examples.demo [--epochs N] [--out demo-output]        (make demo)
 
-Without --address the demo starts its own server (`python -m server --port 0`)
-on the exported digits model and stops it at the end. The 1797 8x8 digits are
-split 80/20 (stratified, seeded); the training split is streamed to TrainStep
-in shuffled minibatches under a linear warmup/decay schedule, the test split is
-scored with EvalStep after every epoch; then Publish switches Predict to the
-trained weights and the test images are classified with Predict. Writes
-loss_curve.png and gradient_flow.png into --out. Exit status 0 only when the
-Predict test accuracy reaches --min-accuracy.
+1. scikit-learn's 1797 digits are written as an ImageFolder of PNGs (one folder per digit), split 80/20
+   (stratified, seeded) into train/ and test/.
+2. A Hugging Face ViTForImageClassification is saved with `save_pretrained`, with its image processor's
+   config, as a checkpoint from the Hub would be. Nothing is downloaded, so its weights are random: it stands in
+   for a pretrained backbone, and its 1000-class head stands in for ImageNet's.
+3. `python -m model.export --pretrained ... --num-classes 10 --labels-from train/` keeps the backbone, gives it a
+   new 10-class head named after the folders, reads the preprocessing from the checkpoint, and checks itself.
+4. A server (`python -m server`) serves the export; the three commands a user runs follow, each printed first:
+   `vitserve fit` (then publish the best), `vitserve evaluate` (confusion matrix) and `vitserve predict --csv`.
+
+Prints each stage's time and the test accuracy; exit status 0 only when it reaches --min-accuracy.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import queue
+import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from tqdm import tqdm
-
-from client import ClientError, LinearSchedule, ModelInfo, TrainStepResult, ViTClient
-from client.plots import gradient_flow, loss_curve
+from PIL import Image
 
 READY = "vitserve listening on "
 START_TIMEOUT = 120.0  # seconds for the server to print its listening line
 STOP_TIMEOUT = 30.0  # seconds for the server to exit after SIGTERM
-PIXEL_MAX = 16.0  # load_digits pixels are 0..16
+MODEL = "digits-hf"  # the export's name
+VAL_SPLIT = 0.1  # of the training images, held out by fit to pick the best epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--address", help="use this running server instead of starting one")
-    p.add_argument("--artifacts", default="artifacts/digits", help="exported model for the demo's own server")
-    p.add_argument("--data-dir", help="the own server's data directory (default: a temporary one)")
-    p.add_argument("--epochs", type=int, default=15, help="passes over the training split")
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for the data, model and results")
+    p.add_argument("--epochs", type=int, default=15, help="fit's passes over the training images")
     p.add_argument("--batch-size", type=int, default=32, help="images per TrainStep")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the schedule")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping (0: off)")
-    p.add_argument("--max-seconds", type=float, help="stop training after this many seconds")
-    p.add_argument("--min-accuracy", type=float, default=0.95, help="Predict test accuracy needed for exit 0")
-    p.add_argument("--seed", type=int, default=0, help="seed of the minibatch shuffling")
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for the figures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of fit's schedule")
+    p.add_argument("--min-accuracy", type=float, default=0.95, help="test accuracy needed for exit 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the new head and fit's order")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         p.error("--epochs and --batch-size must be at least 1")
     return args
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- 1. the data, 2. the checkpoint
 
-@dataclass
-class Split:
-    """The digits as model input: images float32 [N, 1, 8, 8] (normalized), labels int64 [N]."""
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+def write_image_folder(root: Path, seed: int) -> tuple[int, int]:
+    """digits as root/{train,test}/<digit>/<index>.png (8-bit grey, 0..16 scaled to 0..255); (train, test) counts."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
-
-def load_split(info: ModelInfo) -> Split:
-    """scikit-learn's digits, split 80/20 (stratified, random_state=0) and normalized with the
-    server's own preprocessing: (pixel / 16 - mean) / std."""
-    channels, height, width = info.input_shape[1:]
-    if (channels, height, width) != (1, 8, 8):
-        raise SystemExit(f"error: the demo needs a model with 1x8x8 input (the digits preset), "
-                         f"but {info.name} takes {channels}x{height}x{width}")
     digits = load_digits()
-    mean = np.float32(info.preprocessing["mean"][0])
-    std = np.float32(info.preprocessing["std"][0])
-    images = ((digits.images.astype(np.float32) / PIXEL_MAX - mean) / std)[:, None, :, :]
-    labels = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(images, labels, test_size=0.2, random_state=0,
-                                                        stratify=labels)
-    return Split(x_train, y_train, x_test, y_test)
+    index = np.arange(len(digits.target))
+    train, test = train_test_split(index, test_size=0.2, stratify=digits.target, random_state=seed)
+    for split, chosen in (("train", train), ("test", test)):
+        for i in chosen:
+            folder = root / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return len(train), len(test)
 
 
-def batches(n: int, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Index arrays of one shuffled pass over n items."""
-    order = rng.permutation(n)
-    for start in range(0, n, size):
-        yield order[start:start + size]
+def save_checkpoint(folder: Path, seed: int) -> None:
+    """A small ViTForImageClassification (8x8 grey images, 2x2 patches) with a 1000-class head, and its image
+    processor's config, written as `save_pretrained` writes them."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # not its note that the image processor falls back to Pillow without torchvision
+    hf_logging.disable_progress_bar()
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, intermediate_size=128, num_labels=1000)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
 
 
-# ---------------------------------------------------------------- the server
+# ---------------------------------------------------------------- 3. the server
 
 @contextmanager
-def own_server(artifacts: str, data_dir: Path, log_path: Path) -> Iterator[str]:
+def own_server(artifacts: Path, data_dir: Path, log_path: Path) -> Iterator[str]:
     """Run `python -m server` on a free port; yield its HOST:PORT; SIGTERM it and wait at the end."""
-    command = [sys.executable, "-m", "server", "--artifacts", artifacts, "--host", "127.0.0.1", "--port", "0",
+    command = [sys.executable, "-m", "server", "--artifacts", str(artifacts), "--host", "127.0.0.1", "--port", "0",
                "--data-dir", str(data_dir), "--metrics-port", "-1", "--http-port", "-1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -147,139 +142,78 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-# ---------------------------------------------------------------- training
+# ---------------------------------------------------------------- the commands, as a user types them
 
-@dataclass
-class Training:
-    history: list[dict]  # {"step", "loss"} per train step, {"step", "test_accuracy", "test_loss"} per epoch
-    last_step: TrainStepResult | None  # the last train step, with its gradient summaries
-    seconds: float
-    epochs_done: int
-
-
-def set_schedule(client: ViTClient, args: argparse.Namespace, total_steps: int) -> None:
-    warmup = max(1, round(args.warmup * total_steps))
-    schedule = LinearSchedule(peak_lr=args.lr, warmup_steps=warmup, decay_steps=max(total_steps - warmup, 1),
-                              end_lr=0.0)
-    state = client.set_optimizer(schedule=schedule, clip_grad_norm=args.clip)
-    print(f"optimizer: {state.optimizer}, warmup 0 -> {args.lr:g} over {warmup} steps, linear decay to 0 "
-          f"over {schedule.decay_steps} steps, clip {args.clip:g}")
+def run(shown: list[str], command: list[str], capture: bool = False) -> str:
+    """Print the command as a user would type it (`shown`), run it (`command`), stop the demo if it fails."""
+    print(f"\n$ {shlex.join(shown)}", flush=True)
+    result = subprocess.run(command, text=True, stdout=subprocess.PIPE if capture else None)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {shown[0]} {shown[1] if len(shown) > 1 else ''} failed with exit status "
+                         f"{result.returncode}")
+    return result.stdout if capture else ""
 
 
-def evaluate(client: ViTClient, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """(mean loss, accuracy) of the training weights on (x, y), with EvalStep in batches."""
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        r = client.eval_step(x[start:start + batch_size], y[start:start + batch_size])
-        loss_sum += r.loss * r.count
-        correct += r.correct
-    return loss_sum / len(x), correct / len(x)
-
-
-def train(client: ViTClient, data: Split, args: argparse.Namespace) -> Training:
-    """Epochs of shuffled minibatches; EvalStep on the test split after each epoch."""
-    steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
-    total = args.epochs * steps_per_epoch
-    set_schedule(client, args, total)
-    eval_batch = min(client.model_info().max_batch_size, 256)
-    rng = np.random.default_rng(args.seed)
-    history: list[dict] = []
-    last: TrainStepResult | None = None
-    seen = correct = epochs_done = 0
-    started = time.perf_counter()
-    bar = tqdm(total=total, unit="step", disable=args.no_progress, dynamic_ncols=True)
-    with bar:
-        for epoch in range(1, args.epochs + 1):
-            for k, idx in enumerate(batches(len(data.x_train), args.batch_size, rng), 1):
-                x, y = data.x_train[idx], data.y_train[idx]
-                # Running accuracy: the batch scored by the weights about to train on it (as a
-                # PyTorch loop scores its forward pass); EvalStep changes nothing.
-                correct += client.eval_step(x, y).correct
-                seen += len(y)
-                last = client.train_step(x, y, summaries=(epoch == args.epochs and k == steps_per_epoch))
-                if last.skipped_reason:
-                    tqdm.write(f"step {last.step}: update skipped ({last.skipped_reason})")
-                history.append({"step": last.step, "loss": last.loss})
-                bar.set_postfix(epoch=epoch, loss=f"{last.loss:.3f}", acc=f"{correct / seen:.1%}",
-                                lr=f"{last.learning_rate:.2g}")
-                bar.update()
-                if args.max_seconds and time.perf_counter() - started >= args.max_seconds:
-                    break
-            test_loss, test_acc = evaluate(client, data.x_test, data.y_test, eval_batch)
-            history.append({"step": last.step, "test_accuracy": test_acc, "test_loss": test_loss})
-            tqdm.write(f"epoch {epoch:>2}: train loss {last.loss:.4f}, running acc {correct / seen:.1%}, "
-                       f"test loss {test_loss:.4f}, test acc {test_acc:.1%}")
-            seen = correct = 0
-            epochs_done = epoch
-            if args.max_seconds and time.perf_counter() - started >= args.max_seconds:
-                tqdm.write(f"--max-seconds {args.max_seconds:g} reached after epoch {epoch}")
-                break
-    return Training(history, last, time.perf_counter() - started, epochs_done)
-
-
-def last_step_with_summaries(client: ViTClient, data: Split, training: Training, batch_size: int) -> TrainStepResult:
-    """The final step's summaries; when --max-seconds cut the run short they are missing, so run one
-    more step on the first training batch to have them."""
-    if training.last_step is not None and training.last_step.gradients:
-        return training.last_step
-    return client.train_step(data.x_train[:batch_size], data.y_train[:batch_size])
-
-
-# ---------------------------------------------------------------- after training
-
-def predict_accuracy(client: ViTClient, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, int]:
-    """(top-1 accuracy, model version) of Predict on (x, y), in batches."""
-    correct, versions = 0, set()
-    for start in range(0, len(x), batch_size):
-        result = client.predict(x[start:start + batch_size], top_k=1)
-        top1 = np.array([top[0][0] for top in result.predictions])
-        correct += int((top1 == y[start:start + batch_size]).sum())
-        versions.add(result.model_version)
-    if len(versions) != 1:
-        raise SystemExit(f"error: Predict answered from several model versions {sorted(versions)}")
-    return correct / len(x), versions.pop()
-
-
-def run_demo(client: ViTClient, args: argparse.Namespace) -> int:
-    info = client.model_info()
-    data = load_split(info)
-    print(f"model {info.name} on {info.device} ({', '.join(info.execution_providers)}), step {info.step}; "
-          f"digits: {len(data.x_train)} train / {len(data.x_test)} test; preprocessing mean "
-          f"{info.preprocessing['mean']} std {info.preprocessing['std']}")
-    training = train(client, data, args)
-    step = last_step_with_summaries(client, data, training, args.batch_size)
-    version = client.publish()
-    print(f"published model version {version.version} (weights of step {version.step})")
-    accuracy, used = predict_accuracy(client, data.x_test, data.y_test, min(info.max_batch_size, 256))
-    args.out.mkdir(parents=True, exist_ok=True)
-    curve = loss_curve(training.history, args.out / "loss_curve.png")
-    flow = gradient_flow(step, args.out / "gradient_flow.png")
-    print(f"training: {training.epochs_done} epoch(s), {step.step} steps in {training.seconds:.1f} s")
-    print(f"Predict test accuracy: {accuracy:.2%} ({round(accuracy * len(data.y_test))}/{len(data.y_test)}) "
-          f"with model version {used}")
-    print(f"wrote {curve} and {flow}")
-    if accuracy < args.min_accuracy:
-        print(f"FAILED: test accuracy {accuracy:.2%} is below --min-accuracy {args.min_accuracy:.2%}")
-        return 1
-    return 0
+def vitserve(address: str, *args: str, capture: bool = False) -> str:
+    return run(["vitserve", *args], [sys.executable, "-m", "client", "--address", address, "--timeout", "600", *args],
+               capture=capture)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with ExitStack() as stack:
-        address = args.address
-        if address is None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            data_dir = Path(args.data_dir) if args.data_dir else Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="vitserve-demo-")))
-            address = stack.enter_context(own_server(args.artifacts, data_dir, args.out / "server.log"))
-            print(f"started a server on {address} (data dir {data_dir}, log {args.out / 'server.log'})")
-        client = stack.enter_context(ViTClient(address, timeout=120.0))
-        try:
-            return run_demo(client, args)
-        except ClientError as e:
-            print(f"error: {e.code}: {' '.join(e.details.split())}", file=sys.stderr)
-            return 1
+    out = args.out.resolve()
+    data, checkpoint, artifacts = out / "digits", out / "hf-vit", out / "artifacts"
+    times: dict[str, float] = {}
+
+    started = time.perf_counter()
+    if (data / "train").is_dir():
+        print(f"using the ImageFolder in {data}")
+    else:
+        n_train, n_test = write_image_folder(data, args.seed)
+        print(f"wrote scikit-learn's digits as an ImageFolder: {n_train} training and {n_test} test PNGs in {data}")
+    save_checkpoint(checkpoint, args.seed)
+    print(f"saved a Hugging Face ViT checkpoint (save_pretrained) to {checkpoint}")
+    times["data + checkpoint"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    export = ["--pretrained", str(checkpoint), "--model", "transformers:ViTForImageClassification",
+              "--num-classes", "10", "--labels-from", str(data / "train"), "--seed", str(args.seed),
+              "--name", MODEL, "--out", str(artifacts)]
+    run(["python", "-m", "model.export", *export], [sys.executable, "-m", "model.export", *export])
+    times["export"] = time.perf_counter() - started
+
+    progress = ["--no-progress"] if args.no_progress else []
+    with own_server(artifacts / MODEL, out / "server-data", out / "server.log") as address:
+        print(f"\nserving {artifacts / MODEL} on {address} (log: {out / 'server.log'})")
+        started = time.perf_counter()
+        images = sum(1 for _ in (data / "train").rglob("*.png"))
+        fitted = images - round(VAL_SPLIT * images)  # about what fit trains on after its split
+        steps = args.epochs * math.ceil(fitted / args.batch_size)
+        warmup = max(1, round(0.1 * steps))  # a linear warmup over the first tenth, then decay to 0
+        vitserve(address, "fit", str(data / "train"), "--val-split", str(VAL_SPLIT), "--epochs", str(args.epochs),
+                 "--batch-size", str(args.batch_size), "--schedule", str(args.lr), str(warmup), str(steps - warmup),
+                 "--seed", str(args.seed), "--publish", "--out", str(out / "fit"), *progress)
+        times["fit"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        report = json.loads(vitserve(address, "evaluate", str(data / "test"), "--plot", str(out / "confusion.png"),
+                                     "--json", capture=True))
+        print(f"accuracy {report['accuracy']:.2%} on {report['count']} test images, top-5 "
+              f"{report['top_k_accuracy']:.2%}; confusion matrix: {out / 'confusion.png'}")
+        times["evaluate"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        vitserve(address, "predict", str(data / "test"), "--csv", str(out / "predictions.csv"), "--top-k", "3")
+        times["predict --csv"] = time.perf_counter() - started
+
+    print("\ntimes: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in times.items()))
+    accuracy = report["accuracy"]
+    print(f"test accuracy: {accuracy:.2%} ({round(accuracy * report['count'])}/{report['count']}) with model version "
+          f"{report['model_version']}")
+    if accuracy < args.min_accuracy:
+        print(f"error: test accuracy {accuracy:.2%} is below --min-accuracy {args.min_accuracy:.0%}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

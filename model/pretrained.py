@@ -42,8 +42,8 @@ class LoadReport:
 
     def lines(self) -> list[str]:
         return [f"loaded {len(self.loaded)} tensors from {self.checkpoint}",
-                f"new (not in the checkpoint): {', '.join(self.new) or 'none'}",
-                f"unused (in the checkpoint, not in the model): {', '.join(self.unused) or 'none'}"]
+                f"new (initialised here, not loaded): {', '.join(self.new) or 'none'}",
+                f"unused (checkpoint tensors not loaded): {', '.join(self.unused) or 'none'}"]
 
 
 # ---------------------------------------------------------------- reading a checkpoint

@@ -103,8 +103,8 @@ def test_cli_exports_a_hugging_face_folder_with_a_new_head_and_the_classes_of_an
     assert result.stderr == ""  # transformers' load report and progress bars are the export's own lines instead
     assert result.stdout.splitlines()[:5] == [
         f"loaded 38 tensors from {checkpoint}",
-        "  new (not in the checkpoint): classifier.weight, classifier.bias",
-        "  unused (in the checkpoint, not in the model): classifier.weight, classifier.bias",
+        "  new (initialised here, not loaded): classifier.weight, classifier.bias",
+        "  unused (checkpoint tensors not loaded): classifier.weight, classifier.bias",
         "  preprocessing from preprocessor_config.json: 32x32 (shorter side to 36, centre crop), bicubic, "
         "mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]",
         f"exported photos to {tmp_path / 'out' / 'photos'} in " + result.stdout.splitlines()[4].rpartition(" in ")[2],
@@ -164,7 +164,7 @@ def test_the_seeds_layout_from_a_bare_safetensors_file_with_a_new_head(tmp_path,
     assert exporter.main(["--preset", "digits", "--pretrained", str(tmp_path / "digits.safetensors"),
                           "--num-classes", "3", "--labels", str(tmp_path / "labels.txt"), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "new (not in the checkpoint): mlp_head.1.weight, mlp_head.1.bias" in out  # the last nn.Linear of 10
+    assert "new (initialised here, not loaded): mlp_head.1.weight, mlp_head.1.bias" in out  # the last nn.Linear of 10
     manifest = Manifest.load(tmp_path / "digits")
     assert manifest.class_names == ("yes", "no", "maybe")
     exported = load_numpy(manifest.path(WEIGHTS))
