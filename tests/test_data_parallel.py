@@ -315,7 +315,7 @@ def test_diverged_weights_stop_the_job(exported, tmp_path):
             pytest.fail(f"the job did not end after diverging; stderr:\n{job.stderr()}")
         log = job.stderr()
         assert code == DIVERGED, log
-        assert re.search(r"CRITICAL engine\.parallel: data-parallel weights diverged at step 1: rank 1 differs from "
+        assert re.search(r"CRITICAL engine\.train\.parallel: data-parallel weights diverged at step 1: rank 1 differs from "
                          r"rank 0 \(sha256 [0-9a-f]{16} on rank 0, [0-9a-f]{16} on rank 1\); stopping the job", log), log
     finally:
         kill(job)
