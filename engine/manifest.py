@@ -25,11 +25,12 @@ CHECKPOINT = "checkpoint"
 GRADIENT_MODEL = "gradient_model.onnx"  # the `ort` trainer: loss, logits and every gradient (model/gradgraph.py)
 FORWARD_MODEL = "forward_model.onnx"  # its eval-mode forward, parameters as inputs (EvalStep, Publish)
 WEIGHTS = "weights.safetensors"  # its starting point: the exported trainable weights
+ATTRIBUTION_MODEL = "attribution_model.onnx"  # logits, attention, their gradients (model/attribution.py)
 TRAINER_FILES = {  # what each trainer reads, besides the inference model
     "ort": (GRADIENT_MODEL, FORWARD_MODEL, WEIGHTS),
     "ort-training": (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT),
 }
-ARTIFACT_FILES = (INFERENCE_MODEL, *TRAINER_FILES["ort"], *TRAINER_FILES["ort-training"])
+ARTIFACT_FILES = (INFERENCE_MODEL, *TRAINER_FILES["ort"], *TRAINER_FILES["ort-training"], ATTRIBUTION_MODEL)
 
 
 def sha256(path: Path) -> str:
@@ -124,6 +125,30 @@ class LossNode:
 
 
 @dataclass(frozen=True)
+class Attribution:
+    """What attribution_model.onnx outputs and how its outputs become maps over the image (written by
+    model/attribution.py, read by engine/graph/attribution.py).
+
+    The graph outputs each attention block's probabilities A_l (batch, heads[l], tokens, tokens) and their gradient.
+    A map is read at the rows `readout` ([start, end): the class token's row, or the rows mean pooling averages)
+    over the patch tokens, which start at `patch_tokens` and run row by row over the `grid` of cells of `patch`
+    pixels; input x gradient is summed over the same cells. `reason` says why the attention maps cannot be read
+    (a model without attention gets the input gradient only); it is "" when they can.
+    """
+    blocks: int  # attention blocks the graph outputs A_l and its gradient for, in order; 0: the input gradient only
+    heads: tuple[int, ...] = ()  # heads per block
+    tokens: int = 0  # tokens per image in every block's attention
+    pooling: str = ""  # "cls": the classifier reads one token; "mean": the mean of the readout tokens; "": no maps
+    readout: tuple[int, int] = (0, 0)  # the rows a map is read at, [start, end)
+    cls_token: int = -1  # the token the classifier reads under "cls" pooling; -1 otherwise
+    patch_tokens: int = 0  # index of the first patch token
+    extra_tokens: tuple[int, ...] = ()  # the tokens that are no image patch (class, distillation, register tokens)
+    grid: tuple[int, int] = (1, 1)  # (rows, columns) of the maps
+    patch: tuple[int, int] = (1, 1)  # pixels per grid cell (height, width)
+    reason: str = ""  # why rollout and chefer are unavailable ("" when they are)
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     source: dict[str, Any]  # {"preset", "config"} or {"model": "module:Class", "kwargs"}
@@ -142,6 +167,7 @@ class Manifest:
     unplaced: tuple[Unplaced, ...] = ()  # parameters left in block -1, sub-layer "other", with the reason
     frozen_batchnorm: tuple[str, ...] = ()  # BatchNorm modules trained on their frozen running statistics
     gradient_loss: LossNode | None = None  # the node of gradient_model.onnx that computes the loss (trainer ort)
+    attribution: Attribution | None = None  # attribution_model.onnx's layout (None: an export before it existed)
     export_check: dict[str, Any] = field(default_factory=dict)  # model/verify.py's report
     export_seconds: float = 0.0
     folder: Path = field(default=Path("."), compare=False)  # where it was loaded from; not written

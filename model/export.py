@@ -41,6 +41,7 @@ from engine.graph.graph_explain import name_backward_nodes
 from engine.train.graph_backend import write_initial_weights
 from engine.manifest import (
     ARTIFACT_FILES,
+    ATTRIBUTION_MODEL,
     FORWARD_MODEL,
     GRADIENT_MODEL,
     INFERENCE_MODEL,
@@ -56,6 +57,7 @@ from engine.graph.rewrite import measured
 from engine.runtime import quiet_default_logger
 from engine.train.step import TRAINERS
 from model import gradgraph, pretrained, recipes, verify
+from model.attribution import write_attribution_graph
 from model.classes import construct, load_class  # noqa: F401 - the export's model builders, imported from here too
 from model.errors import ExportCheckError, ExportError
 from model.layout import place
@@ -308,6 +310,7 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
                                                            optimizer)
         write_gradient_trainer(model, forward, example, trainable, staging)
         placement = place(model, forward.graph, set(trainable))
+        attribution = write_attribution_graph(model, example, trainable, staging, placement.attention)
         fused = optimize_inference_model(staging / INFERENCE_MODEL, [a.heads for a in placement.attention], INPUT_NAME,
                                          tuple(example.shape))
         # The training graphs hold ORT's own ops (fused LayerNorm, gradient ops) that onnx.checker
@@ -321,6 +324,7 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
                                         interpolation),
             class_names=tuple(class_names),
             parameters=placement.parameters, attention=placement.attention, unplaced=placement.unplaced,
+            attribution=attribution,
             frozen_batchnorm=tuple(batch_norms),
             inference_fused_attention_blocks=fused,
             loss=loss_node(training_model), gradient_loss=loss_node(onnx.load(staging / GRADIENT_MODEL)), opset=opset,
@@ -337,7 +341,8 @@ def export(*, model: torch.nn.Module, name: str, out: Path, image_size: int, cha
             with tempfile.TemporaryDirectory(dir=out) as twin:
                 twin = Path(twin)
                 twin_model = without_dropout(model)
-                shutil.copy(staging / INFERENCE_MODEL, twin / INFERENCE_MODEL)
+                for copied in (INFERENCE_MODEL, ATTRIBUTION_MODEL):  # eval-mode graphs: no dropout to switch off
+                    shutil.copy(staging / copied, twin / copied)
                 write_training_artifacts(freeze_batchnorm(twin_model) if batch_norms else twin_model, example, twin,
                                          opset, trainable, frozen, optimizer)
                 write_gradient_trainer(twin_model, forward, example, trainable, twin)

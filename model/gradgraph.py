@@ -42,6 +42,8 @@ import io
 import logging
 import operator
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -185,11 +187,61 @@ def _logits_of(output):
     raise ExportError(f"{type(output).__name__} is not a logits tensor")
 
 
-def _trace(model: torch.nn.Module, example: torch.Tensor, names: list[str], n_trainable: int, gradients: bool,
-           functionalize: bool = False):
-    """(the traced FX graph, its shape environment, the batch symbol). Inputs: images, [labels], then the tensors
-    `names`. functionalize=True turns in-place ops into out-of-place ones (it doubles the tracing time)."""
+@dataclass(frozen=True)
+class Recipe:
+    """What one traced graph computes, from the images, `extra` per-image inputs and the model's tensors.
+
+    step(forward, x, *extra, trainable=...) returns the graph's outputs; forward(x) is the model's logits at the
+    traced tensors, `trainable` the trainable parameters' tensors (what autograd differentiates). With `seed`, the
+    step's first output is the scalar backpropagation starts from (the loss): everything traced after it is the
+    backward; `drop_seed` leaves it out of the ONNX graph's outputs.
+    """
+    what: str  # "gradient graph", in messages
+    step: Callable
+    outputs: tuple[str, ...]  # the ONNX graph's output names (the seed not included when dropped)
+    extra: tuple[tuple[str, torch.dtype], ...] = ()  # per-image inputs after the images, shape (batch,)
+    grad: bool = False  # autograd on while tracing
+    images_grad: bool = False  # the images require grad
+    params_grad: bool = False  # the trainable parameters require grad
+    seed: bool = False
+    drop_seed: bool = False
+    batch_outputs: tuple[int, ...] = (0,)  # outputs (ONNX indices) whose first axis is the batch
+    module_stack: bool = True  # record each node's module (node names, ExplainGradients); a third of the tracing
+
+
+def mark_backward(seed: torch.Tensor) -> None:
+    """Backward ops traced from `seed` get the seq_nr of the forward op they differentiate (node.meta["seq_nr"]), as
+    in AOTAutograd: call it before torch.autograd.grad inside a recipe's step."""
     from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
+
+    setup_stacktrace_preservation_hooks([seed.grad_fn])
+
+
+def _train_step(forward, x, y, trainable):
+    logits = forward(x)
+    loss = F.cross_entropy(logits, y)
+    mark_backward(loss)
+    grads = torch.autograd.grad(loss, trainable, allow_unused=True, materialize_grads=True)
+    return (loss, logits, *grads)
+
+
+def _eval_step(forward, x, trainable):
+    return (forward(x),)
+
+
+def gradient_recipe(trainable: list[str]) -> Recipe:
+    return Recipe("gradient graph", _train_step, (LOSS, LOGITS, *(n + GRAD_SUFFIX for n in trainable)),
+                  extra=((LABELS, torch.int64),), grad=True, params_grad=True, seed=True, batch_outputs=(1,))
+
+
+FORWARD_RECIPE = Recipe("forward graph", _eval_step, (LOGITS,))
+
+
+def _trace(model: torch.nn.Module, example: torch.Tensor, names: list[str], n_trainable: int, recipe: Recipe,
+           functionalize: bool = False):
+    """(the traced FX graph, its shape environment, the batch symbol). Inputs: images, the recipe's extra inputs,
+    then the tensors `names`. functionalize=True turns in-place ops into out-of-place ones (it doubles the tracing
+    time)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx import traceback as fx_traceback
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -198,20 +250,15 @@ def _trace(model: torch.nn.Module, example: torch.Tensor, names: list[str], n_tr
 
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     tensors = [state[n].detach() for n in names]
+    n_extra = len(recipe.extra)
 
-    def forward(x, *ts):
-        return _logits_of(torch.func.functional_call(model, dict(zip(names, ts)), (x,), strict=False))
+    def step(x, *rest):
+        extra, ts = rest[:n_extra], rest[n_extra:]
 
-    def train_step(x, y, *ts):
-        logits = forward(x, *ts)
-        loss = F.cross_entropy(logits, y)
-        # backward ops get the seq_nr of the forward op they differentiate (node.meta["seq_nr"]), as in AOTAutograd
-        setup_stacktrace_preservation_hooks([loss.grad_fn])
-        grads = torch.autograd.grad(loss, ts[:n_trainable], allow_unused=True, materialize_grads=True)
-        return (loss, logits, *grads)
+        def forward(images):
+            return _logits_of(torch.func.functional_call(model, dict(zip(names, ts)), (images,), strict=False))
 
-    def eval_step(x, *ts):
-        return (forward(x, *ts),)
+        return recipe.step(forward, x, *extra, trainable=ts[:n_trainable])
 
     def stop_at_mutation(step):
         def run(*inputs):
@@ -241,22 +288,19 @@ def _trace(model: torch.nn.Module, example: torch.Tensor, names: list[str], n_tr
                                      symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
     batch = max(2, int(example.shape[0]))  # 0 and 1 would be specialized
-    x = fake(torch.zeros((batch, *example.shape[1:]), dtype=torch.float32), True)
-    args = [x]
-    if gradients:
-        args.append(fake(torch.zeros(batch, dtype=torch.int64), True))
-    args += [fake(t.detach(), False, requires_grad=gradients and i < n_trainable and t.is_floating_point())
+    x = fake(torch.zeros((batch, *example.shape[1:]), dtype=torch.float32), True, recipe.images_grad)
+    args = [x, *(fake(torch.zeros(batch, dtype=dtype), True) for _, dtype in recipe.extra)]
+    args += [fake(t.detach(), False, requires_grad=recipe.params_grad and i < n_trainable and t.is_floating_point())
              for i, t in enumerate(tensors)]
-    fn = train_step if gradients else eval_step
-    fn = functional(fn) if functionalize else stop_at_mutation(fn)
+    fn = functional(step) if functionalize else stop_at_mutation(step)
     fn._orig_mod = model  # make_fx's module-stack tracer records nn_module_stack against it
-    grad_mode = contextlib.nullcontext() if gradients else torch.no_grad()
+    grad_mode = contextlib.nullcontext() if recipe.grad else torch.no_grad()
     # Python stack traces per node (node.meta["stack_trace"]) would double the tracing time: not recorded
     stack_traces, torch.fx.config.do_not_emit_stack_traces = torch.fx.config.do_not_emit_stack_traces, True
     try:
         with sdpa_kernel(SDPBackend.MATH), grad_mode, fx_traceback.preserve_node_meta():
             gm = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic",
-                         record_module_stack=True)(*args)
+                         record_module_stack=recipe.module_stack)(*args)
     finally:
         torch.fx.config.do_not_emit_stack_traces = stack_traces
     symbol = x.shape[0].node.expr
@@ -276,15 +320,15 @@ class _StopAtMutation(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _traced(model, example, names, n_trainable, gradients, mutates: list[bool]):
+def _traced(model, example, names, n_trainable, recipe: Recipe, mutates: list[bool]):
     """_trace, functionalized only when the model mutates a tensor (functionalization doubles the tracing time).
     mutates: [whether it does], learnt by the first graph's trace and reused by the second's."""
     if not mutates[0]:
         try:
-            return _trace(model, example, names, n_trainable, gradients)
+            return _trace(model, example, names, n_trainable, recipe)
         except _Mutation:
             mutates[0] = True
-    return _trace(model, example, names, n_trainable, gradients, functionalize=True)
+    return _trace(model, example, names, n_trainable, recipe, functionalize=True)
 
 
 def _check_batch_stays_dynamic(gm, shape_env, symbol) -> None:
@@ -293,14 +337,15 @@ def _check_batch_stays_dynamic(gm, shape_env, symbol) -> None:
         raise ExportError(f"the model's forward fixes the batch size to {resolved} (it must work for any batch)")
 
 
-def _phase_metadata(gm, gradients: bool) -> None:
+def _phase_metadata(gm, seed: bool) -> None:
     """vitserve.phase / vitserve.differentiates on every FX node (they become ONNX node metadata).
 
-    make_fx records ops in execution order: the forward up to the loss, then autograd's backward. A backward
-    op carries the seq_nr of the forward op whose gradient formula emitted it (torch.fx.traceback).
+    make_fx records ops in execution order: the forward up to the seed (the loss, the first output), then
+    autograd's backward. A backward op carries the seq_nr of the forward op whose gradient formula emitted it
+    (torch.fx.traceback).
     """
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    loss = output.args[0][0] if gradients else None
+    loss = output.args[0][0] if seed else None
     module_of_seq, backward = {}, False
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -531,24 +576,26 @@ def _finish(model, fx_gm) -> "onnx.ModelProto":  # noqa: F821
     return proto
 
 
-def _graph(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], gradients: bool,
-           mutates: list[bool]):
-    """One ONNX graph (ModelProto): the gradient graph (gradients=True) or the forward graph."""
+def graph_of(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], recipe: Recipe,
+             mutates: list[bool]) -> "onnx.ModelProto":  # noqa: F821
+    """One ONNX graph (ModelProto) of `recipe`: inputs the images, the recipe's extra inputs and the trainable
+    parameters (named as in PyTorch); frozen parameters and buffers are initializers. mutates: [whether the model
+    mutates a tensor], learnt by a first trace and reused by the next (see _traced)."""
     params = [n for n, _ in model.named_parameters()]
     frozen = [n for n in params if n not in set(trainable)]
     names = trainable + frozen + [n for n, _ in model.named_buffers()]
-    n_user = 2 if gradients else 1
-    what = f"{'gradient' if gradients else 'forward'} graph of {type(model).__name__}"
+    n_user = 1 + len(recipe.extra)
+    what = f"{recipe.what} of {type(model).__name__}"
     with _quiet():
         try:
-            gm, shape_env, symbol = _traced(model, example, names, len(trainable), gradients, mutates)
+            gm, shape_env, symbol = _traced(model, example, names, len(trainable), recipe, mutates)
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001 - a model the tracer cannot follow: one line
             raise ExportError(f"cannot trace the {what}: {_first_line(e)}") from None
         try:
             _check_batch_stays_dynamic(gm, shape_env, symbol)
-            _phase_metadata(gm, gradients)
+            _phase_metadata(gm, recipe.seed)
             missing = _untranslatable(gm)
             if missing:
                 op, node = missing
@@ -558,11 +605,11 @@ def _graph(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], 
                 onnx_model = _to_onnx(ep)
             except Exception as e:  # noqa: BLE001
                 raise ExportError(_translation_error(e, gm, model, what)) from None
+            if recipe.drop_seed:
+                onnx_model.graph.outputs.pop(0)
             _optimize(onnx_model, set(names[len(trainable):]))
-            inputs = [IMAGES, LABELS][:n_user] + trainable
-            outputs = [LOSS, LOGITS] + [n + GRAD_SUFFIX for n in trainable] if gradients else [LOGITS]
-            _name_io(onnx_model, inputs, outputs)
-            _batch_axis_named(onnx_model, n_user, gradients)
+            _name_io(onnx_model, [IMAGES, *(name for name, _ in recipe.extra), *trainable], list(recipe.outputs))
+            _batch_axis_named(onnx_model, n_user, recipe.batch_outputs)
             return _finish(onnx_model, gm)
         except ExportError:
             raise
@@ -587,7 +634,7 @@ def _translation_error(error: BaseException, gm, model: torch.nn.Module, what: s
     return f"torch.onnx cannot translate {node.target} ({_describe(node, model)}): {reason}"
 
 
-def _batch_axis_named(model, n_user: int, gradients: bool) -> None:
+def _batch_axis_named(model, n_user: int, batch_outputs: tuple[int, ...]) -> None:
     """The symbolic batch dim is called "batch" in the inputs and outputs (the trace calls it s<N>)."""
     import onnx_ir as ir
 
@@ -595,7 +642,7 @@ def _batch_axis_named(model, n_user: int, gradients: bool) -> None:
     symbol = graph.inputs[0].shape[0] if graph.inputs[0].shape is not None else None
     old = symbol.value if isinstance(symbol, ir.SymbolicDim) else None
     batch = ir.SymbolicDim(BATCH)
-    for value in list(graph.inputs[:n_user]) + [graph.outputs[1 if gradients else 0]]:
+    for value in list(graph.inputs[:n_user]) + [graph.outputs[i] for i in batch_outputs]:
         if value.shape is not None and len(value.shape) > 0:
             dims = list(value.shape)
             dims[0] = batch
@@ -618,18 +665,8 @@ def _all_values(graph):
 # Public API
 # --------------------------------------------------------------------------------------------------
 
-def export_gradient_graphs(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], folder: Path) -> None:
-    """Write folder/gradient_model.onnx (train mode) and folder/forward_model.onnx (eval mode).
-
-    gradient_model.onnx: inputs images (batch, c, h, w) float32, labels (batch,) int64, then every parameter
-    of `trainable` (in that order, named as in PyTorch); outputs loss (mean cross-entropy), logits, then
-    `<name>_grad` per trainable parameter. forward_model.onnx: inputs images then the trainable parameters;
-    output logits. Frozen parameters and buffers are initializers. The weights of `model` are not changed.
-    Raises ExportError (one line) when a graph cannot be built.
-    """
-    from model import verify  # lazily: verify imports the engines, which may import this module
-
-    folder = Path(folder)
+def check_trainable(model: torch.nn.Module, example: torch.Tensor, trainable: list[str]) -> None:
+    """ExportError unless `trainable` names distinct floating-point parameters of `model` and `example` is batched."""
     params = dict(model.named_parameters())
     unknown = [n for n in trainable if n not in params]
     if unknown:
@@ -643,13 +680,28 @@ def export_gradient_graphs(model: torch.nn.Module, example: torch.Tensor, traina
         raise ExportError(f"trainable parameters must be floating point: {non_float[:5]}")
     if example.dim() < 2:
         raise ExportError(f"the example input needs a batch axis, got shape {tuple(example.shape)}")
+
+
+def export_gradient_graphs(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], folder: Path) -> None:
+    """Write folder/gradient_model.onnx (train mode) and folder/forward_model.onnx (eval mode).
+
+    gradient_model.onnx: inputs images (batch, c, h, w) float32, labels (batch,) int64, then every parameter
+    of `trainable` (in that order, named as in PyTorch); outputs loss (mean cross-entropy), logits, then
+    `<name>_grad` per trainable parameter. forward_model.onnx: inputs images then the trainable parameters;
+    output logits. Frozen parameters and buffers are initializers. The weights of `model` are not changed.
+    Raises ExportError (one line) when a graph cannot be built.
+    """
+    from model import verify  # lazily: verify imports the engines, which may import this module
+
+    folder = Path(folder)
+    check_trainable(model, example, trainable)
     folder.mkdir(parents=True, exist_ok=True)
     import onnx
 
     mutates = [False]
     verify.train_mode(model)
-    gradient = _graph(model, example, list(trainable), gradients=True, mutates=mutates)
+    gradient = graph_of(model, example, list(trainable), gradient_recipe(list(trainable)), mutates)
     model.eval()
-    forward = _graph(model, example, list(trainable), gradients=False, mutates=mutates)
+    forward = graph_of(model, example, list(trainable), FORWARD_RECIPE, mutates)
     onnx.save(gradient, folder / GRADIENT_MODEL)
     onnx.save(forward, folder / FORWARD_MODEL)
