@@ -225,7 +225,7 @@ def _readout(model, paths: list[str], example: torch.Tensor, tokens: int) -> tup
     try:
         x = example[:2].detach().clone().requires_grad_(True)  # grad on: nn.MultiheadAttention's fast path is off
         with sdpa_kernel(SDPBackend.MATH):
-            logits = gradgraph._logits_of(model(x))
+            logits = gradgraph.logits_of(model(x))
     finally:
         hook.remove()
     if _tokens_first(outputs[0] if outputs else None, x.shape[0], tokens) is None:

@@ -4,7 +4,8 @@ Training then runs on the maintained (stock) onnxruntime: `gradient_model.onnx` 
 inference graph whose outputs are the loss, the logits and one `<parameter>_grad` per trainable
 parameter; `forward_model.onnx` is the eval-mode forward graph. Both take the trainable parameters
 as graph inputs (named exactly as their PyTorch parameters), so an optimizer outside the graph
-owns the weights; frozen parameters and buffers are initializers.
+owns the weights; frozen parameters and buffers are initializers. What a graph computes is a `Recipe`
+(`gradient_recipe`, `FORWARD_RECIPE`; model/attribution.py's attribution graph is a third), built by `graph_of`.
 
 How (one trace per graph; torch.onnx.export would trace it twice more, torch.export and run_decompositions):
 
@@ -177,7 +178,7 @@ def _first_line(error: BaseException) -> str:
 # Tracing
 # --------------------------------------------------------------------------------------------------
 
-def _logits_of(output):
+def logits_of(output):
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):  # transformers' ImageClassifierOutput (export.construct adds a hook for it)
@@ -256,7 +257,7 @@ def _trace(model: torch.nn.Module, example: torch.Tensor, names: list[str], n_tr
         extra, ts = rest[:n_extra], rest[n_extra:]
 
         def forward(images):
-            return _logits_of(torch.func.functional_call(model, dict(zip(names, ts)), (images,), strict=False))
+            return logits_of(torch.func.functional_call(model, dict(zip(names, ts)), (images,), strict=False))
 
         return recipe.step(forward, x, *extra, trainable=ts[:n_trainable])
 

@@ -368,3 +368,30 @@ def test_the_export_writes_the_graph_and_its_record(exported, torch_model):
     _, attentions, grads, *_ = torch_outputs("seed", torch_model.eval(), x, target)
     got = np.stack([a.map for a in engine.attribute(x, target, "chefer")])
     assert rel_err(got, torch_chefer(attentions, grads, record)[0]) <= TOL
+
+
+def test_register_tokens_and_mean_pooling_are_measured():
+    """timm with two register tokens and global_pool="avg" reads the patch tokens' mean; the seed with pool="mean"
+    every token's, its class token's too (the record alone: no graph needed)."""
+    from model.attribution import token_layout
+    from model.vit import ViTConfig, build
+    from tests.torchvision_shim import import_timm
+
+    import_timm()
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    timm_avg = VisionTransformer(img_size=lm.SIZE, patch_size=lm.PATCH, in_chans=3, num_classes=lm.CLASSES,
+                                 embed_dim=lm.DIM, depth=lm.DEPTH, num_heads=lm.HEADS, global_pool="avg", reg_tokens=2)
+    seed_mean = build(ViTConfig(image_size=lm.SIZE, patch_size=lm.PATCH, channels=3, num_classes=lm.CLASSES,
+                                dim=lm.DIM, depth=lm.DEPTH, heads=lm.HEADS, dim_head=lm.DIM_HEAD, mlp_dim=2 * lm.DIM,
+                                pool="mean", mean=(0.5,) * 3, std=(0.5,) * 3))
+    expected = {
+        "timm-avg-registers": (timm_avg, dict(pooling="mean", readout=(3, 19), patch_tokens=3, extra_tokens=(0, 1, 2))),
+        "seed-mean": (seed_mean, dict(pooling="mean", readout=(0, 17), patch_tokens=1, extra_tokens=(0,))),
+    }
+    for name, (model, fields) in expected.items():
+        record = token_layout(model.eval(), torch.randn(2, 3, lm.SIZE, lm.SIZE),
+                              place(model, onnx.GraphProto(), set()).attention)
+        assert {f: getattr(record, f) for f in fields} == fields, name
+        assert (record.grid, record.cls_token, record.reason) == ((4, 4), -1, ""), name

@@ -88,18 +88,23 @@ def _renormalised(a: np.ndarray) -> np.ndarray:
     return a / a.sum(axis=-1, keepdims=True)
 
 
-def _need_maps(record: Attribution, attentions: list[np.ndarray]) -> None:
+def require_maps(record: Attribution, method: str = "rollout and chefer") -> None:
+    """FailedPrecondition unless the model's attention maps can be read (rollout, chefer)."""
     if record.reason or not record.blocks:
-        raise FailedPrecondition(f"attention maps are not available for this model: {record.reason or 'no attention'}"
-                                 "; only gradxinput works")
-    if len(attentions) != record.blocks:
-        raise ValueError(f"{len(attentions)} attention blocks given, the record says {record.blocks}")
+        raise FailedPrecondition(f"{method} reads attention maps, which this model does not give: "
+                                 f"{record.reason or 'it has no attention'}; only gradxinput works")
+
+
+def _check_blocks(record: Attribution, *per_block: list[np.ndarray]) -> None:
+    require_maps(record)
+    if any(len(values) != record.blocks for values in per_block):
+        raise ValueError(f"{[len(v) for v in per_block]} blocks given, the record says {record.blocks}")
 
 
 def rollout(attentions: list[np.ndarray], record: Attribution, heads: bool = False
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """Attention rollout: (maps (batch, rows, columns), per-head maps (batch, blocks, heads, rows, columns) or None)."""
-    _need_maps(record, attentions)
+    _check_blocks(record, attentions)
     eye = np.eye(record.tokens)
     blocks = [_renormalised(0.5 * a.astype(np.float64).mean(axis=1) + 0.5 * eye) for a in attentions]  # (b, n, n)
     u = _readout_row(record)
@@ -127,9 +132,7 @@ def chefer(attentions: list[np.ndarray], gradients: list[np.ndarray], record: At
            ) -> tuple[np.ndarray, np.ndarray | None]:
     """Chefer et al.'s relevance: (maps (batch, rows, columns), per-head maps (batch, blocks, heads, rows, columns)
     or None)."""
-    _need_maps(record, attentions)
-    if len(gradients) != len(attentions):
-        raise ValueError(f"{len(gradients)} attention gradients for {len(attentions)} blocks")
+    _check_blocks(record, attentions, gradients)
     u = _readout_row(record)
     relevance = np.broadcast_to(np.eye(record.tokens), (attentions[0].shape[0], record.tokens, record.tokens))
     per_head = []
@@ -269,7 +272,7 @@ class AttributionEngine:
             raise InvalidArgument(f"heads: per-head maps need an attention method ({' or '.join(ATTENTION_METHODS)}), "
                                   f"not {method}")
         if method in ATTENTION_METHODS:
-            _need_maps(self.record, [None] * self.record.blocks)
+            require_maps(self.record, method)
         images = self._check_images(images)
         if target is None:  # the predicted class: the logits first (ORT runs only what they need)
             feeds = {self.manifest.input_name: images, TARGET: np.zeros(len(images), np.int64),
