@@ -38,7 +38,6 @@ READY = "vitserve listening on "
 START_TIMEOUT = 120.0  # seconds for the server to print its listening line
 STOP_TIMEOUT = 30.0  # seconds for the server to exit after SIGTERM
 MODEL = "digits-hf"  # the export's name
-VAL_SPLIT = 0.1  # of the training images, held out by fit to pick the best epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for the data, model and results")
     p.add_argument("--epochs", type=int, default=15, help="fit's passes over the training images")
     p.add_argument("--batch-size", type=int, default=32, help="images per TrainStep")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of fit's schedule")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of fit's schedule")
+    p.add_argument("--val-split", type=float, default=0.1, help="training images fit holds out to pick the best epoch")
     p.add_argument("--min-accuracy", type=float, default=0.95, help="test accuracy needed for exit 0")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the new head and fit's order")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
@@ -77,8 +77,8 @@ def write_image_folder(root: Path, seed: int) -> tuple[int, int]:
 
 
 def save_checkpoint(folder: Path, seed: int) -> None:
-    """A small ViTForImageClassification (8x8 grey images, 2x2 patches) with a 1000-class head, and its image
-    processor's config, written as `save_pretrained` writes them."""
+    """A small ViTForImageClassification (8x8 grey images, 2x2 patches, width 96, 4 blocks) with a 1000-class
+    head, and its image processor's config, written as `save_pretrained` writes them."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -87,8 +87,8 @@ def save_checkpoint(folder: Path, seed: int) -> None:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
-                       num_attention_heads=4, intermediate_size=128, num_labels=1000)
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=96, num_hidden_layers=4,
+                       num_attention_heads=4, intermediate_size=192, num_labels=1000)
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
 
@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nserving {artifacts / MODEL} on {address} (log: {out / 'server.log'})")
         started = time.perf_counter()
         images = sum(1 for _ in (data / "train").rglob("*.png"))
-        fitted = images - round(VAL_SPLIT * images)  # about what fit trains on after its split
+        fitted = images - round(args.val_split * images)  # about what fit trains on after its split
         steps = args.epochs * math.ceil(fitted / args.batch_size)
         warmup = max(1, round(0.1 * steps))  # a linear warmup over the first tenth, then decay to 0
-        vitserve(address, "fit", str(data / "train"), "--val-split", str(VAL_SPLIT), "--epochs", str(args.epochs),
+        vitserve(address, "fit", str(data / "train"), "--val-split", str(args.val_split), "--epochs", str(args.epochs),
                  "--batch-size", str(args.batch_size), "--schedule", str(args.lr), str(warmup), str(steps - warmup),
                  "--seed", str(args.seed), "--publish", "--out", str(out / "fit"), *progress)
         times["fit"] = time.perf_counter() - started
