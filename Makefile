@@ -20,7 +20,7 @@ help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT) (TRAINER=ort|ort-training)"
 	@echo "make test     install and run the test suite"
 	@echo "make ort-env  $(ORT_VENV): Python 3.13 (else the newest found) with .[ort]: onnxruntime 1.31, every role, --trainer ort"
-	@echo "make demo     install, export digits, fine-tune it over gRPC on scikit-learn's digits, report test accuracy"
+	@echo "make demo     install; digits as an ImageFolder, a Hugging Face ViT export --pretrained, fit, evaluate, predict --csv"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
 	@echo "make soak     minutes of training + Predict + frequent Publish; fails on RSS growth >= 5% (SOAK_SECONDS=240)"
@@ -86,8 +86,8 @@ serve: export $(if $(filter ort-training,$(TRAINER)),,$(ORT_STAMP))
 	$(SERVE_BIN)/python -m server --trainer $(TRAINER) --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
 # Fine-tunes the digits model over gRPC (the demo starts and stops its own server) and writes demo-output/.
-demo: export
-	$(BIN)/python -m examples.demo --artifacts $(ARTIFACTS)
+demo: install
+	$(BIN)/python -m examples.demo
 
 test: install
 	$(BIN)/python -m pytest
