@@ -20,7 +20,7 @@ from client import ViTClient
 from client.dataset import DataError, read_dataset
 from client.loader import Loader
 from proto.images import ImageError, Recipe
-from tests.helpers import REPO, assert_one_error_line, clean_env, ok, run_client, start_server, wait_for
+from tests.helpers import REPO, TRAINERS, assert_one_error_line, clean_env, ok, run_client, start_server, wait_for
 
 GREY = {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.5]}
 
@@ -77,7 +77,8 @@ def batches(n: int, batch_size: int) -> int:
 
 # ---------------------------------------------------------------- a whole run
 
-def test_fit_an_image_folder_with_bad_files_then_publish_the_best(running, tmp_path):
+@pytest.mark.parametrize("trainer", TRAINERS)  # its checkpoints, restore and publish are the trainer's
+def test_fit_an_image_folder_with_bad_files_then_publish_the_best(running, tmp_path, trainer):
     data = image_folder(tmp_path / "photos", per_class=8)
     bad = odd_files(data)
     out = tmp_path / "out"
