@@ -8,7 +8,8 @@
 One folder per model: inference.onnx; the `ort` trainer's gradient_model.onnx, forward_model.onnx and
 weights.safetensors (model/gradgraph.py: PyTorch's autograd as plain ONNX ops, for the maintained
 onnxruntime); the `ort-training` trainer's training_model.onnx, eval_model.onnx, optimizer_model.onnx and
-checkpoint (onnxruntime-training's artifacts); and manifest.json. The folder is built aside and only
+checkpoint (onnxruntime-training's artifacts); attribution_model.onnx (model/attribution.py: attention and the
+target logit's gradients, for the patch maps); and manifest.json. The folder is built aside and only
 renamed into place after the self-check (model/verify.py) passes for both trainers.
 """
 from __future__ import annotations
