@@ -14,13 +14,14 @@ DEVICE ?= cpu
 TRAINER ?= ort
 STAMP := $(VENV)/.installed
 
-.PHONY: install ort-env export export-triton serve demo test bench loadtest soak fuzz proto docs clean help
+.PHONY: install ort-env export export-triton serve demo attribution-check test bench loadtest soak fuzz proto docs clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT) (TRAINER=ort|ort-training)"
 	@echo "make test     install and run the test suite"
 	@echo "make ort-env  $(ORT_VENV): Python 3.13 (else the newest found) with .[ort]: onnxruntime 1.31, every role, --trainer ort"
 	@echo "make demo     install; digits as an ImageFolder, a Hugging Face ViT export --pretrained, fit, evaluate, predict --csv"
+	@echo "make attribution-check  the deletion test of the attribution maps on the demo's model (runs the demo if needed)"
 	@echo "make export   PRESET=digits|vit-tiny|vit-small64 [OUT=artifacts]"
 	@echo "make export-triton  export, then write a Triton model repository of it to $(REPO)/ (TRITON_FLAGS=...)"
 	@echo "make soak     minutes of training + Predict + frequent Publish; fails on RSS growth >= 5% (SOAK_SECONDS=240)"
@@ -88,6 +89,12 @@ serve: export $(if $(filter ort-training,$(TRAINER)),,$(ORT_STAMP))
 # Fine-tunes the digits model over gRPC (the demo starts and stops its own server) and writes demo-output/.
 demo: install
 	$(BIN)/python -m examples.demo
+
+# The deletion test of the attribution maps on the demo's fine-tuned model (make demo first, or it runs it):
+# bench/results/attribution.{json,png}.
+attribution-check: install
+	test -d demo-output/server-data || $(MAKE) demo
+	$(BIN)/python -m bench.attribution --demo demo-output --out bench/results
 
 test: install
 	$(BIN)/python -m pytest
