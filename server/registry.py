@@ -253,9 +253,13 @@ class ModelRegistry:
         """A model's Triton configuration. The own model's is what `python -m engine.store.triton` writes for it, with this
         server's batch limit, device and --repository-versions; a repository model's is its config.pbtxt."""
         if self._own is not None and name in ("", self._own.name):
-            return model_config(self._own, self.settings.max_batch_size, gpu=self.settings.device.startswith("cuda"),
-                                num_versions=self.settings.repository_versions)
+            return self.artifacts_config(self._own)
         return self.model(name).config
+
+    def artifacts_config(self, manifest: Manifest) -> model_config_pb2.ModelConfig:
+        """The Triton configuration of the model of --artifacts (also what the trainer hands a model repository)."""
+        return model_config(manifest, self.settings.max_batch_size, gpu=self.settings.device.startswith("cuda"),
+                            num_versions=self.settings.repository_versions)
 
     def model_statistics(self, name: str = "", version: str = "") -> ModelStatisticsList:
         """The statistics per model and version: the versions served and every other that has statistics in this

@@ -57,7 +57,8 @@ class Trainer:
         folder = settings.data_dir / manifest.name
         self.checkpoints = Checkpoints(settings, manifest, folder)  # checks every folder it writes, up front
         self.versions = VersionStore(folder / "models", quarantine=folder / "quarantine" / "models")
-        self.repository = (RepositoryWriter(Path(settings.model_repository), manifest, registry.triton_config())
+        self.repository = (RepositoryWriter(Path(settings.model_repository), manifest,
+                                             registry.artifacts_config(manifest))
                            if settings.model_repository else None)
         self.engine = self.checkpoints.open_engine()  # the newest intact checkpoint, else the export's weights
         self.batches = TrainingBatchValidator(manifest.input_shape, manifest.num_classes, settings.max_batch_size,

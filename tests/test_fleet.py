@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2 as triton_model_config
 from tritonclient.utils import InferenceServerException
 
-from engine.manifest import INFERENCE_MODEL, Manifest
+from engine.manifest import ATTRIBUTION_MODEL, INFERENCE_MODEL, Manifest
 from engine.store.repository import CONFIG_FILE, MODEL_FILE, write_model_files, write_version_files
 from engine.store.triton import model_config
 from proto import vitserve_pb2 as pb
@@ -107,7 +107,7 @@ def test_replicas_follow_the_trainer_through_the_repository(exported, tmp_path, 
                 for _ in range(2)]
     try:
         # The trainer handed over version 1 (its weights at startup); the replicas serve it.
-        assert sorted(p.name for p in (repo / MODEL).iterdir()) == ["1", CONFIG_FILE, "labels.txt", "manifest.json"]
+        assert sorted(p.name for p in (repo / MODEL).iterdir()) == ["1", ATTRIBUTION_MODEL, CONFIG_FILE, "labels.txt", "manifest.json"]
         images, _ = batch(5, seed=11)
         for r in replicas:
             assert r.version(MODEL) == 1

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
 from server.config import Settings
-from engine.manifest import INFERENCE_MODEL, Manifest, sha256
+from engine.manifest import ATTRIBUTION_MODEL, INFERENCE_MODEL, Manifest, sha256
 from tests.helpers import REPO
 
 
@@ -61,8 +61,9 @@ def test_layout(repo, exported):
     manifest = Manifest.load(exported[0])
     assert manifest.name == "digits4"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert files == ["digits4", "digits4/1", "digits4/1/meta.json", "digits4/1/model.onnx", "digits4/config.pbtxt",
-                     "digits4/labels.txt", "digits4/manifest.json"]
+    assert files == ["digits4", "digits4/1", "digits4/1/meta.json", "digits4/1/model.onnx",
+                     f"digits4/{ATTRIBUTION_MODEL}", "digits4/config.pbtxt", "digits4/labels.txt", "digits4/manifest.json"]
+    assert (out / "digits4" / ATTRIBUTION_MODEL).read_bytes() == manifest.path(ATTRIBUTION_MODEL).read_bytes()
     assert (out / "digits4/1/model.onnx").read_bytes() == manifest.path(INFERENCE_MODEL).read_bytes()
     assert (out / "digits4/labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
     assert run.stdout.startswith(f"wrote {out / 'digits4'}: config.pbtxt, labels.txt, 1/model.onnx")

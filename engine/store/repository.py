@@ -27,7 +27,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from engine.errors import ConfigError
-from engine.manifest import MANIFEST, Manifest, sha256
+from engine.manifest import ATTRIBUTION_MODEL, MANIFEST, Manifest, sha256
 from engine.store.files import META, NAME, AtomicDirs, describe_os_error, fsync_path
 from proto import model_config_pb2 as mc
 
@@ -50,18 +50,22 @@ def config_text(config: mc.ModelConfig, header: str = "") -> str:
 
 
 def write_model_files(folder: Path, manifest: Manifest, config: mc.ModelConfig, header: str = "") -> None:
-    """config.pbtxt, labels.txt and manifest.json of a model folder (each replaced atomically if it exists)."""
+    """config.pbtxt, labels.txt and manifest.json of a model folder (each replaced atomically if it exists), and
+    the export's attribution graph, so that replicas answer Attribute too (Triton ignores the extra file)."""
     for name, text in ((CONFIG_FILE, config_text(config, header)), (LABELS_FILE, labels_text(manifest)),
                        (MANIFEST, json.dumps(manifest.to_dict(), indent=2))):
         replace_file(folder / name, text)
+    source = manifest.path(ATTRIBUTION_MODEL)
+    if manifest.attribution is not None and source.is_file():
+        replace_file(folder / ATTRIBUTION_MODEL, source.read_bytes())
 
 
-def replace_file(path: Path, text: str) -> None:
+def replace_file(path: Path, content: str | bytes) -> None:
     """Write `path` under a temporary name, fsync it and rename it over the old one: never half written."""
     tmp = path.with_name(f".write-{path.name}-{uuid.uuid4().hex[:8]}")  # a file: not an AtomicDirs .tmp- entry
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
