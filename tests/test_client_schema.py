@@ -59,7 +59,7 @@ def test_predictions_unpack_and_print_as_before():
     (top,) = result.predictions
     assert [tuple(score) for score in top] == [(3, "3", 0.5), (1, "1", 0.25)] and len(top) == 2
     index, label, probability = top[0]
-    assert (index, label, probability) == (3, "3", 0.5)
+    assert (index, label, probability) == (3, "3", 0.5) and top[1][2] == 0.25
     assert result.as_dict() == {"predictions": [[[3, "3", 0.5], [1, "1", 0.25]]], "logits": None, "model_version": 2}
 
 

@@ -135,13 +135,16 @@ class ModelInfo(Record):
 
 @dataclass(frozen=True)
 class ClassScore(Record):
-    """One class with its softmax probability; unpacks as (index, label, probability)."""
+    """One class with its softmax probability; unpacks and indexes as the tuple (index, label, probability)."""
     index: int
     label: str
     probability: float
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.index, self.label, self.probability))
+
+    def __getitem__(self, i: int) -> Any:
+        return (self.index, self.label, self.probability)[i]
 
 
 @dataclass(frozen=True)
