@@ -1,37 +1,34 @@
-"""vitserve client package: a typed gRPC client (`ViTClient`) and a CLI (`python -m client`)."""
-from client.client import (
-    AttentionModule,
+"""vitserve client package: a typed gRPC client (`ViTClient`) and a CLI (`python -m client`).
+
+The records it answers with are the wire records of proto/records/, the same classes the server answers from;
+a few go by the client's names here (ParameterInfo, AttentionModule, UnplacedParameter, TrainStepResult).
+"""
+from client.client import ClientError, ViTClient
+from proto.records.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
+from proto.records.model import ClassScore, ModelInfo, ModelVersion, Prediction, PredictResult, Preprocessing
+from proto.records.model import Parameter as ParameterInfo
+from proto.records.model import QkvLayout as AttentionModule
+from proto.records.model import Unplaced as UnplacedParameter
+from proto.records.training import (
     CheckpointInfo,
     CheckpointList,
-    ClientError,
     EvalResult,
-    Explanation,
     GradientHistory,
     GradientSummary,
-    GraphNode,
     HeadImportanceResult,
     HeadScores,
     LinearSchedule,
-    ModelInfo,
-    ModelVersion,
     OptimizerState,
-    ParameterGradientPath,
-    ParameterInfo,
-    PredictResult,
-    Preprocessing,
     QkvGradient,
-    QkvPartGradient,
-    TrainStepResult,
-    UnplacedParameter,
-    ViTClient,
-    tensor_from_proto,
-    tensor_to_proto,
 )
+from proto.records.training import StepResult as TrainStepResult
+from proto.tensors import tensor_from_proto, tensor_to_proto
 
 __all__ = [
     "AttentionModule",
     "CheckpointInfo",
     "CheckpointList",
+    "ClassScore",
     "ClientError",
     "EvalResult",
     "Explanation",
@@ -46,6 +43,7 @@ __all__ = [
     "OptimizerState",
     "ParameterGradientPath",
     "ParameterInfo",
+    "Prediction",
     "PredictResult",
     "Preprocessing",
     "QkvGradient",

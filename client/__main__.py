@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from client.cli import UsageError, build_parser, load_batch, parse_schedule, picture, resume_command
-from client.client import (
+from client import (
     CheckpointList,
     ClientError,
     EvalResult,

@@ -1,43 +1,43 @@
 """Typed Python client for the vitserve gRPC service (proto/vitserve.proto).
 
 `ViTClient` wraps the VitServe stub: it turns numpy arrays and image files into
-requests, turns responses into plain dataclasses, and turns every gRPC failure
+requests, turns responses into the wire records of proto/records/ (the same classes the server
+answers from) through the one converter, proto/convert.py, and turns every gRPC failure
 into a `ClientError` carrying the status code name and the server's message.
-
-Each dataclass is the client's schema of one proto message (MESSAGES) and is
-built from it by one generic converter, `from_proto`: fields are read by name,
-nested messages become the nested dataclasses of the type hints, repeated fields
-the hint's list or tuple, enums their names where the hint is `str`, a Tensor a
-numpy array. The few fields whose client shape differs say so in `field(metadata=wire(...))`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import operator
 import os
-import types
-import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, Callable, Union
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import vitserve_pb2, vitserve_pb2_grpc
-from proto.tensors import DTYPES, dtype_name, enum_of
+from proto.convert import from_proto, to_proto
+from proto.records.explain import Explanation
+from proto.records.model import ModelInfo, ModelVersion, PredictResult
+from proto.records.training import (
+    CheckpointInfo,
+    CheckpointList,
+    EvalResult,
+    GradientHistory,
+    HeadImportanceResult,
+    LinearSchedule,
+    OptimizerState,
+)
+from proto.records.training import StepResult as TrainStepResult
+from proto.tensors import tensor_to_proto
 
 DEFAULT_ADDRESS = "localhost:50051"
 SERVICE = vitserve_pb2.DESCRIPTOR.services_by_name["VitServe"].full_name  # for health checks
 
 ImageFile = Union[str, os.PathLike, bytes, bytearray, memoryview]
 ImagesArg = Union[np.ndarray, ImageFile, Sequence[ImageFile]]
-T = TypeVar("T")
 
 
 class ClientError(Exception):
@@ -47,495 +47,6 @@ class ClientError(Exception):
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
-
-
-def tensor_to_proto(array: np.ndarray) -> vitserve_pb2.Tensor:
-    """Encode an array as a Tensor in its own dtype (raw little-endian, C order)."""
-    array = np.asarray(array)
-    enum = enum_of(array.dtype)
-    if enum is None:
-        supported = ", ".join(str(d.newbyteorder("=")) for d in DTYPES.values())
-        raise ValueError(f"unsupported tensor dtype {array.dtype}; supported: {supported}")
-    data = np.ascontiguousarray(array, dtype=DTYPES[enum]).tobytes()
-    return vitserve_pb2.Tensor(dtype=enum, shape=array.shape, data=data)
-
-
-def tensor_from_proto(tensor: vitserve_pb2.Tensor) -> np.ndarray:
-    """Decode a Tensor into a (writable, native byte order) numpy array."""
-    if tensor.dtype not in DTYPES:
-        raise ValueError(f"tensor has unsupported dtype {dtype_name(tensor.dtype)}")
-    dtype = DTYPES[tensor.dtype]
-    shape = tuple(tensor.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(tensor.data) != expected:
-        raise ValueError(f"tensor of shape {list(shape)} needs {expected} bytes, got {len(tensor.data)}")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def wire(name: str | None = None, *, convert: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """The metadata of a dataclass field whose client shape differs from its proto field (use as
-    `field(metadata=wire(...))`): read from proto field `name` (default: the field's own name) and passed
-    through `convert` instead of the generic conversion."""
-    return {"wire": name, "convert": convert}
-
-
-def wire_name(f: dataclasses.Field) -> str:
-    """The proto field a dataclass field is read from."""
-    return f.metadata.get("wire") or f.name
-
-
-def _short_floats(values: Sequence[float]) -> list[float]:
-    """float32 proto values as the short decimals they were written as (0.485, not 0.48500001)."""
-    return [float(f"{v:.7g}") for v in values]
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    return json.loads(text) if text else {}
-
-
-def _top_classes(predictions: Sequence[vitserve_pb2.Prediction]) -> list[list[tuple[int, str, float]]]:
-    """Per image, its (index, label, probability) ClassScores, best first."""
-    return [[(s.index, s.label, s.probability) for s in p.top] for p in predictions]
-
-
-def _jsonable(value: Any) -> Any:
-    """Recursively turn numpy arrays/scalars and tuples into JSON-friendly values."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-class _AsDict:
-    def as_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-serializable dict (arrays become nested lists)."""
-        return _jsonable(dataclasses.asdict(self))  # type: ignore[call-overload]
-
-
-@dataclass
-class ModelVersion(_AsDict):
-    """One inference model version: 0 is the exported model, each Publish adds one."""
-    version: int
-    step: int
-    created_unix: float
-
-
-@dataclass
-class Preprocessing(_AsDict):
-    """The schema of ModelInfo.preprocessing (a dict): resize to height x width (resize_shorter N > 0: the shorter
-    side to N, then a centre crop of height x width) with the `interpolation` filter, then (pixel / 255 - mean) / std."""
-    height: int
-    width: int
-    channels: int
-    mean: list[float] = field(metadata=wire(convert=_short_floats))
-    std: list[float] = field(metadata=wire(convert=_short_floats))
-    resize_shorter: int = 0
-    interpolation: str = field(default="bilinear", metadata=wire(convert=lambda name: name or "bilinear"))  # "": an older server
-
-
-@dataclass
-class ParameterInfo(_AsDict):
-    """The schema of each ModelInfo.parameters entry (a dict): block -1 is outside the transformer blocks."""
-    name: str
-    shape: tuple[int, ...]
-    trainable: bool
-    block: int
-    sublayer: str
-
-
-@dataclass
-class AttentionModule(_AsDict):
-    """How one attention module makes q, k and v (fused: one weight named three times), found at export."""
-    name: str
-    block: int
-    heads: int
-    dim_head: int
-    weights: list[str] = field(default_factory=list)
-    biases: list[str] = field(default_factory=list)
-    module: str = ""
-    fused: bool = True
-
-
-@dataclass
-class UnplacedParameter(_AsDict):
-    """A parameter the export could not place in a block and sub-layer, and why."""
-    name: str
-    reason: str
-
-
-@dataclass
-class ModelInfo(_AsDict):
-    """GetModelInfo: the served model, how to feed it and its training state."""
-    name: str
-    config: dict[str, Any] = field(metadata=wire("config_json", convert=_json_object))
-    input_name: str
-    input_shape: tuple[int, ...]
-    input_dtype: str
-    preprocessing: dict[str, Any]
-    class_names: list[str]
-    parameters: list[dict[str, Any]]
-    execution_providers: list[str]
-    device: str
-    opset: int
-    optimizer: str
-    step: int
-    learning_rate: float
-    max_batch_size: int
-    export_versions: dict[str, str]
-    loss_node: str
-    loss_op_type: str
-    model_version: int = 0
-    versions: list[ModelVersion] = field(default_factory=list)
-    checkpoint_every_steps: int = 0
-    checkpoint_every_seconds: float = 0.0
-    publish_every_steps: int = 0
-    attention: list[AttentionModule] = field(default_factory=list)
-    unplaced: list[UnplacedParameter] = field(default_factory=list)
-    role: str = "all"
-    trainer: str = ""  # "ort" or "ort-training"; "" on an inference-only replica
-    onnxruntime_version: str = ""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-@dataclass
-class PredictResult(_AsDict):
-    """Predict: per image its top-k (index, label, probability), best first; the logits when asked for."""
-    predictions: list[list[tuple[int, str, float]]] = field(metadata=wire(convert=_top_classes))
-    logits: np.ndarray | None = None
-    model_version: int = 0
-
-
-@dataclass
-class GradientSummary(_AsDict):
-    """One trainable parameter's gradient in one step; block and sublayer place the parameter (-1: outside
-    the transformer blocks)."""
-    name: str
-    shape: tuple[int, ...]
-    l2_norm: float
-    mean: float
-    std: float
-    min: float
-    max: float
-    max_abs: float
-    zero_fraction: float
-    nonfinite_count: int
-    param_norm: float
-    update_ratio: float
-    block: int = -1
-    sublayer: str = "other"
-
-
-@dataclass
-class QkvGradient(_AsDict):
-    """One attention module's q, k and v gradients, whole and head by head, for the weights and the biases
-    (the bias fields are 0 / empty when the projections have no bias)."""
-    name: str
-    block: int
-    heads: int
-    dim_head: int
-    q_norm: float
-    k_norm: float
-    v_norm: float
-    q_head_norms: tuple[float, ...]
-    k_head_norms: tuple[float, ...]
-    v_head_norms: tuple[float, ...]
-    module: str = ""
-    weights: tuple[str, ...] = ()
-    biases: tuple[str, ...] = ()
-    q_bias_norm: float = 0.0
-    k_bias_norm: float = 0.0
-    v_bias_norm: float = 0.0
-    q_bias_head_norms: tuple[float, ...] = ()
-    k_bias_head_norms: tuple[float, ...] = ()
-    v_bias_head_norms: tuple[float, ...] = ()
-
-
-@dataclass
-class HeadScores(_AsDict):
-    """One attention module's head importance (Michel et al. 2019): per head, |dL/d xi_h| for a gate xi_h = 1
-    multiplying that head's output, for the batch's mean loss."""
-    block: int
-    module: str
-    importance: tuple[float, ...]
-
-
-@dataclass
-class TrainStepResult(_AsDict):
-    """TrainStep: the loss, the update and, unless omitted, every trainable parameter's gradient summary."""
-    loss: float
-    step: int
-    learning_rate: float
-    grad_norm: float
-    step_seconds: float
-    gradients: list[GradientSummary] = field(default_factory=list)
-    attention: list[QkvGradient] = field(default_factory=list)
-    applied: bool = True
-    skipped_reason: str = ""
-    accumulated_batches: int = 1
-    clip_coefficient: float = 1.0
-    head_importance: list[HeadScores] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        """'applied', 'accumulated (n batches)' or 'SKIPPED: reason'."""
-        if self.applied:
-            return "applied"
-        if self.skipped_reason:
-            return f"SKIPPED: {self.skipped_reason}"
-        n = self.accumulated_batches
-        return f"accumulated ({n} batch{'es' if n != 1 else ''})"
-
-
-@dataclass
-class HeadImportanceResult(_AsDict):
-    """HeadImportance: the batch's loss, the step of the weights used, and each attention module's head
-    importance in block order. Changes nothing on the server."""
-    loss: float
-    step: int
-    heads: list[HeadScores] = field(default_factory=list)
-
-    def matrix(self) -> np.ndarray:
-        """The importance as a [modules, heads] float array in block order (NaN pads modules with fewer heads)."""
-        width = max((len(h.importance) for h in self.heads), default=0)
-        out = np.full((len(self.heads), width), np.nan)
-        for row, h in enumerate(self.heads):
-            out[row, :len(h.importance)] = h.importance
-        return out
-
-
-@dataclass
-class GradientHistory(_AsDict):
-    """GetGradientHistory: the kept applied steps in the asked range, oldest first, each as TrainStep answered it
-    (gradients and attention entries filtered by the parameter pattern), and how many steps the server keeps."""
-    steps: list[TrainStepResult]
-    capacity: int
-
-    def parameters(self) -> list[str]:
-        """The names of the parameters whose gradients the steps hold, in first-seen order."""
-        return list(dict.fromkeys(g.name for step in self.steps for g in step.gradients))
-
-
-@dataclass
-class EvalResult(_AsDict):
-    """Loss and accuracy of the training weights on one labelled batch (EvalStep)."""
-    loss: float
-    accuracy: float
-    correct: int
-    count: int
-    step: int
-
-
-@dataclass
-class LinearSchedule(_AsDict):
-    """Linear warmup from 0 to peak_lr over warmup_steps, then linear decay to end_lr over decay_steps."""
-    peak_lr: float
-    warmup_steps: int
-    decay_steps: int
-    end_lr: float = 0.0
-
-    def to_proto(self) -> vitserve_pb2.LinearSchedule:
-        return vitserve_pb2.LinearSchedule(**dataclasses.asdict(self))
-
-
-@dataclass
-class OptimizerState(_AsDict):
-    """GetOptimizer/SetOptimizer: what the next step will do. `schedule` is None for a constant rate."""
-    optimizer: str
-    learning_rate: float
-    schedule: LinearSchedule | None
-    schedule_position: int
-    clip_grad_norm: float
-    step: int
-    accumulated_batches: int
-
-
-@dataclass
-class CheckpointInfo(_AsDict):
-    """A checkpoint in the server's data directory; reason is "manual", "auto" or "shutdown"; problem says why a
-    damaged one cannot be restored ("" when intact)."""
-    name: str
-    step: int
-    created_unix: float
-    size_bytes: int
-    reason: str
-    problem: str = ""
-
-
-@dataclass
-class CheckpointList(_AsDict):
-    """ListCheckpoints: the complete checkpoints, oldest first, and the newest one's name ("" if none).
-
-    Unpacks like a pair: `checkpoints, latest = client.list_checkpoints()`.
-    """
-    checkpoints: list[CheckpointInfo]
-    latest: str
-
-    def __iter__(self):
-        return iter((self.checkpoints, self.latest))
-
-
-@dataclass
-class GraphNode(_AsDict):
-    """A node of the training graph: name, (domain-qualified) op type, input and output tensor names."""
-    name: str
-    op_type: str
-    inputs: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.op_type})"
-
-
-@dataclass
-class QkvPartGradient(_AsDict):
-    """Where the q, k or v part of a fused qkv projection gets its gradient."""
-    part: str
-    tensor: str
-    gradient_tensor: str
-    gradient_node: GraphNode | None
-
-
-@dataclass
-class ParameterGradientPath(_AsDict):
-    """How one trainable parameter's gradient is computed (ExplainGradients)."""
-    name: str
-    shape: tuple[int, ...]
-    block: int
-    sublayer: str
-    gradient_tensor: str
-    gradient_node: GraphNode | None
-    ops_from_loss: int
-    path: list[GraphNode] = field(default_factory=list)
-    qkv_parts: list[QkvPartGradient] = field(default_factory=list)
-
-
-@dataclass
-class Explanation(_AsDict):
-    """ExplainGradients: the loss node, the node that starts backpropagation, and each parameter's gradient path."""
-    loss: GraphNode | None
-    loss_gradient: GraphNode | None
-    parameters: list[ParameterGradientPath]
-    forward_nodes: int
-    backward_nodes: int
-
-    def parameter(self, name: str) -> ParameterGradientPath:
-        """The entry for parameter `name` (KeyError when absent)."""
-        for p in self.parameters:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-
-MESSAGES: dict[type, type[Message]] = {
-    ModelVersion: vitserve_pb2.ModelVersion,
-    Preprocessing: vitserve_pb2.Preprocessing,
-    ParameterInfo: vitserve_pb2.ParameterInfo,
-    AttentionModule: vitserve_pb2.AttentionModule,
-    UnplacedParameter: vitserve_pb2.UnplacedParameter,
-    ModelInfo: vitserve_pb2.ModelInfo,
-    PredictResult: vitserve_pb2.PredictResponse,
-    GradientSummary: vitserve_pb2.GradientSummary,
-    QkvGradient: vitserve_pb2.QkvGradient,
-    HeadScores: vitserve_pb2.HeadScores,
-    TrainStepResult: vitserve_pb2.TrainStepResponse,
-    HeadImportanceResult: vitserve_pb2.HeadImportanceResponse,
-    GradientHistory: vitserve_pb2.GradientHistoryResponse,
-    EvalResult: vitserve_pb2.EvalStepResponse,
-    LinearSchedule: vitserve_pb2.LinearSchedule,
-    OptimizerState: vitserve_pb2.OptimizerState,
-    CheckpointInfo: vitserve_pb2.CheckpointInfo,
-    CheckpointList: vitserve_pb2.ListCheckpointsResponse,
-    GraphNode: vitserve_pb2.GraphNode,
-    QkvPartGradient: vitserve_pb2.QkvPartGradient,
-    ParameterGradientPath: vitserve_pb2.ParameterGradientPath,
-    Explanation: vitserve_pb2.ExplainGradientsResponse,
-}
-"""Client dataclass -> the proto message it is built from (tests/test_client_schema.py checks them field by field)."""
-
-_SCHEMAS = {message.DESCRIPTOR: cls for cls, message in MESSAGES.items()}  # message -> dataclass
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _without_none(hint: Any) -> Any:
-    """X for `X | None`, else the hint itself."""
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    return hint
-
-
-def from_proto(cls: type[T], message: Message) -> T:
-    """Dataclass `cls` (a key of MESSAGES) from its proto message, field by field."""
-    fields, read = _readers(cls, message.DESCRIPTOR)
-    values = read(message) if len(fields) > 1 else (read(message),)
-    kwargs = {}
-    for (name, wire, convert, optional), value in zip(fields, values):
-        if optional and not message.HasField(wire):
-            kwargs[name] = None  # an unset message: no schedule, no logits, an unreported node
-        else:
-            kwargs[name] = convert(value) if convert else value
-    return cls(**kwargs)
-
-
-@functools.cache
-def _readers(cls: type, descriptor: Any) -> tuple[tuple[tuple[str, str, Callable[[Any], Any] | None, bool], ...],
-                                                   Callable[[Message], Any]]:
-    """How to read `cls` from its message, worked out once per class: per dataclass field (its name, its proto
-    field, the converter or None for the value as it is, whether it is an optional message), and one
-    getter of all the proto fields at once.
-
-    The type hints and field descriptors are read here rather than for every message: a TrainStep answer
-    holds a GradientSummary per parameter, and reading them per message cost ~4 ms a step (digits)."""
-    fields = []
-    for f in dataclasses.fields(cls):
-        wire = wire_name(f)
-        hint = _hints(cls)[f.name]
-        if f.metadata.get("convert"):
-            fields.append((f.name, wire, f.metadata["convert"], False))
-        else:
-            inner = _without_none(hint)
-            fields.append((f.name, wire, _converter(inner, descriptor.fields_by_name[wire]), inner is not hint))
-    return tuple(fields), operator.attrgetter(*(wire for _, wire, _, _ in fields))
-
-
-def _converter(hint: Any, descriptor: Any) -> Callable[[Any], Any] | None:
-    """One proto field's value -> the shape `hint` asks for (None: the value as it is)."""
-    if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
-        return dict
-    if descriptor.is_repeated:
-        container = typing.get_origin(hint)  # list or tuple
-        element = _element(typing.get_args(hint)[0], descriptor)
-        if element is None:
-            return container
-        return lambda values: container(map(element, values))
-    return _element(hint, descriptor)
-
-
-def _element(hint: Any, descriptor: Any) -> Callable[[Any], Any] | None:
-    """A scalar as it is (None), an enum by name (for a str hint), a Tensor as an array, a message as its
-    dataclass, or as that dataclass's dict for a dict hint."""
-    if descriptor.enum_type is not None and hint is str:
-        names = {number: value.name for number, value in descriptor.enum_type.values_by_number.items()}
-        return lambda value: names.get(value, str(value))
-    if descriptor.message_type is None:
-        return None
-    if descriptor.message_type is vitserve_pb2.Tensor.DESCRIPTOR:
-        return tensor_from_proto
-    if typing.get_origin(hint) is dict:
-        schema = _SCHEMAS[descriptor.message_type]
-        return lambda value: dataclasses.asdict(from_proto(schema, value))
-    return lambda value: from_proto(hint, value)
 
 
 def _schedule_arg(schedule: LinearSchedule | dict[str, Any]) -> LinearSchedule:
@@ -693,7 +204,7 @@ class ViTClient:
         if learning_rate is not None:
             request.learning_rate = float(learning_rate)
         if schedule is not None:
-            request.schedule.CopyFrom(_schedule_arg(schedule).to_proto())
+            request.schedule.CopyFrom(to_proto(_schedule_arg(schedule)))
         if clip_grad_norm is not None:
             request.clip_grad_norm = float(clip_grad_norm)
         return from_proto(OptimizerState, self._call(self._stub.SetOptimizer, request))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.client import PredictResult
+from client import PredictResult
 from client.dataset import DataError, class_indices, image_files, read_dataset
 from client.loader import Batch, Loader
 from proto.images import Recipe

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from client.client import ClientError, ModelVersion
+from client import ClientError, ModelVersion
 from client.dataset import DataError, class_indices, read_dataset, stratified_split
 from client.loader import Loader
 from proto.images import Recipe

@@ -23,7 +23,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from client.client import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
+from client import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
 from client.plots import PART_COLOURS, picture_suffix, save
 
 PART_FILL = {"q": "#c6dbef", "k": "#fdd0a2", "v": "#c7e9c0"}

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from client.client import GradientHistory, HeadImportanceResult, TrainStepResult
+from client import GradientHistory, HeadImportanceResult, TrainStepResult
 
 PICTURE_SUFFIXES = (".png", ".svg")
 PART_COLOURS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c"}

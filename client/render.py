@@ -1,7 +1,7 @@
 """How the CLI prints what a command returns: one renderer, `render`, for every result, as text or as one
 JSON document (--json).
 
-A result is a dataclass of client.client (ModelInfo, EvalResult, OptimizerState, CheckpointList,
+A result is a wire record (proto/records/: ModelInfo, EvalResult, OptimizerState, CheckpointList,
 ModelVersion) or one of the small result objects below for commands that add to what the server said
 (the file names of predict, the several steps of train-step --repeat, the plots of grads, heads, history
 and explain --plot, health).
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.client import (
+from client import (
     CheckpointInfo,
     CheckpointList,
     EvalResult,
@@ -34,6 +34,7 @@ from client.client import (
     OptimizerState,
     ParameterGradientPath,
     PredictResult,
+    Preprocessing,
     TrainStepResult,
 )
 
@@ -196,9 +197,9 @@ def print_health(result: Health) -> None:
 @text.register
 def print_info(info: ModelInfo) -> None:
     pre = info.preprocessing
-    total = sum(int(np.prod(p["shape"])) for p in info.parameters)
-    trainable = [p for p in info.parameters if p["trainable"]]
-    n_trainable = sum(int(np.prod(p["shape"])) for p in trainable)
+    total = sum(int(np.prod(p.shape)) for p in info.parameters)
+    trainable = [p for p in info.parameters if p.trainable]
+    n_trainable = sum(int(np.prod(p.shape)) for p in trainable)
     names = ", ".join(info.class_names[:10]) + (", ..." if info.num_classes > 10 else "")
     rows = [
         ("model", info.name),
@@ -226,11 +227,11 @@ def print_info(info: ModelInfo) -> None:
         print(f"{key:<15} {value}")
 
 
-def preprocessing_text(pre: dict) -> str:
+def preprocessing_text(pre: Preprocessing) -> str:
     """e.g. `224x224 (shorter side to 248, centre crop), bicubic, 3 channel(s), mean [...], std [...]`."""
-    resize = f" (shorter side to {pre['resize_shorter']}, centre crop)" if pre.get("resize_shorter") else ""
-    return (f"{pre['height']}x{pre['width']}{resize}, {pre.get('interpolation') or 'bilinear'}, "
-            f"{pre['channels']} channel(s), mean {pre['mean']}, std {pre['std']}")
+    resize = f" (shorter side to {pre.resize_shorter}, centre crop)" if pre.resize_shorter else ""
+    return (f"{pre.height}x{pre.width}{resize}, {pre.interpolation}, "
+            f"{pre.channels} channel(s), mean {list(pre.mean)}, std {list(pre.std)}")
 
 
 def auto_checkpoint_text(info: ModelInfo) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from engine.errors import ConfigError
+from proto.records.model import Parameter, Preprocessing, QkvLayout, Unplaced
 
 MANIFEST = "manifest.json"
 INFERENCE_MODEL = "inference.onnx"
@@ -41,70 +42,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an encoded image becomes model input: resize (and crop) to height x width, then (pixel / 255 - mean) / std.
-
-    resize_shorter 0 resizes straight to height x width; N > 0 resizes so the shorter side is N (keeping the aspect
-    ratio), then cuts the centre height x width out (the checkpoint's own recipe: timm's crop_pct, Hugging Face's
-    shortest_edge + crop_size). interpolation is the resampling filter, by Pillow's name."""
-    height: int
-    width: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize_shorter: int = 0  # 0: resize to height x width; N > 0: shorter side to N, then a centre crop
-    interpolation: str = "bilinear"  # one of INTERPOLATIONS
-
-
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")  # Pillow's resampling filters, by name
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One parameter of the exported model and where it sits (placed once, at export)."""
-    name: str  # as in the PyTorch state_dict
-    shape: tuple[int, ...]
-    trainable: bool
-    block: int = -1  # transformer block index, -1 outside the blocks
-    sublayer: str = "other"  # attention.qkv, attention.out, attention.norm, feedforward, ..., embedding, head
-
-
-@dataclass(frozen=True)
-class QkvLayout:
-    """How one attention module makes q, k and v, from which parameters, with how many heads.
-
-    Fused (one weight named three times): its rows are (3, heads, dim_head), q first, then k, then v,
-    and so are its bias's. Separate: three weights (and biases) whose rows are (heads, dim_head).
-    """
-    name: str  # fused: the projection's weight; separate: the attention module
-    block: int
-    heads: int
-    dim_head: int
-    weights: tuple[str, ...] = ()  # q, k and v weight parameters; () means (name, name, name)
-    biases: tuple[str, ...] = ()  # q, k and v bias parameters; () when the projections have none
-    module: str = ""  # the attention module's path in the model
-
-    def __post_init__(self):
-        if not self.weights:
-            object.__setattr__(self, "weights", (self.name,) * 3)
-        object.__setattr__(self, "weights", tuple(self.weights))
-        object.__setattr__(self, "biases", tuple(self.biases))
-
-    @property
-    def fused(self) -> bool:
-        return len(set(self.weights)) == 1
-
-    @property
-    def inner(self) -> int:
-        return self.heads * self.dim_head
-
-
-@dataclass(frozen=True)
-class Unplaced:
-    """A parameter the export could not place in a block and sub-layer, and why."""
-    name: str
-    reason: str
 
 
 @dataclass(frozen=True)

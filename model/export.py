@@ -50,7 +50,6 @@ from engine.manifest import (
     WEIGHTS,
     LossNode,
     Manifest,
-    Preprocessing,
     TensorSpec,
     sha256,
 )
@@ -63,6 +62,7 @@ from model.classes import construct, load_class  # noqa: F401 - the export's mod
 from model.errors import ExportCheckError, ExportError
 from model.layout import place
 from model.vit import DEFAULT_PRESET, PRESETS
+from proto.records.model import Preprocessing
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Opset 17 exports LayerNormalization as one node whose gradient ORT 1.19.2 cannot build;

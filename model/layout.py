@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import onnx
 from torch import nn
 
-from engine.manifest import Parameter, QkvLayout, Unplaced
+from proto.records.model import Parameter, QkvLayout, Unplaced
 
 HEAD_COUNTS = ("num_heads", "heads", "num_attention_heads", "n_heads", "n_head")  # head-count attributes
 NORMS = tuple(getattr(nn, n) for n in ("LayerNorm", "GroupNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d",

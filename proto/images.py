@@ -80,7 +80,7 @@ class Recipe:
 
     @classmethod
     def of(cls, record: Any) -> Recipe:
-        """From engine.manifest.Preprocessing, vitserve.v1.Preprocessing or its dict (ModelInfo.preprocessing).
+        """From the Preprocessing record (proto/records/model.py; ModelInfo.preprocessing), vitserve.v1.Preprocessing or a dict.
         A record written before resize_shorter and interpolation existed (or a proto leaving them unset)
         resizes straight, bilinear."""
         if isinstance(record, Recipe):

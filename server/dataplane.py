@@ -15,53 +15,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ConfigError, FailedPrecondition
-from engine.manifest import INFERENCE_MODEL, TRAINER_FILES, Manifest, Parameter, Preprocessing, QkvLayout, Unplaced
+from engine.manifest import INFERENCE_MODEL, TRAINER_FILES, Manifest
 from engine.runtime import VERSION as ORT_VERSION
 from engine.runtime import quiet_default_logger
-from engine.store.files import CheckpointInfo, ModelVersion, VersionStore
+from engine.store.files import VersionStore
+from proto.records.model import ModelInfo
+from proto.records.training import CheckpointInfo
 from server.config import Settings
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """GetModelInfo's answer (proto: ModelInfo): the model, how to feed it, the training state and settings."""
-    name: str
-    config_json: str  # the export's source: preset and config, or module:Class and kwargs
-    input_name: str
-    input_shape: tuple[int, ...]
-    input_dtype: str  # a DataType name
-    preprocessing: Preprocessing
-    class_names: tuple[str, ...]
-    parameters: tuple[Parameter, ...]
-    execution_providers: list[str]
-    device: str
-    opset: int
-    optimizer: str
-    step: int
-    learning_rate: float
-    max_batch_size: int
-    export_versions: dict[str, str]
-    loss_node: str
-    loss_op_type: str
-    model_version: int
-    versions: list[ModelVersion]
-    checkpoint_every_steps: int
-    checkpoint_every_seconds: float
-    publish_every_steps: int
-    attention: tuple[QkvLayout, ...]
-    unplaced: tuple[Unplaced, ...]
-    role: str  # all | train | predict
-    trainer: str  # ort | ort-training; "" without a training engine
-    onnxruntime_version: str
 
 
 class DataPlane:

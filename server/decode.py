@@ -12,39 +12,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import InvalidArgument
-from engine.manifest import Preprocessing
 from proto import open_inference_pb2 as v2
 from proto import vitserve_pb2 as pb
 from proto.images import ImageError, decode_batch
-from proto.tensors import DTYPES, dtype_name
+from proto.records.model import Preprocessing
+from proto.tensors import array_view, dtype_name
 
-DTYPES_BY_NAME = {pb.DataType.Name(enum): dtype for enum, dtype in DTYPES.items()}
 FP32 = "FP32"  # the v2 protocol's name of float32
 
 
 def decode_tensor(what: str, dtype: str, shape, data: bytes) -> np.ndarray:
-    """A read-only view over `data` (no copy) with the given dtype name and shape.
-
-    `what` names the field in error messages ("images", "labels").
-    """
-    if dtype not in DTYPES_BY_NAME:
-        raise InvalidArgument(f"{what}: dtype {dtype} is not supported (use one of {', '.join(DTYPES_BY_NAME)})")
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
-    numpy_dtype = DTYPES_BY_NAME[dtype]
-    expected = int(np.prod(shape, dtype=np.float64)) * numpy_dtype.itemsize if shape else numpy_dtype.itemsize
-    if len(data) != expected:
-        raise InvalidArgument(
-            f"{what}: {len(data)} bytes do not match shape {list(shape)} of {dtype} ({expected} bytes expected)")
-    return np.frombuffer(data, dtype=numpy_dtype).reshape(shape)
-
-
-def encode_tensor(array: np.ndarray) -> pb.Tensor:
-    """numpy -> Tensor (little-endian bytes)."""
-    little = array.dtype.newbyteorder("<")
-    enum = next(e for e, d in DTYPES.items() if d == little)
-    return pb.Tensor(dtype=enum, shape=list(array.shape), data=np.ascontiguousarray(array, dtype=little).tobytes())
+    """A read-only view over `data` (no copy) with the given dtype name and shape (proto/tensors.py); a problem is an
+    InvalidArgument naming the field (`what`: "images", "labels")."""
+    try:
+        return array_view(dtype, shape, data)
+    except ValueError as e:
+        raise InvalidArgument(f"{what}: {e}") from None
 
 
 def decode_images(encoded: list[bytes], prep: Preprocessing) -> np.ndarray:

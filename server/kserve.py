@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.errors import InvalidArgument, NotFound, Unimplemented
 from proto import open_inference_pb2 as v2
-from server.convert import to_proto
+from proto.convert import to_proto
 from server.dataplane import DataPlane
 from server.decode import FP32
 from server.grpc_errors import grpc_errors

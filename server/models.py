@@ -9,7 +9,6 @@ mixes a call in flight). A call that names no version runs on the newest.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from engine.store.follower import LoadedVersion
 from engine.inference import top_k
 from engine.manifest import Manifest
 from proto import model_config_pb2
+from proto.records.model import PredictResult
 from server.batching import Answer, DynamicBatcher, Run, execute
 from server.config import Settings
 from server.decode import BatchValidator
@@ -25,15 +25,6 @@ from server.metrics import Metrics
 from server.statistics import Statistics
 
 DEFAULT_TOP_K = 5
-
-
-@dataclass(frozen=True)
-class Prediction:
-    indices: np.ndarray  # (b, k) class indices, best first
-    probabilities: np.ndarray  # (b, k)
-    labels: list[list[str]]  # (b, k) class names
-    logits: np.ndarray | None  # (b, classes) when asked for
-    model_version: int
 
 
 class ServedModel:
@@ -105,13 +96,12 @@ class ServedModel:
         self.statistics.record_run(run)
         return Answer(logits, run, 0)
 
-    def prediction(self, answer: Answer, k: int = 0, return_logits: bool = False) -> Prediction:
+    def prediction(self, answer: Answer, k: int = 0, return_logits: bool = False) -> PredictResult:
         """Top-k classes (and the logits when asked for) of an answer's logits."""
         k = min(k or DEFAULT_TOP_K, self.manifest.num_classes)
         indices, probs = top_k(answer.logits, k)
-        names = self.manifest.class_names
-        return Prediction(indices, probs, [[names[i] for i in row] for row in indices],
-                          answer.logits if return_logits else None, answer.version)
+        return PredictResult.of(indices, probs, self.manifest.class_names, answer.logits if return_logits else None,
+                                answer.version)
 
     def close(self) -> None:
         """Stop the batcher (requests already queued are answered first) and forget the gauges. The versions stay:

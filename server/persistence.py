@@ -19,7 +19,8 @@ from engine.errors import ConfigError, FailedPrecondition, InvalidArgument, Reso
 from engine.train.isolation import IsolatedTrainingEngine
 from engine.manifest import TRAINER_FILES, Manifest
 from engine.runtime import session_options
-from engine.store.files import CheckpointInfo, CheckpointList, CheckpointStore, check_writable, describe_os_error, os_errno
+from engine.store.files import CheckpointStore, check_writable, describe_os_error, os_errno
+from proto.records.training import CheckpointInfo, CheckpointList
 from engine.train.step import TrainingEngine
 from server.config import Settings
 
@@ -130,7 +131,7 @@ class Checkpoints:
                 from None
 
     def list(self) -> CheckpointList:
-        return CheckpointList(tuple(self.store.list()))
+        return CheckpointList(self.store.list())
 
     def restore(self, engine, name: str) -> CheckpointInfo:
         with self._lock:

@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,32 +28,18 @@ from engine.store.follower import READY, UNAVAILABLE, UNLOADED, LoadedVersion, M
 from engine.inference import InferenceEngine
 from engine.manifest import INFERENCE_MODEL, Manifest
 from engine.runtime import providers_for, resident_bytes, session_options
-from engine.store.files import ModelVersion, VersionStore
+from engine.store.files import VersionStore
 from engine.store.triton import model_config
 from proto import model_config_pb2
+from proto.records.model import ModelVersion, PredictResult
+from proto.records.v2 import ModelIndex, ModelStatisticsList, RepositoryIndex
 from server.config import Settings
 from server.metrics import Metrics
-from server.models import Prediction, ServedModel
-from server.statistics import ModelStatisticsList
+from server.models import ServedModel
 
 log = logging.getLogger(__name__)
 
 Decode = Callable[[ServedModel], np.ndarray]  # the request's images, validated against the model it goes to
-
-
-@dataclass(frozen=True)
-class ModelIndex:
-    """One version of a model in the repository index (proto: RepositoryIndexResponse.ModelIndex)."""
-    name: str
-    version: str  # "" for a model none of whose versions can be listed
-    state: str  # READY or UNAVAILABLE
-    reason: str  # why it is not READY ("" when it is)
-
-
-@dataclass(frozen=True)
-class RepositoryIndex:
-    """RepositoryIndex's answer (proto: RepositoryIndexResponse): every model's versions, by name, oldest first."""
-    models: tuple[ModelIndex, ...]
 
 
 class ModelRegistry:
@@ -166,7 +151,7 @@ class ModelRegistry:
 
     # -- inference ------------------------------------------------------------------------------------
 
-    def predict(self, name: str, decode: Decode, k: int = 0, return_logits: bool = False) -> Prediction:
+    def predict(self, name: str, decode: Decode, k: int = 0, return_logits: bool = False) -> PredictResult:
         """Top-k classes of a request's batch on the model's newest version (through its dynamic batcher)."""
         model = self.model(name)
         with self._timed(model, "") as call:

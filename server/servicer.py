@@ -1,17 +1,17 @@
 """The vitserve.v1 gRPC servicer: decode the request, call the registry or the trainer, convert the answer. No logic
 lives here.
 
-Requests become validated batches in server/decode.py, records become messages in server/convert.py,
+Requests become validated batches in server/decode.py, records become messages in proto/convert.py,
 and errors become statuses in server/grpc_errors.py.
 """
 from __future__ import annotations
 
 import time
 
-from engine.train.schedule import LinearSchedule
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
-from server.convert import from_proto, prediction_proto, to_proto
+from proto.convert import from_proto, to_proto
+from proto.records.training import LinearSchedule
 from server.dataplane import DataPlane
 from server.grpc_errors import grpc_errors
 
@@ -28,8 +28,8 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
 
     @grpc_errors
     def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        return prediction_proto(self.registry.predict(request.model, lambda model: model.decoder.images(request.images),
-                                                      request.top_k, request.return_logits))
+        return to_proto(self.registry.predict(request.model, lambda model: model.decoder.images(request.images),
+                                              request.top_k, request.return_logits))
 
     @grpc_errors
     def TrainStep(self, request: pb.TrainStepRequest, context) -> pb.TrainStepResponse:
@@ -63,7 +63,7 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
     @grpc_errors
     def SetOptimizer(self, request: pb.SetOptimizerRequest, context) -> pb.OptimizerState:
         trainer = self.plane.trainer("set optimizer")
-        schedule = from_proto(request.schedule, LinearSchedule) if request.HasField("schedule") else None
+        schedule = from_proto(LinearSchedule, request.schedule) if request.HasField("schedule") else None
         return to_proto(trainer.set_optimizer(_optional(request, "learning_rate"), schedule,
                                               _optional(request, "clip_grad_norm")))
 

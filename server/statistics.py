@@ -12,7 +12,7 @@ long it queued (Answer). `Statistics` adds them up under a lock, per model versi
 * per run: execution_count, and batch_stats per batch size (count and the three compute times);
 * inference_count (images of successful requests) and last_inference (ms since the epoch).
 
-The records below are defined once here; server/convert.py turns them into the v2 messages.
+The records are proto/records/v2.py's; proto/convert.py turns them into the v2 messages.
 """
 from __future__ import annotations
 
@@ -20,60 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from proto.records.v2 import BatchStatistics, Duration, InferStatistics, ModelStatistics
 from server.batching import Answer, Run
-
-
-@dataclass(frozen=True)
-class Duration:
-    """How many, and their total time in nanoseconds (proto: StatisticDuration)."""
-    count: int = 0
-    ns: int = 0
-
-
-@dataclass(frozen=True)
-class InferStatistics:
-    """The per-request statistics of one model version (proto: InferStatistics)."""
-    success: Duration
-    fail: Duration
-    queue: Duration
-    compute_input: Duration
-    compute_infer: Duration
-    compute_output: Duration
-
-    @property
-    def cache_hit(self) -> Duration:
-        return Duration()  # no response cache
-
-    @property
-    def cache_miss(self) -> Duration:
-        return Duration()
-
-
-@dataclass(frozen=True)
-class BatchStatistics:
-    """The runs of one batch size (proto: InferBatchStatistics)."""
-    batch_size: int
-    compute_input: Duration
-    compute_infer: Duration
-    compute_output: Duration
-
-
-@dataclass(frozen=True)
-class ModelStatistics:
-    """One model version's statistics since the server started (proto: ModelStatistics)."""
-    name: str
-    version: str
-    last_inference: int  # ms since the Unix epoch when the last successful request ended; 0: none yet
-    inference_count: int  # images of successful requests
-    execution_count: int  # successful runs
-    inference_stats: InferStatistics
-    batch_stats: tuple[BatchStatistics, ...]  # by batch size, smallest first
-
-
-@dataclass(frozen=True)
-class ModelStatisticsList:
-    """ModelStatistics' answer (proto: ModelStatisticsResponse): one entry per version, oldest first."""
-    model_stats: tuple[ModelStatistics, ...]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.train.step import StepResult
+from proto.records.training import StepResult
 
 
 def _summary_writer():

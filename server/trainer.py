@@ -18,22 +18,23 @@ import dataclasses
 import fnmatch
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import InvalidArgument, ResourceExhausted, Unavailable
-from engine.graph.explain import Explanation, GradientExplainer
+from engine.graph.explain import GradientExplainer
 from engine.graph.fusion import optimize_inference_model
 from engine.graph.graph_explain import GradientGraphExplainer
 from engine.train.isolation import IsolatedTrainingEngine
 from engine.manifest import GRADIENT_MODEL, TRAINING_MODEL, Manifest
 from engine.store.repository import RepositoryWriter
 from engine.runtime import release_freed_memory
-from engine.train.schedule import LinearSchedule
-from engine.store.files import CheckpointInfo, CheckpointList, ModelVersion, VersionStore
-from engine.train.step import EvalResult, HeadImportanceResult, OptimizerState, StepResult
+from engine.store.files import VersionStore
+from proto.records.explain import Explanation
+from proto.records.model import ModelVersion
+from proto.records.training import (CheckpointInfo, CheckpointList, EvalResult, GradientHistory, HeadImportanceResult,
+                                    LinearSchedule, OptimizerState, StepResult)
 from server.config import Settings
 from server.decode import TrainingBatchValidator
 from server.metrics import Metrics
@@ -41,13 +42,6 @@ from server.persistence import Checkpoints, write_errors
 from server.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GradientHistory:
-    """GetGradientHistory's answer (proto: GradientHistoryResponse)."""
-    steps: tuple[StepResult, ...]  # oldest first
-    capacity: int  # applied steps the server keeps
 
 
 class Trainer:
@@ -149,7 +143,7 @@ class Trainer:
             kept = [dataclasses.replace(r, gradients=[g for g in r.gradients if wanted(g.name)],
                                         attention=[a for a in r.attention if any(map(wanted, {*a.weights, *a.biases}))])
                     for r in kept]
-        return GradientHistory(tuple(kept), self.settings.gradient_history)
+        return GradientHistory(kept, self.settings.gradient_history)
 
     def optimizer(self) -> OptimizerState:
         return self.engine.optimizer_state()

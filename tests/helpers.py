@@ -27,10 +27,10 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.client import tensor_to_proto
 from model.vit import PRESETS
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
+from proto.tensors import tensor_to_proto
 from server.dataplane import DataPlane
 from server.trainer import Trainer
 

@@ -2,7 +2,8 @@
 the engine does to a fresh interpreter, and that the repository is self-contained (no file points at a document
 outside it).
 
-    proto/   the contract: stubs and the dtype table
+    proto/   the contract: stubs, the wire records, their one converter and the one tensor codec; imports
+             none of the packages below, so the server and the client share it
     model/   the torch side (define, export, verify); may use engine/, never server/
     engine/  ONNX Runtime, numpy in and out; knows neither torch nor grpc, neither model/ nor server/;
              its rooms train/ -> graph/ -> top level <- store/ import downwards only
@@ -25,6 +26,7 @@ from tests.helpers import CALL_TIMEOUT, REPO, clean_env
 # ---------------------------------------------------------------- (a) import rules, by AST
 
 FORBIDDEN_IMPORTS = {  # package -> top-level modules its files must never import ("grpc_*": any grpc_ package)
+    "proto": ("server", "engine", "model", "client", "torch", "torchvision", "einops", "onnx", "onnxruntime"),
     "model": ("server",),
     "server": ("torch", "torchvision", "einops", "model"),
     "engine": ("torch", "torchvision", "einops", "model", "grpc", "grpc_*", "server"),

@@ -27,13 +27,12 @@ import torch
 from matplotlib.text import Text
 from PIL import Image
 
-from client.client import (
+from client import (
     ClientError,
     GradientHistory,
     HeadImportanceResult,
     TrainStepResult,
     ViTClient,
-    from_proto,
 )
 from client.graphs import (
     branches,
@@ -54,6 +53,7 @@ from client.render import History, render
 from model import export as exporter
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
+from proto.convert import from_proto
 from tests.helpers import (
     TRAINERS,
     assert_one_error_line,

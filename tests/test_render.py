@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 
 import client.__main__ as cli_main
-from client.client import (
+from client import (
+    ClassScore,
     GradientSummary,
     LinearSchedule,
     ModelInfo,
     ModelVersion,
     OptimizerState,
+    ParameterInfo,
+    Prediction,
     PredictResult,
+    Preprocessing,
     QkvGradient,
     TrainStepResult,
     ViTClient,
@@ -38,11 +42,10 @@ def train_step(step=8, **overrides) -> TrainStepResult:
 
 
 MODEL_INFO = ModelInfo(
-    name="digits", config={"dim": 64}, input_name="images", input_shape=(-1, 1, 8, 8), input_dtype="FLOAT32",
-    preprocessing={"height": 8, "width": 8, "channels": 1, "mean": [0.485], "std": [0.229]},
+    name="digits", config_json='{"dim": 64}', input_name="images", input_shape=(-1, 1, 8, 8), input_dtype="FLOAT32",
+    preprocessing=Preprocessing(height=8, width=8, channels=1, mean=(0.485,), std=(0.229,)),
     class_names=[str(i) for i in range(12)],
-    parameters=[{"name": "a", "shape": (3, 4), "trainable": True, "block": 0, "sublayer": "feedforward"},
-                {"name": "b", "shape": (1000,), "trainable": False, "block": -1, "sublayer": "head"}],
+    parameters=[ParameterInfo("a", (3, 4), True, 0, "feedforward"), ParameterInfo("b", (1000,), False, -1, "head")],
     execution_providers=["CPUExecutionProvider"], device="cpu", opset=17, optimizer="adamw", step=7,
     learning_rate=0.0005, max_batch_size=64, export_versions={}, loss_node="loss",
     loss_op_type="SoftmaxCrossEntropyLoss", model_version=1,
@@ -105,8 +108,8 @@ def test_info_text(capsys):
 
 
 def test_info_text_names_a_checkpoints_resize_and_crop(capsys):
-    pre = {"height": 224, "width": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "resize_shorter": 248,
-           "interpolation": "bicubic"}
+    pre = Preprocessing(height=224, width=224, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, resize_shorter=248,
+                        interpolation="bicubic")
     rows = printed(capsys, dataclasses.replace(MODEL_INFO, preprocessing=pre)).splitlines()
     assert rows[4] == ("preprocessing   224x224 (shorter side to 248, centre crop), bicubic, 3 channel(s), "
                        "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]")
@@ -136,7 +139,8 @@ def test_train_steps_print_as_they_run(capsys):
 def test_optimizer_and_predict_text(capsys):
     state = OptimizerState("adamw", 0.0002, LinearSchedule(0.002, 10, 100, 1e-5), 3, 1.0, 8, 2)
     assert printed(capsys, state) == OPTIMIZER_TEXT
-    result = PredictResult([[(3, "three", 0.75), (10, "ten", 0.125)]], np.array([[0.5, -1.25]], np.float32), 2)
+    result = PredictResult([Prediction([ClassScore(3, "three", 0.75), ClassScore(10, "ten", 0.125)])],
+                           np.array([[0.5, -1.25]], np.float32), 2)
     assert printed(capsys, Predictions(["x.png"], result)) == PREDICT_TEXT
 
 
@@ -150,8 +154,9 @@ def test_json_documents(capsys):
     assert json.loads(printed(capsys, Health("SERVING"), as_json=True)) == {"status": "SERVING"}
     plot = json.loads(printed(capsys, GradientPlot("flow.png", train_step()), as_json=True))
     assert plot["plot"] == "flow.png" and plot["step"]["step"] == 8
-    result = PredictResult([[(3, "three", 0.75)]], None, 2)
-    assert document(Predictions(["x.png"], result)) == result.as_dict()
+    result = PredictResult([Prediction([ClassScore(3, "three", 0.75)])], None, 2)
+    assert document(Predictions(["x.png"], result)) == result.as_dict() == {
+        "predictions": [[[3, "three", 0.75]]], "logits": None, "model_version": 2}
 
 
 def test_every_command_result_has_text():

@@ -18,15 +18,16 @@ Pure graph analysis of `training_model.onnx` (onnx + the manifest; no grpc, no t
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from engine.errors import ConfigError, FailedPrecondition, NotFound
 from engine.graph.heads import HeadOutput
-from engine.manifest import Manifest, Parameter, QkvLayout
 from engine.graph.rewrite import constant_value
+from engine.manifest import Manifest
+from proto.records.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
+from proto.records.model import Parameter, QkvLayout
 
 GRAD = "_grad"  # ORT's gradient tensor suffix
 GRAD_NODE = "_Grad/"  # ORT's gradient node name infix
@@ -38,48 +39,11 @@ RESHAPES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast"}
 CUTS = {"Slice", "Split", "Gather"}
 
 
-@dataclass(frozen=True)
-class GraphNode:
-    name: str
-    op_type: str  # domain-qualified when not the default domain, e.g. "com.microsoft.SoftmaxCrossEntropyLossGrad"
-    inputs: tuple
-    outputs: tuple
-
-    @classmethod
-    def of(cls, node: onnx.NodeProto) -> "GraphNode":
-        domain = node.domain if node.domain not in ("", "ai.onnx") else ""
-        op_type = f"{domain}.{node.op_type}" if domain else node.op_type
-        return cls(node.name, op_type, tuple(node.input), tuple(node.output))
-
-
-@dataclass(frozen=True)
-class QkvPartGradient:
-    part: str  # "q", "k" or "v"
-    tensor: str  # the forward Slice/Split output
-    gradient_tensor: str
-    gradient_node: GraphNode
-
-
-@dataclass(frozen=True)
-class ParameterGradientPath:
-    name: str
-    shape: tuple
-    block: int
-    sublayer: str
-    gradient_tensor: str
-    gradient_node: GraphNode
-    ops_from_loss: int
-    path: tuple  # tuple[GraphNode, ...], loss gradient first
-    qkv_parts: tuple  # tuple[QkvPartGradient, ...], q, k, v (empty unless a fused qkv projection)
-
-
-@dataclass(frozen=True)
-class Explanation:
-    loss: GraphNode
-    loss_gradient: GraphNode
-    parameters: tuple  # tuple[ParameterGradientPath, ...] in manifest order
-    forward_nodes: int
-    backward_nodes: int
+def graph_node(node: onnx.NodeProto) -> GraphNode:
+    """A node's record, its op type qualified by its domain when that is not the default one."""
+    domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+    op_type = f"{domain}.{node.op_type}" if domain else node.op_type
+    return GraphNode(node.name, op_type, tuple(node.input), tuple(node.output))
 
 
 class GradientExplainer:
@@ -122,7 +86,7 @@ class GradientExplainer:
     # -- graph walking ---------------------------------------------------------------------------
 
     def _info(self, index: int) -> GraphNode:
-        return GraphNode.of(self._nodes[index])
+        return graph_node(self._nodes[index])
 
     def _downstream(self, start: int) -> dict[int, int | None]:
         """Breadth-first over producer -> consumer edges (consumers in graph order): node -> parent."""

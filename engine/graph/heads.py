@@ -19,15 +19,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from proto.records.training import HeadScores
+
 OUTPUT, GRADIENT = "vitserve_heads/{}/output", "vitserve_heads/{}/gradient"  # names of the added outputs
-
-
-@dataclass(frozen=True)
-class HeadScores:
-    """One attention module's head importance (proto: HeadScores)."""
-    block: int
-    module: str
-    importance: tuple[float, ...]  # one value per head
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from typing import Iterator
 
 from engine.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 from engine.manifest import sha256
+from proto.records.model import ModelVersion
+from proto.records.training import CheckpointInfo
 
 log = logging.getLogger(__name__)
 META = "meta.json"
@@ -196,26 +198,6 @@ def describe_os_error(error: BaseException) -> str:
     return line.rsplit(" : ", 1)[-1].strip() if "[ONNXRuntimeError]" in line else line
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    name: str
-    step: int
-    created_unix: float
-    size_bytes: int
-    reason: str  # manual | auto | shutdown
-    problem: str = ""  # why it cannot be restored ("" when intact)
-
-
-@dataclass(frozen=True)
-class CheckpointList:
-    """The checkpoints, oldest first (damaged ones too, with their problem), and the newest intact one's name."""
-    checkpoints: tuple[CheckpointInfo, ...]
-
-    @property
-    def latest(self) -> str:
-        return next((c.name for c in reversed(self.checkpoints) if not c.problem), "")
-
-
 def checkpoint_name(name: str) -> str:
     """Client-given names are names, never paths."""
     if not NAME.fullmatch(name):
@@ -298,13 +280,6 @@ class CheckpointStore:
                                   str(meta.get("reason", "")), e.problem)
         except (TypeError, ValueError):
             return CheckpointInfo(e.name, 0, 0.0, 0, "", f"{META} has fields of the wrong type")
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    version: int
-    step: int
-    created_unix: float
 
 
 class VersionStore:

@@ -6,54 +6,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from engine.manifest import Parameter, QkvLayout
-
-
-@dataclass(frozen=True)
-class GradientSummary:
-    """One trainable parameter's gradient in one step (proto: GradientSummary)."""
-    name: str
-    shape: tuple[int, ...]
-    l2_norm: float
-    mean: float
-    std: float
-    min: float
-    max: float
-    max_abs: float
-    zero_fraction: float
-    nonfinite_count: int
-    param_norm: float
-    update_ratio: float
-    block: int = -1  # where the parameter sits (the manifest's placement)
-    sublayer: str = "other"
-
-
-@dataclass(frozen=True)
-class QkvGradient:
-    """One attention module's q, k and v gradients, whole and head by head, weights and biases (proto: QkvGradient)."""
-    name: str  # fused: the projection weight; separate: the attention module
-    block: int
-    heads: int
-    dim_head: int
-    q_norm: float  # L2 norm of the q part of the weight gradient
-    k_norm: float
-    v_norm: float
-    q_head_norms: tuple[float, ...]  # each head's rows of the q part
-    k_head_norms: tuple[float, ...]
-    v_head_norms: tuple[float, ...]
-    module: str = ""
-    weights: tuple[str, ...] = ()  # the q, k and v weight parameters (one name three times when fused)
-    biases: tuple[str, ...] = ()  # the q, k and v bias parameters; () without biases (then the bias norms are 0)
-    q_bias_norm: float = 0.0
-    k_bias_norm: float = 0.0
-    v_bias_norm: float = 0.0
-    q_bias_head_norms: tuple[float, ...] = ()
-    k_bias_head_norms: tuple[float, ...] = ()
-    v_bias_head_norms: tuple[float, ...] = ()
+from proto.records.model import Parameter, QkvLayout
+from proto.records.training import GradientSummary, QkvGradient
 
 
 def _l2(x: np.ndarray) -> float:

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ConfigError, Unavailable, VitServeError
-from engine.train.step import EvalResult, HeadImportanceResult, OptimizerState, StepResult, TrainingEngine
+from engine.train.step import TrainingEngine
+from proto.records.training import EvalResult, HeadImportanceResult, OptimizerState, StepResult
 
 log = logging.getLogger(__name__)
 

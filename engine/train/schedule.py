@@ -8,32 +8,30 @@ import math
 from dataclasses import asdict, dataclass
 
 from engine.errors import InvalidArgument
+from proto.records.training import LinearSchedule
 
 
-@dataclass(frozen=True)
-class LinearSchedule:
-    peak_lr: float
-    warmup_steps: int
-    decay_steps: int
-    end_lr: float
+def check_schedule(schedule: LinearSchedule) -> LinearSchedule:
+    """A schedule as SetOptimizer may set it: a peak above 0, steps >= 0, and some steps that reach the peak."""
+    s = schedule
+    if not (math.isfinite(s.peak_lr) and s.peak_lr > 0 and math.isfinite(s.end_lr) and s.end_lr >= 0):
+        raise InvalidArgument(f"schedule: peak_lr must be > 0 and end_lr >= 0, got {s.peak_lr} and {s.end_lr}")
+    if s.warmup_steps < 0 or s.decay_steps < 0:
+        raise InvalidArgument("schedule: warmup_steps and decay_steps must be >= 0")
+    if s.warmup_steps + s.decay_steps == 0:
+        raise InvalidArgument("schedule: warmup_steps + decay_steps is 0, so peak_lr would never be used; "
+                              "set a constant learning_rate instead")
+    return schedule
 
-    def __post_init__(self):
-        if not (math.isfinite(self.peak_lr) and self.peak_lr > 0 and math.isfinite(self.end_lr) and self.end_lr >= 0):
-            raise InvalidArgument(f"schedule: peak_lr must be > 0 and end_lr >= 0, got {self.peak_lr} and {self.end_lr}")
-        if self.warmup_steps < 0 or self.decay_steps < 0:
-            raise InvalidArgument("schedule: warmup_steps and decay_steps must be >= 0")
-        if self.warmup_steps + self.decay_steps == 0:
-            raise InvalidArgument("schedule: warmup_steps + decay_steps is 0, so peak_lr would never be used; "
-                                  "set a constant learning_rate instead")
 
-    def lr(self, k: int) -> float:
-        """Learning rate of the k-th step (1-based) since the schedule was set."""
-        if k <= self.warmup_steps:
-            return self.peak_lr * k / self.warmup_steps
-        k -= self.warmup_steps
-        if k <= self.decay_steps:
-            return self.peak_lr + (self.end_lr - self.peak_lr) * k / self.decay_steps
-        return self.end_lr
+def scheduled_lr(s: LinearSchedule, k: int) -> float:
+    """Learning rate of the k-th step (1-based) since the schedule was set."""
+    if k <= s.warmup_steps:
+        return s.peak_lr * k / s.warmup_steps
+    k -= s.warmup_steps
+    if k <= s.decay_steps:
+        return s.peak_lr + (s.end_lr - s.peak_lr) * k / s.decay_steps
+    return s.end_lr
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class LrPolicy:
 
     def lr(self, step: int) -> float:
         """Learning rate for step number `step` (1-based, the step about to be applied)."""
-        return self.schedule.lr(step - self.start_step) if self.schedule else self.constant
+        return scheduled_lr(self.schedule, step - self.start_step) if self.schedule else self.constant
 
     def position(self, step: int) -> int:
         """Steps taken since the schedule was set (0 without a schedule)."""

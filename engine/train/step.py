@@ -30,7 +30,9 @@ from engine.train import gradients
 from engine.errors import ConfigError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from engine.manifest import Manifest
 from engine.runtime import tune_process_for_training
-from engine.train.schedule import LinearSchedule, LrPolicy, check_learning_rate
+from engine.train.schedule import LrPolicy, check_learning_rate, check_schedule
+from proto.records.training import (EvalResult, HeadImportanceResult, HeadScores, LinearSchedule, OptimizerState,
+                                    StepResult)
 
 Trainer = Literal["ort", "ort-training"]
 TRAINERS: tuple[str, ...] = ("ort", "ort-training")
@@ -83,58 +85,11 @@ def open_backend(trainer: str, manifest: Manifest, device: str, options: ort.Ses
 
 
 @dataclass(frozen=True)
-class StepResult:
-    loss: float
-    step: int
-    learning_rate: float
-    grad_norm: float
-    gradients: list[gradients.GradientSummary]
-    attention: list[gradients.QkvGradient]
-    step_seconds: float
-    applied: bool
-    skipped_reason: str
-    accumulated_batches: int
-    clip_coefficient: float
-    head_importance: tuple[heads.HeadScores, ...] = ()  # when the step was asked for it
-
-
-@dataclass(frozen=True)
 class ShardGradients:
     """Forward + backward of one shard of a batch on its own (data-parallel training, engine/train/parallel.py)."""
     loss: float  # the shard's mean loss (0.0 for an empty shard)
     gradients: np.ndarray  # flat float32 in model order: the gradient of the shard's mean loss (zeros when empty)
     head_sums: tuple[np.ndarray, ...]  # with head importance: per attention module, heads.head_sums of the shard
-
-
-@dataclass(frozen=True)
-class HeadImportanceResult:
-    """Head importance of one batch at the current weights (proto: HeadImportanceResponse)."""
-    loss: float
-    step: int
-    heads: tuple[heads.HeadScores, ...]
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    correct: int
-    count: int
-    step: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.count
-
-
-@dataclass(frozen=True)
-class OptimizerState:
-    optimizer: str
-    learning_rate: float  # the next step's
-    schedule: LinearSchedule | None
-    schedule_position: int
-    clip_grad_norm: float
-    step: int
-    accumulated_batches: int
 
 
 class TrainingEngine:
@@ -225,6 +180,8 @@ class TrainingEngine:
 
     def set_optimizer(self, learning_rate: float | None = None, schedule: LinearSchedule | None = None,
                       clip_grad_norm: float | None = None) -> OptimizerState:
+        if schedule is not None:
+            check_schedule(schedule)
         if learning_rate is not None and schedule is not None:
             raise InvalidArgument("give a constant learning_rate or a schedule, not both")
         if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm >= 0):
@@ -240,7 +197,7 @@ class TrainingEngine:
 
     # -- steps ------------------------------------------------------------------------------------------
 
-    def head_scores(self, sums: tuple[np.ndarray, ...]) -> tuple[heads.HeadScores, ...]:
+    def head_scores(self, sums: tuple[np.ndarray, ...]) -> tuple[HeadScores, ...]:
         """Each attention module's head importance from its head sums (ShardGradients.head_sums, combined)."""
         if not sums:
             return ()
@@ -318,7 +275,7 @@ class TrainingEngine:
             return self._accumulate(loss, grads, self.head_scores(head_sums), start, summaries, accumulate_only,
                                     on_gradients, fresh=False)
 
-    def _accumulate(self, loss: float, grads: np.ndarray, scores: tuple[heads.HeadScores, ...], start: float,
+    def _accumulate(self, loss: float, grads: np.ndarray, scores: tuple[HeadScores, ...], start: float,
                     summaries: bool, accumulate_only: bool,
                     on_gradients: Callable[[int, dict[str, np.ndarray]], None] | None, fresh: bool) -> StepResult:
         """Add the batch's gradient to a pending sum, then finish the step. `fresh`: `grads` is the backend's
@@ -332,7 +289,7 @@ class TrainingEngine:
             self._pending = grads.copy() if fresh else grads
         return result
 
-    def _finish(self, loss: float, grads: np.ndarray, scores: tuple[heads.HeadScores, ...], start: float,
+    def _finish(self, loss: float, grads: np.ndarray, scores: tuple[HeadScores, ...], start: float,
                 summaries: bool, accumulate_only: bool,
                 on_gradients: Callable[[int, dict[str, np.ndarray]], None] | None, fresh: bool) -> StepResult:
         """A step after its forward + backward: `grads` is the accumulated sum."""
@@ -365,7 +322,7 @@ class TrainingEngine:
 
     def _result(self, loss, grads, start, summaries, *, applied: bool, batches: int, before=None, skipped: str = "",
                 norm: float, lr: float | None = None, squares: np.ndarray | None = None,
-                coefficient: float = 1.0, scores: tuple[heads.HeadScores, ...] = ()) -> StepResult:
+                coefficient: float = 1.0, scores: tuple[HeadScores, ...] = ()) -> StepResult:
         """The step's answer; `before` holds the flat weights before an applied update (for update ratios),
         `squares` each parameter's sum of squared gradients (FlatLayout.squares), `norm` the global norm."""
         summaries_out, attention = [], []
