@@ -4,7 +4,8 @@ The records it answers with are the wire records of proto/records/, the same cla
 a few go by the client's names here (ParameterInfo, AttentionModule, UnplacedParameter, TrainStepResult).
 """
 from client.client import ClientError, ViTClient
-from proto.records.explain import Explanation, GraphNode, ParameterGradientPath, QkvPartGradient
+from proto.records.explain import (AttributeResult, Explanation, GraphNode, ImageAttribution, ParameterGradientPath,
+                                   QkvPartGradient)
 from proto.records.model import ClassScore, ModelInfo, ModelVersion, Prediction, PredictResult, Preprocessing
 from proto.records.model import Parameter as ParameterInfo
 from proto.records.model import QkvLayout as AttentionModule
@@ -26,6 +27,7 @@ from proto.tensors import tensor_from_proto, tensor_to_proto
 
 __all__ = [
     "AttentionModule",
+    "AttributeResult",
     "CheckpointInfo",
     "CheckpointList",
     "ClassScore",
@@ -37,6 +39,7 @@ __all__ = [
     "GraphNode",
     "HeadImportanceResult",
     "HeadScores",
+    "ImageAttribution",
     "LinearSchedule",
     "ModelInfo",
     "ModelVersion",

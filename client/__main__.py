@@ -34,7 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.cli import UsageError, build_parser, load_batch, parse_schedule, picture, resume_command
+import numpy as np
+
+from client.cli import (UsageError, build_parser, class_index, load_batch, load_images_npz, parse_schedule, picture,
+                        resume_command)
 from client import (
     CheckpointList,
     ClientError,
@@ -46,6 +49,7 @@ from client import (
 )
 from client.evaluate import Evaluation, FolderPredictions
 from client.render import (
+    Attributed,
     Checkpointed,
     Explained,
     Fitted,
@@ -162,6 +166,31 @@ def explain(client: ViTClient, args: argparse.Namespace) -> Explained:
     return Explained(explanation, detail=True, picture=draw_gradient_path(explanation, args.parameter, plot))
 
 
+def attribute(client: ViTClient, args: argparse.Namespace) -> Attributed:
+    """The images are decoded here, with the model's own preprocessing (proto/images.py), and sent as a tensor:
+    the overlay shows exactly the pixels the maps are of."""
+    from proto.images import ImageError, Recipe, decode_file
+
+    plot = picture(args.plot)
+    info = client.model_info(args.model)
+    recipe = Recipe.of(info.preprocessing)
+    if args.npz:
+        images = np.asarray(load_images_npz(args.npz), dtype=np.float32)
+    else:
+        try:
+            images = np.stack([decode_file(path, recipe) for path in args.images])
+        except ImageError as e:
+            raise UsageError(str(e)) from None
+    targets = [class_index(args.target, list(info.class_names))] * len(images) if args.target is not None else None
+    result = client.attribute(images, targets, args.method, args.heads, args.training_weights, args.model)
+    names = [Path(p).name for p in args.images] if not args.npz else [f"image {i}" for i in range(len(images))]
+    if plot is not None:
+        from client.overlays import attribution_overlay
+
+        attribution_overlay(result, images * recipe.std + recipe.mean, names, plot)
+    return Attributed(result, names, plot)
+
+
 def grads(client: ViTClient, args: argparse.Namespace) -> GradientPlot:
     from client.plots import gradient_flow
 
@@ -194,7 +223,7 @@ def history(client: ViTClient, args: argparse.Namespace) -> History:
 COMMANDS: dict[str, Callable[[ViTClient, argparse.Namespace], Any]] = {
     "health": health, "info": info, "predict": predict, "fit": fit, "evaluate": evaluate, "train-step": train_step, "eval-step": eval_step,
     "optimizer": optimizer, "checkpoint": checkpoint, "publish": publish, "explain": explain, "grads": grads,
-    "heads": heads, "history": history,
+    "heads": heads, "history": history, "attribute": attribute,
 }
 
 

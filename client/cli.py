@@ -129,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw that parameter's backward path, q/k/v branches marked (graphviz's dot if on PATH, "
                         "else matplotlib)")
 
+    a = sub.add_parser("attribute", parents=[common], help="which image patches each prediction comes from")
+    a.add_argument("--model", default="", metavar="NAME", help="which model (default: the only one)")
+    source = a.add_mutually_exclusive_group(required=True)
+    source.add_argument("images", nargs="*", default=[], metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    source.add_argument("--npz", metavar="FILE", help=".npz with `images` float32 [N,C,H,W] (labels, if any, unused)")
+    a.add_argument("--method", default="rollout", choices=("rollout", "chefer", "gradxinput"),
+                   help="attention rollout, Chefer et al.'s relevance, or input x gradient (default rollout)")
+    a.add_argument("--target", metavar="CLASS", help="the class to explain, index or name (default: each "
+                                                     "image's predicted class)")
+    a.add_argument("--heads", action="store_true", help="also each block's and head's map (rollout, chefer)")
+    a.add_argument("--training-weights", action="store_true",
+                   help="explain the trainer's current weights instead of the served version")
+    a.add_argument("--plot", metavar="FILE.png|.svg", help="each image overlaid with its map, one panel per image")
+
     g = sub.add_parser("grads", parents=[common], help="run one train step and plot the gradient flow")
     g.add_argument("--plot", required=True, metavar="FILE.png|.svg", help="where to write the figure")
     add_batch_arguments(g)
@@ -209,6 +223,31 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
         if missing:
             raise UsageError(f"{path} has no array(s) named {', '.join(sorted(missing))}")
         return data["images"], data["labels"]
+
+
+def load_images_npz(path: str) -> np.ndarray:
+    """The `images` array of an .npz (its labels, if any, are not needed)."""
+    try:
+        data = np.load(path, allow_pickle=False)  # OSError (missing file) propagates as is
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{path} is not an .npz file") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UsageError(f"{path} is a single array, not an .npz with `images`")
+    with data:
+        if "images" not in data.files:
+            raise UsageError(f"{path} has no array named images")
+        return data["images"]
+
+
+def class_index(target: str, class_names: list[str]) -> int:
+    """--target CLASS: a class name of the model, else an index."""
+    if target in class_names:
+        return class_names.index(target)
+    try:
+        return int(target)
+    except ValueError:
+        raise UsageError(f"--target {target}: not one of the model's classes ({', '.join(class_names[:10])}"
+                         f"{', ...' if len(class_names) > 10 else ''}) nor a class index") from None
 
 
 def parse_schedule(values: list[str], end_lr: float | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import vitserve_pb2, vitserve_pb2_grpc
 from proto.convert import from_proto, to_proto
-from proto.records.explain import Explanation
+from proto.records.explain import AttributeResult, Explanation
 from proto.records.model import ModelInfo, ModelVersion, PredictResult
 from proto.records.training import (
     CheckpointInfo,
@@ -231,6 +231,16 @@ class ViTClient:
         """Where the loss and each trainable parameter's gradient are computed ("" for all parameters)."""
         request = vitserve_pb2.ExplainGradientsRequest(parameter=parameter)
         return from_proto(Explanation, self._call(self._stub.ExplainGradients, request))
+
+    def attribute(self, images: ImagesArg, targets: Sequence[int] | None = None, method: str = "rollout",
+                  heads: bool = False, training_weights: bool = False, model: str = "") -> AttributeResult:
+        """Which patches each image's prediction comes from: a map on the patch grid per image by `method`
+        (rollout, chefer or gradxinput) for `targets` (one class per image; None: the predicted classes), on the
+        served version or the trainer's current weights; `heads`: also each block's and head's map."""
+        request = vitserve_pb2.AttributeRequest(images=images_to_proto(images), targets=list(targets or ()),
+                                                method=method, heads=heads, training_weights=training_weights,
+                                                model=model)
+        return from_proto(AttributeResult, self._call(self._stub.Attribute, request))
 
     def fit(self, data: str | os.PathLike, out: str | os.PathLike = "fit-output", **options: Any) -> Any:
         """Fine-tune on DATA (an ImageFolder or a CSV of path,label) epoch by epoch; writes fit.json, the curve

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from client import (
+    AttributeResult,
     CheckpointInfo,
     CheckpointList,
     EvalResult,
@@ -87,6 +88,14 @@ class Explained:
     explanation: Explanation
     detail: bool
     picture: PathPicture | None = None
+
+
+@dataclass
+class Attributed:
+    """attribute: the maps, the name of each image (file name, or "image i" of an .npz) and the overlay (--plot)."""
+    result: AttributeResult
+    names: list[str]
+    plot: Path | None = None
 
 
 @dataclass
@@ -159,6 +168,11 @@ def _(result: Explained) -> Any:
     if result.picture is not None:
         doc.update(plot=str(result.picture.path), renderer=result.picture.renderer, plotted_nodes=result.picture.nodes)
     return doc
+
+
+@document.register
+def _(result: Attributed) -> Any:
+    return {**result.result.as_dict(), "images": result.names, **({"plot": str(result.plot)} if result.plot else {})}
 
 
 @document.register
@@ -587,3 +601,21 @@ def print_parameter_story(e: Explanation, p: ParameterGradientPath) -> None:
     for i, node in enumerate(p.path, 1):
         mark = f"  <- {parts[node.name]} gradient" if node.name in parts else ""
         print(f"    {i:>3}  {node.op_type:<{width}}  {node.name}{mark}")
+
+
+@text.register
+def print_attribution(result: Attributed) -> None:
+    r = result.result
+    weights = f"training weights of step {r.step}" if r.step else f"model version {r.model_version}"
+    rows, columns = r.grid
+    print(f"{r.method} maps on a {rows}x{columns} grid of {r.patch[0]}x{r.patch[1]}-pixel cells ({weights})")
+    for name, a in zip(result.names, r.attributions):
+        flat = a.map.reshape(-1)
+        top = np.argsort(-flat, kind="stable")[:3]
+        cells = ", ".join(f"({i // columns},{i % columns}) {flat[i]:.3g}" for i in top)
+        print(f"{name}: class {a.target} ({a.label}); strongest cells (row,col): {cells}")
+        if columns <= 16:
+            for row in a.map:
+                print("    " + " ".join(f"{v:6.3f}" for v in row))
+    if result.plot:
+        print(f"wrote {result.plot}")

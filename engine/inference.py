@@ -1,12 +1,15 @@
 """Inference engine: one ONNX Runtime session over inference.onnx. numpy in, numpy out; thread-safe."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 
 
 class InferenceEngine:
     def __init__(self, model_path, input_name: str, output_name: str, providers: list, options: ort.SessionOptions):
+        self.path = Path(model_path)  # the ONNX file (a published version's weights are its initializers)
         self._session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
         self._input_name = input_name
         self._output_name = output_name

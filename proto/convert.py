@@ -57,6 +57,8 @@ RECORDS: dict[type, type[Message]] = {
     explain.QkvPartGradient: pb.QkvPartGradient,
     explain.ParameterGradientPath: pb.ParameterGradientPath,
     explain.Explanation: pb.ExplainGradientsResponse,
+    explain.ImageAttribution: pb.ImageAttribution,
+    explain.AttributeResult: pb.AttributeResponse,
     # KServe v2 (proto/records/v2.py, proto/open_inference.proto)
     kserve.Duration: v2.StatisticDuration,
     kserve.InferStatistics: v2.InferStatistics,

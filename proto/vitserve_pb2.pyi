@@ -566,3 +566,47 @@ class ModelInfo(_message.Message):
     trainer: str
     onnxruntime_version: str
     def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., input_name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., opset: _Optional[int] = ..., optimizer: _Optional[str] = ..., step: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., export_versions: _Optional[_Mapping[str, str]] = ..., loss_node: _Optional[str] = ..., loss_op_type: _Optional[str] = ..., model_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_every_seconds: _Optional[float] = ..., publish_every_steps: _Optional[int] = ..., attention: _Optional[_Iterable[_Union[AttentionModule, _Mapping]]] = ..., unplaced: _Optional[_Iterable[_Union[UnplacedParameter, _Mapping]]] = ..., role: _Optional[str] = ..., trainer: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ...) -> None: ...
+
+class AttributeRequest(_message.Message):
+    __slots__ = ("images", "targets", "method", "heads", "training_weights", "model")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    targets: _containers.RepeatedScalarFieldContainer[int]
+    method: str
+    heads: bool
+    training_weights: bool
+    model: str
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., targets: _Optional[_Iterable[int]] = ..., method: _Optional[str] = ..., heads: _Optional[bool] = ..., training_weights: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ImageAttribution(_message.Message):
+    __slots__ = ("map", "target", "label", "heads")
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    map: Tensor
+    target: int
+    label: str
+    heads: Tensor
+    def __init__(self, map: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., label: _Optional[str] = ..., heads: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AttributeResponse(_message.Message):
+    __slots__ = ("attributions", "method", "model_version", "step", "grid", "patch")
+    ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    attributions: _containers.RepeatedCompositeFieldContainer[ImageAttribution]
+    method: str
+    model_version: int
+    step: int
+    grid: _containers.RepeatedScalarFieldContainer[int]
+    patch: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, attributions: _Optional[_Iterable[_Union[ImageAttribution, _Mapping]]] = ..., method: _Optional[str] = ..., model_version: _Optional[int] = ..., step: _Optional[int] = ..., grid: _Optional[_Iterable[int]] = ..., patch: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -99,6 +99,11 @@ class VitServeStub:
                 request_serializer=proto_dot_vitserve__pb2.GradientHistoryRequest.SerializeToString,
                 response_deserializer=proto_dot_vitserve__pb2.GradientHistoryResponse.FromString,
                 _registered_method=True)
+        self.Attribute = channel.unary_unary(
+                '/vitserve.v1.VitServe/Attribute',
+                request_serializer=proto_dot_vitserve__pb2.AttributeRequest.SerializeToString,
+                response_deserializer=proto_dot_vitserve__pb2.AttributeResponse.FromString,
+                _registered_method=True)
 
 
 class VitServeServicer:
@@ -210,6 +215,19 @@ class VitServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attribute(self, request, context):
+        """Which image patches a prediction comes from: per image, an attribution
+        map on the patch grid by attention rollout (Abnar & Zuidema 2020),
+        Chefer et al.'s relevance (ICCV 2021) or input x gradient, for the
+        predicted class or a chosen one. On the served version (what Predict
+        answers; predict replicas too) or, on a trainer, the training weights.
+        Changes nothing. Bad images, classes and methods get Predict's codes;
+        rollout or chefer on a model without attention is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VitServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +295,11 @@ def add_VitServeServicer_to_server(servicer, server):
                     servicer.GetGradientHistory,
                     request_deserializer=proto_dot_vitserve__pb2.GradientHistoryRequest.FromString,
                     response_serializer=proto_dot_vitserve__pb2.GradientHistoryResponse.SerializeToString,
+            ),
+            'Attribute': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attribute,
+                    request_deserializer=proto_dot_vitserve__pb2.AttributeRequest.FromString,
+                    response_serializer=proto_dot_vitserve__pb2.AttributeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -630,6 +653,33 @@ class VitServe:
             '/vitserve.v1.VitServe/GetGradientHistory',
             proto_dot_vitserve__pb2.GradientHistoryRequest.SerializeToString,
             proto_dot_vitserve__pb2.GradientHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attribute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitserve.v1.VitServe/Attribute',
+            proto_dot_vitserve__pb2.AttributeRequest.SerializeToString,
+            proto_dot_vitserve__pb2.AttributeResponse.FromString,
             options,
             channel_credentials,
             insecure,

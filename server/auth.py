@@ -29,6 +29,7 @@ ROLES: dict[str, str] = {
     SERVICE_PREFIX + name: role for name, role in (
         ("Predict", READ), ("GetModelInfo", READ), ("EvalStep", READ), ("ExplainGradients", READ),
         ("GetOptimizer", READ), ("ListCheckpoints", READ), ("HeadImportance", READ), ("GetGradientHistory", READ),
+        ("Attribute", READ),
         ("TrainStep", WRITE), ("SetOptimizer", WRITE), ("SaveCheckpoint", WRITE), ("RestoreCheckpoint", WRITE),
         ("Publish", WRITE),
     )

@@ -22,6 +22,8 @@ from engine.manifest import INFERENCE_MODEL, TRAINER_FILES, Manifest
 from engine.runtime import VERSION as ORT_VERSION
 from engine.runtime import quiet_default_logger
 from engine.store.files import VersionStore
+from proto import vitserve_pb2 as pb
+from proto.records.explain import AttributeResult
 from proto.records.model import ModelInfo
 from proto.records.training import CheckpointInfo
 from server.config import Settings
@@ -83,6 +85,17 @@ class DataPlane:
     def training(self) -> Trainer | None:
         """The trainer when this role trains, else None."""
         return self._trainer
+
+    def attribute(self, model: str, images: pb.Images, targets: list[int] | None, method: str, heads: bool,
+                  training_weights: bool) -> AttributeResult:
+        """Attribution maps of a request's images: on the served version of `model` (predict replicas too), or with
+        `training_weights` on the trainer's current weights. `method` "" is rollout; `targets` None the predicted
+        classes."""
+        method = method or "rollout"
+        if training_weights:
+            trainer = self.trainer("attribute with the training weights")
+            return trainer.attribute(trainer.batches.images(images), targets, method, heads)
+        return self.registry.attribute(model, lambda served: served.decoder.images(images), targets, method, heads)
 
     def model_info(self, name: str = "") -> ModelInfo:
         """The model `name` ("" for the only or the trainer's one): the export, the training state and the settings."""

@@ -61,6 +61,7 @@ V1_ROUTES = [  # (HTTP methods, path, VitServe method, request message): GET rou
     (("GET", "POST"), "/v1/explain", "ExplainGradients", pb.ExplainGradientsRequest),
     (("POST",), "/v1/head-importance", "HeadImportance", pb.HeadImportanceRequest),
     (("GET", "POST"), "/v1/gradient-history", "GetGradientHistory", pb.GradientHistoryRequest),
+    (("POST",), "/v1/attribute", "Attribute", pb.AttributeRequest),
 ]
 
 

@@ -9,14 +9,17 @@ mixes a call in flight). A call that names no version runs on the newest.
 """
 from __future__ import annotations
 
+import threading
 
 import numpy as np
 
 from engine.errors import NotFound, Unavailable
+from engine.graph.attribution import AttributionEngine, export_weights, published_weights
 from engine.store.follower import LoadedVersion
 from engine.inference import top_k
 from engine.manifest import Manifest
 from proto import model_config_pb2
+from proto.records.explain import AttributeResult
 from proto.records.model import PredictResult
 from server.batching import Answer, DynamicBatcher, Run, execute
 from server.config import Settings
@@ -39,6 +42,10 @@ class ServedModel:
         self.serve(versions)
         self.batcher = DynamicBatcher(self._run_latest, settings.max_dynamic_batch, settings.max_batch_delay_ms / 1000,
                                       on_batch=self._batched) if settings.dynamic_batching else None
+        self._device = settings.device
+        self._attribution_lock = threading.Lock()
+        self._attribution: AttributionEngine | None = None  # opened on the first Attribute
+        self._attribution_weights: tuple[int, dict[str, np.ndarray]] | None = None  # (version, its weights)
 
     # -- versions -------------------------------------------------------------------------------------
 
@@ -102,6 +109,22 @@ class ServedModel:
         indices, probs = top_k(answer.logits, k)
         return PredictResult.of(indices, probs, self.manifest.class_names, answer.logits if return_logits else None,
                                 answer.version)
+
+    def attribute(self, images: np.ndarray, targets: list[int] | None, method: str, heads: bool) -> AttributeResult:
+        """Attribution maps of the newest served version (engine/graph/attribution.py): the export's attribution graph
+        with that version's weights (version 0: the export's; a published one: its initializers, by name)."""
+        version = self.latest
+        with self._attribution_lock:
+            if self._attribution is None:
+                self._attribution = AttributionEngine(self.manifest, self._device)
+            if self._attribution_weights is None or self._attribution_weights[0] != version.version:
+                weights = (export_weights(self.manifest) if version.version == 0
+                           else published_weights(self.manifest, version.engine.path))
+                self._attribution_weights = (version.version, weights)
+            engine, weights = self._attribution, self._attribution_weights[1]
+        record = engine.record
+        return AttributeResult(engine.attribute(images, targets, method, heads, weights), method, version.version, 0,
+                               tuple(record.grid), tuple(record.patch))
 
     def close(self) -> None:
         """Stop the batcher (requests already queued are answered first) and forget the gauges. The versions stay:

@@ -31,6 +31,7 @@ from engine.runtime import providers_for, resident_bytes, session_options
 from engine.store.files import VersionStore
 from engine.store.triton import model_config
 from proto import model_config_pb2
+from proto.records.explain import AttributeResult
 from proto.records.model import ModelVersion, PredictResult
 from proto.records.v2 import ModelIndex, ModelStatisticsList, RepositoryIndex
 from server.config import Settings
@@ -168,6 +169,12 @@ class ModelRegistry:
             answer = model.answer(images, version)
             call.done(answer, len(images))
             return answer.version, answer.logits
+
+    def attribute(self, name: str, decode: Decode, targets: list[int] | None, method: str,
+                  heads: bool) -> AttributeResult:
+        """Attribution maps of a request's batch on the model's newest served version (what Predict answers)."""
+        model = self.model(name)
+        return model.attribute(decode(model), targets, method, heads)
 
     @contextlib.contextmanager
     def _timed(self, model: ServedModel, version: str):

@@ -88,5 +88,10 @@ class VitServeServicer(vitserve_pb2_grpc.VitServeServicer):
         return to_proto(self.plane.trainer("explain").explain(request.parameter))
 
     @grpc_errors
+    def Attribute(self, request: pb.AttributeRequest, context) -> pb.AttributeResponse:
+        return to_proto(self.plane.attribute(request.model, request.images, list(request.targets) or None,
+                                             request.method, request.heads, request.training_weights))
+
+    @grpc_errors
     def GetModelInfo(self, request, context) -> pb.ModelInfo:
         return to_proto(self.plane.model_info(request.model))

@@ -25,13 +25,14 @@ import numpy as np
 from engine.errors import InvalidArgument, ResourceExhausted, Unavailable
 from engine.graph.explain import GradientExplainer
 from engine.graph.fusion import optimize_inference_model
+from engine.graph.attribution import AttributionEngine
 from engine.graph.graph_explain import GradientGraphExplainer
 from engine.train.isolation import IsolatedTrainingEngine
 from engine.manifest import GRADIENT_MODEL, TRAINING_MODEL, Manifest
 from engine.store.repository import RepositoryWriter
 from engine.runtime import release_freed_memory
 from engine.store.files import VersionStore
-from proto.records.explain import Explanation
+from proto.records.explain import AttributeResult, Explanation
 from proto.records.model import ModelVersion
 from proto.records.training import (CheckpointInfo, CheckpointList, EvalResult, GradientHistory, HeadImportanceResult,
                                     LinearSchedule, OptimizerState, StepResult)
@@ -68,6 +69,7 @@ class Trainer:
         self._calls = 0  # TrainSteps running or waiting
         self._closing = False
         self._explainer = None  # built on first use: reading the training graph costs a moment
+        self._attribution: AttributionEngine | None = None  # opened on the first Attribute of the training weights
 
     def start(self) -> None:
         """Once the registry serves the model: the autosave timer, and the hand-over to the model repository."""
@@ -160,6 +162,16 @@ class Trainer:
                                if self.engine.trainer == "ort"
                                else GradientExplainer(self.manifest.path(TRAINING_MODEL), self.manifest))
         return self._explainer.explain(parameter)
+
+    def attribute(self, images: np.ndarray, targets: list[int] | None, method: str, heads: bool) -> AttributeResult:
+        """Attribution maps of the current training weights (the attribution graph takes them as inputs)."""
+        if self._attribution is None:
+            self._attribution = AttributionEngine(self.manifest, self.settings.device)
+        with self.engine.lock:  # the weights and their step, together
+            weights, step = self.engine.parameters(), self.engine.step
+        record = self._attribution.record
+        return AttributeResult(self._attribution.attribute(images, targets, method, heads, weights), method, 0, step,
+                               tuple(record.grid), tuple(record.patch))
 
     # -- checkpoints ------------------------------------------------------------------------------------
 

@@ -265,7 +265,7 @@ def simple_case(tmp_path_factory) -> Case:
 def test_rollout_rows_sum_to_one(simple_case):
     """Mean pooling over every token, all of them patches: each rollout row sums to 1, so does their mean."""
     maps_ = simple_case.engine.attribute(images(3), None, "rollout")
-    assert np.allclose([m.map.sum() for m in maps_], 1.0, atol=1e-12)
+    assert np.allclose([m.map.sum() for m in maps_], 1.0, atol=1e-6)  # float32 maps
 
 
 def test_rollout_per_head_replaces_one_blocks_mean_by_the_head(seed_case):

@@ -35,6 +35,7 @@ from safetensors.numpy import load_file
 from engine.errors import ConfigError, FailedPrecondition, InvalidArgument
 from engine.manifest import ATTRIBUTION_MODEL, WEIGHTS, Attribution, Manifest
 from engine.runtime import providers_for, session_options
+from proto.records.explain import ImageAttribution
 
 TARGET, LOGITS, INPUT_GRAD = "target", "logits", "images_grad"  # the graph's input after the images, its outputs
 METHODS = ("rollout", "chefer", "gradxinput")
@@ -58,11 +59,6 @@ class Outputs:
     input_grad: np.ndarray  # (batch, c, h, w): d(target logit)/d(images)
 
 
-@dataclass(frozen=True)
-class ImageAttribution:
-    map: np.ndarray  # (rows, columns) of the grid, float64
-    target: int  # the class it explains
-    heads: np.ndarray | None = None  # (blocks, heads, rows, columns) when asked for
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,5 +283,7 @@ class AttributionEngine:
             maps, per_head = chefer(outputs.attentions, outputs.attention_grads, self.record, heads)
         else:
             maps = gradxinput(images, outputs.input_grad, self.record)
-        return [ImageAttribution(maps[i], int(target[i]), per_head[i] if per_head is not None else None)
+        names = self.manifest.class_names
+        return [ImageAttribution(maps[i].astype(np.float32), int(target[i]), names[int(target[i])],
+                                 per_head[i].astype(np.float32) if per_head is not None else None)
                 for i in range(len(images))]

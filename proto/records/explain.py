@@ -1,7 +1,10 @@
-"""ExplainGradients' records: where the loss and each trainable parameter's gradient are computed."""
+"""ExplainGradients' records (where the loss and each trainable parameter's gradient are computed) and Attribute's
+(which image patches a prediction comes from)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from proto.records import Record
 
@@ -58,3 +61,24 @@ class Explanation(Record):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ImageAttribution(Record):
+    """One image's attribution map on the patch grid (engine/graph/attribution.py): how much each patch contributes
+    to the explained class, and with heads=True each block's and head's map."""
+    map: np.ndarray  # float32 (rows, columns) of the grid
+    target: int  # the class explained
+    label: str  # its name
+    heads: np.ndarray | None = None  # float32 (blocks, heads, rows, columns) when asked for
+
+
+@dataclass(frozen=True)
+class AttributeResult(Record):
+    """Attribute's answer: one map per image, how they were made, and which weights they explain."""
+    attributions: list[ImageAttribution]
+    method: str  # rollout, chefer or gradxinput
+    model_version: int = 0  # the served version explained (0: the export)
+    step: int = 0  # with the training weights: their step
+    grid: tuple[int, ...] = ()  # (rows, columns) of cells
+    patch: tuple[int, ...] = ()  # pixels of one cell, (rows, columns)
