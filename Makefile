@@ -14,11 +14,11 @@ DEVICE ?= cpu
 TRAINER ?= ort
 STAMP := $(VENV)/.installed
 
-.PHONY: install ort-env export export-triton serve demo attribution-check test bench loadtest soak fuzz proto docs clean help
+.PHONY: install ort-env export export-triton serve demo attribution-check test test-fast bench loadtest soak fuzz proto docs clean help
 
 help:
 	@echo "make serve    install, export the $(PRESET) model, start the server on $(HOST):$(PORT) (TRAINER=ort|ort-training)"
-	@echo "make test     install and run the test suite"
+	@echo "make test     install and run the test suite (make test-fast: without the e2e and slow tests, < 3 min)"
 	@echo "make ort-env  $(ORT_VENV): Python 3.13 (else the newest found) with .[ort]: onnxruntime 1.31, every role, --trainer ort"
 	@echo "make demo     install; digits as an ImageFolder, a Hugging Face ViT export --pretrained, fit, evaluate, predict --csv"
 	@echo "make attribution-check  the deletion test of the attribution maps on the demo's model (runs the demo if needed)"
@@ -98,6 +98,10 @@ attribution-check: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The suite without its end-to-end and slow tests (pytest markers e2e, slow): under 3 minutes here.
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e and not slow" -q
 
 # Coverage-guided fuzzing (atheris) of request decoding and validation for FUZZ_SECONDS; inputs that reach
 # new code are added to tests/fuzz/corpus/, which tests/test_fuzz_corpus.py replays: commit them.

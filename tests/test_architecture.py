@@ -23,6 +23,8 @@ import pytest
 
 from tests.helpers import CALL_TIMEOUT, REPO, clean_env
 
+pytestmark = pytest.mark.slow
+
 # ---------------------------------------------------------------- (a) import rules, by AST
 
 FORBIDDEN_IMPORTS = {  # package -> top-level modules its files must never import ("grpc_*": any grpc_ package)

@@ -26,6 +26,8 @@ from model.export import construct, load_class
 from model.layout import place
 from tests import layout_models as lm
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 CLS = dict(pooling="cls", readout=(0, 1), cls_token=0, patch_tokens=1, extra_tokens=(0,))
 

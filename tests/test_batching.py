@@ -15,6 +15,8 @@ from server.batching import DynamicBatcher
 from server.dataplane import DataPlane
 from tests.helpers import batch, images_msg, metric, scrape, start_server
 
+pytestmark = pytest.mark.slow
+
 
 def logits_of(response):
     return np.frombuffer(response.logits.data, dtype="<f4").reshape(response.logits.shape)

@@ -31,6 +31,8 @@ from tests.helpers import (
     write_png,
 )
 
+pytestmark = pytest.mark.slow
+
 
 # ---------------------------------------------------------------- the server under test
 

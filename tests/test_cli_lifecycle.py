@@ -24,6 +24,8 @@ from tests.helpers import (
     write_npz,
 )
 
+pytestmark = pytest.mark.slow
+
 QKV = "transformer.layers.0.0.fn.to_qkv.weight"
 
 

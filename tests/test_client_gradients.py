@@ -73,6 +73,8 @@ def trainer(request) -> str:
     return request.param
 from tests.layout_models import CLASSES, DEPTH, HEADS, LAYOUTS, SIZE, SmallResNet
 
+pytestmark = pytest.mark.slow
+
 CLI_LAYOUTS = ["seed", "hugging-face", "timm"]  # fused without bias, separate with biases, fused with a bias
 PATTERNS = {"seed": "*to_qkv.weight", "hugging-face": "*_proj.weight", "timm": "*attn.qkv.*"}
 NO_DOT_PATH = str(Path(sys.executable).parent)  # the virtualenv's bin: python, no graphviz

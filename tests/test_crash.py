@@ -15,6 +15,8 @@ import pytest
 from client.client import ClientError, ViTClient
 from tests.helpers import batch, clean_env, metric, scrape, start_server, wait_for
 
+pytestmark = pytest.mark.e2e  # server processes killed mid-step
+
 MODEL = "digits4"  # the conftest export's name: checkpoints live in <data dir>/digits4/checkpoints
 ROUNDS = 20
 CALL_TIMEOUT = 30.0  # seconds per RPC (generous: a noisy 2-core machine)

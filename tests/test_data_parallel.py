@@ -52,6 +52,8 @@ from tests.helpers import (
     tensor,
 )
 
+pytestmark = pytest.mark.e2e  # MPI jobs
+
 MPIEXEC = Path(sys.executable).parent / "mpiexec"  # Open MPI's, installed by requirements/mpi.txt
 JOB = [str(MPIEXEC), "--with-ft", "ulfm", "-n", "2", sys.executable, "-m", "server", "--data-parallel"]
 SETTINGS = ("--learning-rate", "1e-3", "--intra-op-threads", "1", "--max-batch-size", "32", "--port", "0")

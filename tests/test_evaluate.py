@@ -2,6 +2,7 @@
 same files, the per-class metrics are scikit-learn's, bad files are skipped and named."""
 from __future__ import annotations
 
+import pytest
 import csv
 import json
 
@@ -12,6 +13,8 @@ from client import ViTClient
 from client.dataset import read_dataset
 from tests.helpers import assert_one_error_line, ok, run_client
 from tests.test_fit import digit, image_folder
+
+pytestmark = pytest.mark.slow
 
 
 def predict_files(address: str, paths) -> np.ndarray:

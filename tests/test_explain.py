@@ -16,6 +16,8 @@ from engine.graph.explain import GradientExplainer
 from engine.manifest import TRAINING_MODEL, Manifest
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow
+
 QKV0, QKV3 = "transformer.layers.0.0.fn.to_qkv.weight", "transformer.layers.3.0.fn.to_qkv.weight"
 
 

@@ -17,6 +17,8 @@ from engine.manifest import ARTIFACT_FILES, Manifest, sha256
 from engine.runtime import session_options
 from engine.train.step import TrainingEngine
 
+pytestmark = pytest.mark.slow
+
 
 def test_manifest_describes_every_artifact(exported):
     folder, state = exported

@@ -22,6 +22,8 @@ from client.loader import Loader
 from proto.images import ImageError, Recipe
 from tests.helpers import REPO, TRAINERS, assert_one_error_line, clean_env, ok, run_client, start_server, wait_for
 
+pytestmark = pytest.mark.slow
+
 GREY = {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.5]}
 
 

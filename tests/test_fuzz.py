@@ -5,6 +5,7 @@ Requests: Predict (tensor or encoded), TrainStep, EvalStep, SetOptimizer, Publis
 RestoreCheckpoint with valid and invalid fields."""
 from __future__ import annotations
 
+import pytest
 import contextlib
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ from proto import vitserve_pb2_grpc
 from server.app import create_server
 from server.config import Settings
 from server.dataplane import DataPlane
+
+pytestmark = pytest.mark.slow
 
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.FAILED_PRECONDITION}

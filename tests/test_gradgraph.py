@@ -25,6 +25,8 @@ from model.verify import train_mode
 from model.vit import PRESETS, ViTConfig, build
 from tests import layout_models as lm
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 BATCHES = (1, 3)
 

@@ -24,6 +24,8 @@ from proto import vitserve_pb2 as pb
 from tests.helpers import TRAINERS, images_msg, tensor
 from tests.layout_models import CLASSES, DEPTH, DIM_HEAD, HEADS, HF_KWARGS, LAYOUTS, SIZE, SmallResNet
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SUBLAYERS = {"attention.qkv", "attention.q", "attention.k", "attention.v", "attention.out", "attention.norm",
              "feedforward", "feedforward.norm", "embedding", "head", "head.norm"}

@@ -16,6 +16,8 @@ from model import export as exporter
 from proto import vitserve_pb2 as pb
 from tests.helpers import LEARNING_RATE, TRAINERS, batch, images_msg, tensor, wait_for
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(params=TRAINERS)
 def trainer(request) -> str:

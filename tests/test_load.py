@@ -1,8 +1,11 @@
 """The short form of `make loadtest`: concurrent Predict clients and a training client against a real server process."""
 from __future__ import annotations
 
+import pytest
 from bench.loadtest import run_load
 from tests.helpers import start_server
+
+pytestmark = pytest.mark.e2e  # make loadtest's short form
 
 
 def test_load_has_no_errors_and_no_memory_growth(exported):

@@ -28,6 +28,8 @@ from packaging.utils import canonicalize_name
 from server.config import Settings
 from tests.helpers import CALL_TIMEOUT, REPO, clean_env, ok, start_server
 
+pytestmark = pytest.mark.e2e  # a real pip install and the Dockerfiles
+
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 NAME = canonicalize_name(PROJECT["name"])

@@ -28,6 +28,8 @@ from model.vit import PRESETS, build
 from tests import layout_models as lm
 from tests.torchvision_shim import import_timm
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 HF_MODEL = "transformers:ViTForImageClassification"
 HF_CONFIG = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -160,6 +160,17 @@ def test_json_documents(capsys):
 
 
 def test_every_command_result_has_text():
+    """Whatever a CLI command returns (its return annotation) has a text renderer of its own; anything else is a
+    TypeError naming the type, never a silent blank."""
+    import typing
+
+    from client.__main__ import COMMANDS
+
+    fallback = text.dispatch(object)
+    for name, command in COMMANDS.items():
+        answer = typing.get_type_hints(command)["return"]
+        for result_type in typing.get_args(answer) or (answer,):
+            assert text.dispatch(result_type) is not fallback, f"{name} returns a {result_type.__name__} with no text"
     with pytest.raises(TypeError, match="no text for a object"):
         text(object())
 

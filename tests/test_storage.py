@@ -37,6 +37,8 @@ from tests.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow
+
 CHECKPOINT = "checkpoint"
 
 

@@ -34,6 +34,8 @@ from client.client import ViTClient
 from tests.helpers import (LEARNING_RATE, MODEL, REPO, START_TIMEOUT, assert_one_error_line, batch, clean_env, ok,
                            start_server)
 
+pytestmark = pytest.mark.e2e  # a second Python environment
+
 CACHE = REPO / ".cache"
 KEYED_BY = ("requirements/ort.txt", "pyproject.toml")
 INSTALL_TIMEOUT = 600.0  # seconds for `make ort-env` (measured: ~40 s with a warm pip cache)

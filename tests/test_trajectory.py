@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from proto import vitserve_pb2 as pb
 from tests.helpers import LEARNING_RATE, TRAINERS, batch, images_msg, tensor
 
+pytestmark = pytest.mark.slow
+
 STEPS = 100
 
 
