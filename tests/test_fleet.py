@@ -32,6 +32,7 @@ from engine.store.repository import CONFIG_FILE, MODEL_FILE, write_model_files, 
 from engine.store.triton import model_config
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
+from proto.tensors import tensor_from_proto
 from tests.helpers import (
     MODEL,
     TRAINERS,
@@ -133,6 +134,16 @@ def test_replicas_follow_the_trainer_through_the_repository(exported, tmp_path, 
             assert version == 2
             np.testing.assert_allclose(logits, trained, rtol=1e-6, atol=1e-6)
             assert r.index() == [(MODEL, "1", "UNAVAILABLE", "unloaded"), (MODEL, "2", "READY", "")]
+        # Replicas explain the version they serve with the attribution graph the repository carries: the trainer's
+        # maps of the same weights (its training weights are what it published).
+        fields = dict(images=images_msg(images), method="chefer", targets=[1] * len(images))
+        wanted = trainer.stub.Attribute(pb.AttributeRequest(**fields, training_weights=True), timeout=60)
+        for r in replicas:
+            answer = r.stub.Attribute(pb.AttributeRequest(**fields), timeout=60)
+            assert answer.model_version == 2
+            for got, want in zip(answer.attributions, wanted.attributions):
+                np.testing.assert_allclose(tensor_from_proto(got.map), tensor_from_proto(want.map), rtol=1e-5,
+                                           atol=1e-8)
 
         # 8 Predict threads over both replicas while the trainer publishes 3 times: no error, no version going back.
         errors, seen = [], {}
