@@ -81,11 +81,6 @@ class DataPlane:
                                      "only); send it to a trainer (--role train or all)")
         return self._trainer
 
-    @property
-    def training(self) -> Trainer | None:
-        """The trainer when this role trains, else None."""
-        return self._trainer
-
     def attribute(self, model: str, images: pb.Images, targets: list[int] | None, method: str, heads: bool,
                   training_weights: bool) -> AttributeResult:
         """Attribution maps of a request's images: on the served version of `model` (predict replicas too), or with
