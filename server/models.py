@@ -10,6 +10,8 @@ mixes a call in flight). A call that names no version runs on the newest.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from server.metrics import Metrics
 from server.statistics import Statistics
 
 DEFAULT_TOP_K = 5
+Decode = Callable[["ServedModel"], np.ndarray]  # a request's images, validated against the model it goes to
 
 
 class ServedModel:
@@ -102,6 +105,21 @@ class ServedModel:
         run, (logits,) = execute(lambda x: (chosen.version, chosen.engine.logits(x)), [images])
         self.statistics.record_run(run)
         return Answer(logits, run, 0)
+
+    def timed_answer(self, decode: Decode, version: str = "") -> Answer:
+        """A request decoded against this model (`decode`) and answered (through the batcher for the newest version),
+        timed from decoding on for the v2 statistics: a request that raises counts as a failed request of the
+        newest version served."""
+        start = time.perf_counter_ns()
+        try:
+            images = decode(self)
+            answer = self.answer(images, version)
+        except BaseException:
+            self.statistics.record_failure(self._served[-1].version if self._served else 0,
+                                           time.perf_counter_ns() - start)
+            raise
+        self.statistics.record_success(answer, len(images), time.perf_counter_ns() - start)
+        return answer
 
     def prediction(self, answer: Answer, k: int = 0, return_logits: bool = False) -> PredictResult:
         """Top-k classes (and the logits when asked for) of an answer's logits."""

@@ -13,11 +13,9 @@ What is served depends on the role, chosen once at startup:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,11 +34,10 @@ from proto.records.model import ModelVersion, PredictResult
 from proto.records.v2 import ModelIndex, ModelStatisticsList, RepositoryIndex
 from server.config import Settings
 from server.metrics import Metrics
-from server.models import ServedModel
+from server.models import Decode, ServedModel
 
 log = logging.getLogger(__name__)
 
-Decode = Callable[[ServedModel], np.ndarray]  # the request's images, validated against the model it goes to
 
 
 class ModelRegistry:
@@ -155,41 +152,18 @@ class ModelRegistry:
     def predict(self, name: str, decode: Decode, k: int = 0, return_logits: bool = False) -> PredictResult:
         """Top-k classes of a request's batch on the model's newest version (through its dynamic batcher)."""
         model = self.model(name)
-        with self._timed(model, "") as call:
-            images = decode(model)
-            answer = model.answer(images)
-            call.done(answer, len(images))
-            return model.prediction(answer, k, return_logits)
+        return model.prediction(model.timed_answer(decode), k, return_logits)
 
     def infer(self, name: str, version: str, decode: Decode) -> tuple[int, np.ndarray]:
         """(model version, logits) of a request's batch on the named version ("": the newest)."""
-        model = self.model(name)
-        with self._timed(model, version) as call:
-            images = decode(model)
-            answer = model.answer(images, version)
-            call.done(answer, len(images))
-            return answer.version, answer.logits
+        answer = self.model(name).timed_answer(decode, version)
+        return answer.version, answer.logits
 
     def attribute(self, name: str, decode: Decode, targets: list[int] | None, method: str,
                   heads: bool) -> AttributeResult:
         """Attribution maps of a request's batch on the model's newest served version (what Predict answers)."""
         model = self.model(name)
         return model.attribute(decode(model), targets, method, heads)
-
-    @contextlib.contextmanager
-    def _timed(self, model: ServedModel, version: str):
-        """One request's time from decoding to answer, for the v2 statistics; a block that raises counts as a
-        failed request of the version that ran it (else the newest served)."""
-        call = _Call()
-        start = time.perf_counter_ns()
-        try:
-            yield call
-        except BaseException:
-            ran = call.answer.version if call.answer else (model.served[-1].version if model.served else 0)
-            model.statistics.record_failure(ran, time.perf_counter_ns() - start)
-            raise
-        if call.answer is not None:
-            model.statistics.record_success(call.answer, call.images, time.perf_counter_ns() - start)
 
     # -- readiness ------------------------------------------------------------------------------------
 
@@ -294,13 +268,3 @@ class ModelRegistry:
                       if m.state == READY else m for m in models]
         return RepositoryIndex(tuple(m for m in models if m.state == READY or not ready))
 
-
-class _Call:
-    """What the statistics need of one request: the answer that ran it and how many images it had."""
-
-    def __init__(self) -> None:
-        self.answer = None
-        self.images = 0
-
-    def done(self, answer, images: int) -> None:
-        self.answer, self.images = answer, images
