@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from client.cli import (UsageError, build_parser, class_index, load_batch, load_images_npz, parse_schedule, picture,
+from client.cli import (UsageError, build_parser, class_index, load_batch, load_npz, parse_schedule, picture,
                         resume_command)
 from client import (
     CheckpointList,
@@ -175,7 +175,8 @@ def attribute(client: ViTClient, args: argparse.Namespace) -> Attributed:
     info = client.model_info(args.model)
     recipe = Recipe.of(info.preprocessing)
     if args.npz:
-        images = np.asarray(load_images_npz(args.npz), dtype=np.float32)
+        (images,) = load_npz(args.npz, ("images",))
+        images = np.asarray(images, dtype=np.float32)
     else:
         try:
             images = np.stack([decode_file(path, recipe) for path in args.images])

@@ -211,32 +211,19 @@ def load_batch(args: argparse.Namespace) -> tuple[Any, Any]:
     return [Path(f) for f in args.images], args.labels
 
 
-def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(path: str, names: tuple[str, ...] = ("images", "labels")) -> tuple[np.ndarray, ...]:
+    """The arrays `names` of an .npz (--npz: images and labels; attribute needs only images)."""
     try:
         data = np.load(path, allow_pickle=False)  # OSError (missing file) propagates as is
     except (ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UsageError(f"{path} is not an .npz file") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise UsageError(f"{path} is a single array, not an .npz with `images` and `labels`")
+        raise UsageError(f"{path} is a single array, not an .npz with {' and '.join(f'`{n}`' for n in names)}")
     with data:
-        missing = {"images", "labels"} - set(data.files)
+        missing = set(names) - set(data.files)
         if missing:
             raise UsageError(f"{path} has no array(s) named {', '.join(sorted(missing))}")
-        return data["images"], data["labels"]
-
-
-def load_images_npz(path: str) -> np.ndarray:
-    """The `images` array of an .npz (its labels, if any, are not needed)."""
-    try:
-        data = np.load(path, allow_pickle=False)  # OSError (missing file) propagates as is
-    except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise UsageError(f"{path} is not an .npz file") from e
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise UsageError(f"{path} is a single array, not an .npz with `images`")
-    with data:
-        if "images" not in data.files:
-            raise UsageError(f"{path} has no array named images")
-        return data["images"]
+        return tuple(data[n] for n in names)
 
 
 def class_index(target: str, class_names: list[str]) -> int:
