@@ -16,7 +16,10 @@ How (one trace per graph; torch.onnx.export would trace it twice more, torch.exp
    - `aten.convolution_backward` as convolutions (`convolution_backward` below): torch.onnx has no
      translation for it (conv patch embeddings, every CNN);
    - `aten.nll_loss_forward` decomposed: torch.onnx's translation fakes its `total_weight` output, so the
-     mean's batch size was lost and every gradient came out `batch` times too large.
+     mean's batch size was lost and every gradient came out `batch` times too large;
+   - in graphs that differentiate, exact GELU and its backward written over shared pieces (`gelu`,
+     `gelu_backward` below), which the trace's common-subexpression pass then computes once, and LayerNorm's
+     backward in fewer passes (`native_layer_norm_backward`).
    Attention runs under `sdpa_kernel(SDPBackend.MATH)`: F.scaled_dot_product_attention (timm's fused
    attention, Hugging Face's sdpa) becomes matmul/softmax, whose backward translates (the fused CPU
    kernel's backward does not). A model with in-place ops (`x += ...`, ReLU(inplace=True)) is traced again
@@ -26,11 +29,15 @@ How (one trace per graph; torch.onnx.export would trace it twice more, torch.exp
    torch.onnx's translator directly. The FX node names and metadata are the trace's own: every ONNX node's
    `pkg.torch.onnx.fx_node` / `name_scopes` / `class_hierarchy` describe the traced node it came from
    (`pkg.torch.onnx.stack_trace` is empty: recording Python stack traces doubled the tracing time).
+   Before translation, common subexpressions of the traced graph are merged (AOTAutograd's own FX pass):
+   the backward's recomputations of forward values become reads of them.
 3. Constant folding, dead code, CSE and a few of onnxscript's rewrite rules (`_optimize`).
 
 Every node also gets `vitserve.fx_node` (the FX node's name), `vitserve.phase` ("forward" or "backward")
 and, on backward nodes, `vitserve.differentiates`: the module path ("" for the model itself) of the
 forward op whose gradient formula emitted it (autograd's sequence number, as AOTAutograd records it).
+The nodes of a forward op that our own decompositions wrote as several FX nodes (exact GELU) share
+`vitserve.unit` (the op's first FX node) and `vitserve.op` (e.g. "gelu").
 
 An op with no ONNX translation is an ExportError naming it and the module it serves, e.g. "torch.onnx
 cannot translate aten.avg_pool2d_backward.default (needed by the backward of pool (AvgPool2d))".
@@ -41,6 +48,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -125,6 +133,76 @@ def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding
 
 
 # --------------------------------------------------------------------------------------------------
+# exact GELU, forward and backward over shared pieces
+# --------------------------------------------------------------------------------------------------
+
+SQRT2 = math.sqrt(2.0)
+LOG_SQRT_PI = 0.5 * math.log(math.pi)
+
+
+def _gelu_pieces(x):
+    """a = x / sqrt 2 and cdf = Phi(x) = (1 + erf a) / 2: the same ops in both passes, so merged into one."""
+    a = x / SQRT2
+    return a, (torch.erf(a) + 1) * 0.5
+
+
+def gelu(x, approximate="none"):
+    """Exact GELU as x * Phi(x) (the tanh approximation: left to torch.onnx's translation)."""
+    if approximate != "none":
+        return NotImplemented
+    return x * _gelu_pieces(x)[1]
+
+
+def gelu_backward(grad, x, approximate="none"):
+    """grad * (Phi(x) + x phi(x)) with x phi(x) = a exp(-a^2) / sqrt(pi) = a exp(-a^2 - ln sqrt(pi)).
+
+    With the forward's a and Phi(x) reused, the backward is 6 elementwise passes where torch's decomposition
+    makes 11 (it recomputes the erf); each pass reads and writes a (batch, tokens, mlp_dim) tensor: on
+    vit-small64 b32 that took the gradient graph from 64 to ~35 ms of GELU a step (docs/performance.md).
+    """
+    if approximate != "none":
+        return torch._decomp.decomposition_table[aten.gelu_backward.default](grad, x, approximate=approximate)
+    a, cdf = _gelu_pieces(x)
+    return grad * (cdf + a * torch.exp(-LOG_SQRT_PI - a * a))
+
+
+# aten op (by name: the trace records other instances of the op objects) -> its name in ExplainGradients' node names
+def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+    """LayerNorm's backward in 13 elementwise passes and reductions where torch's decomposition makes 15: the input's
+    gradient as rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * weight, with means where torch scales g
+    by N and rstd by 1 / N (a full-size pass). Not float32: torch's own decomposition."""
+    if input.dtype != torch.float32 or grad_out.dtype != torch.float32:
+        return torch._decomp.decomposition_table[aten.native_layer_norm_backward.default](
+            grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask)
+    axis = input.dim() - len(normalized_shape)
+    inner, outer = list(range(axis, input.dim())), list(range(axis))
+    mean = mean.reshape(*mean.shape, *[1] * (input.dim() - mean.dim()))
+    rstd = rstd.reshape(*rstd.shape, *[1] * (input.dim() - rstd.dim()))
+    x_hat = (input - mean) * rstd
+    g = grad_out * weight if weight is not None else grad_out
+    d_input = d_weight = d_bias = None
+    if output_mask[0]:
+        d_input = (g - g.mean(inner, keepdim=True) - x_hat * (g * x_hat).mean(inner, keepdim=True)) * rstd
+    if output_mask[1] and weight is not None:
+        d_weight = (grad_out * x_hat).sum(outer) if outer else grad_out * x_hat
+    if output_mask[2] and bias is not None:
+        d_bias = grad_out.sum(outer) if outer else grad_out.clone()
+    return d_input, d_weight, d_bias
+
+
+_OWN_FORWARD_DECOMPOSITIONS = {"aten.gelu.default": "gelu"}
+
+
+def merge_common_subexpressions(gm) -> None:
+    """AOTAutograd's FX common-subexpression pass, in place: identical ops on identical inputs become one node (the
+    first, a forward one, whose metadata it keeps)."""
+    from torch._functorch.compile_utils import fx_graph_cse
+
+    gm.graph = fx_graph_cse(gm.graph)
+    gm.recompile()
+
+
+# --------------------------------------------------------------------------------------------------
 # torch.onnx pieces (private API of the pinned torch; the public torch.onnx.export re-traces twice)
 # --------------------------------------------------------------------------------------------------
 
@@ -136,8 +214,10 @@ def _registry():
         return _registration.ONNXRegistry.from_torchlib()
 
 
-@functools.lru_cache(maxsize=1)
-def _decompositions() -> dict:
+@functools.lru_cache(maxsize=2)
+def _decompositions(differentiates: bool) -> dict:
+    """torch.onnx's decomposition table plus ours; `differentiates`: the graph has a backward (GELU's pieces shared
+    with it; a forward-only graph keeps torch.onnx's GELU, which onnxruntime fuses into one kernel)."""
     from torch.onnx._internal.exporter import _decomp
 
     registry = _registry()
@@ -145,6 +225,10 @@ def _decompositions() -> dict:
     for op in (aten.nll_loss_forward.default, aten.nll_loss2d_forward.default):  # torch.onnx fakes total_weight
         table[op] = torch._decomp.decomposition_table[op]
     table[aten.convolution_backward.default] = convolution_backward
+    if differentiates:
+        table[aten.gelu.default] = gelu
+        table[aten.gelu_backward.default] = gelu_backward
+        table[aten.native_layer_norm_backward.default] = native_layer_norm_backward
     return table
 
 
@@ -300,7 +384,7 @@ def _trace(model: torch.nn.Module, example: torch.Tensor, names: list[str], n_tr
     stack_traces, torch.fx.config.do_not_emit_stack_traces = torch.fx.config.do_not_emit_stack_traces, True
     try:
         with sdpa_kernel(SDPBackend.MATH), grad_mode, fx_traceback.preserve_node_meta():
-            gm = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic",
+            gm = make_fx(fn, decomposition_table=_decompositions(recipe.grad), tracing_mode="symbolic",
                          record_module_stack=recipe.module_stack)(*args)
     finally:
         torch.fx.config.do_not_emit_stack_traces = stack_traces
@@ -559,15 +643,31 @@ def _name_io(model, input_names: list[str], output_names: list[str]) -> None:
         value.name = name
 
 
+def _decomposed_ops(fx_gm) -> dict[str, tuple[str, str]]:
+    """FX node name -> (op, unit) for the forward ops our own decompositions trace as several nodes (exact GELU):
+    `unit` is the op's first FX node, shared by all its nodes, so that ExplainGradients sees one op."""
+    found, first = {}, {}
+    for node in fx_gm.graph.nodes:
+        op = _OWN_FORWARD_DECOMPOSITIONS.get(str(node.meta.get("original_aten")))
+        seq = node.meta.get("seq_nr")
+        if op is None or seq is None or node.meta.get("vitserve.phase") != "forward":
+            continue
+        found[node.name] = (op, first.setdefault((op, seq), node.name))
+    return found
+
+
 def _finish(model, fx_gm) -> "onnx.ModelProto":  # noqa: F821
     import onnx_ir as ir
 
     phases = {n.name: n.meta for n in fx_gm.graph.nodes if n.op == "call_function"}
+    decomposed = _decomposed_ops(fx_gm)
     for node in model.graph:
         fx_node = node.metadata_props.get("pkg.torch.onnx.fx_node", "")
         name = fx_node[1:].split(" ", 1)[0] if fx_node.startswith("%") else ""
         if name in phases:
             node.metadata_props["vitserve.fx_node"] = name
+            if name in decomposed:
+                node.metadata_props["vitserve.op"], node.metadata_props["vitserve.unit"] = decomposed[name]
             meta = phases[name]
             node.metadata_props["vitserve.phase"] = meta.get("vitserve.phase", "forward")
             if "vitserve.differentiates" in meta:
@@ -597,6 +697,7 @@ def graph_of(model: torch.nn.Module, example: torch.Tensor, trainable: list[str]
         try:
             _check_batch_stays_dynamic(gm, shape_env, symbol)
             _phase_metadata(gm, recipe.seed)
+            merge_common_subexpressions(gm)
             missing = _untranslatable(gm)
             if missing:
                 op, node = missing

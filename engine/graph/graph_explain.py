@@ -107,6 +107,10 @@ def _meta(node: onnx.NodeProto, key: str) -> str:
 
 
 def _fx_key(node: onnx.NodeProto) -> str:
+    """The traced op a node comes from: `vitserve.unit` where the export wrote one op as several traced nodes."""
+    unit = _meta(node, "vitserve.unit")
+    if unit:
+        return unit
     text = _meta(node, "pkg.torch.onnx.fx_node")
     if text.startswith("%"):
         return text[1:].split(" ", 1)[0]
@@ -114,7 +118,10 @@ def _fx_key(node: onnx.NodeProto) -> str:
 
 
 def _fx_target(node: onnx.NodeProto) -> str:
-    """'gelu' from '... target=torch.ops.aten.gelu.default ...'."""
+    """'gelu' from '... target=torch.ops.aten.gelu.default ...' (or from `vitserve.op`, see _fx_key)."""
+    op = _meta(node, "vitserve.op")
+    if op:
+        return op
     text = _meta(node, "pkg.torch.onnx.fx_node")
     start = text.find("target=")
     if start < 0:
