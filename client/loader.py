@@ -3,10 +3,15 @@ client's decoding.
 
 `Loader.batches(order)` cuts `order` into batches and keeps up to `prefetch` of them being decoded by a pool of
 `workers` threads (a bounded queue of futures: Pillow and numpy release the GIL while they work) while the caller
-sends the previous ones. Each image goes through proto/images.py, the server's own decoder. Without augmentation
-the decoded images are kept (up to `cache_mb`), so later epochs decode nothing. With it, every epoch draws a new
-random resized crop and horizontal flip per image from a generator seeded by (seed, epoch, image), so a run is
-the same whatever the threads do.
+sends the previous ones. The pass starts decoding when it is created, not when its first batch is asked for, so
+a caller can create it before calls that keep the server busy (fit does, before its start-up and end-of-epoch
+checkpoints) and find its first batch decoded. Each image goes through proto/images.py, the server's own decoder.
+Without augmentation the decoded images are kept (up to `cache_mb`), so later epochs decode nothing: a batch whose
+images are all kept is gathered in the caller's thread with one indexing copy when it is asked for, as a loop over
+decoded tensors gathers it, rather than handed over by a worker thread (which would wake up and take the GIL
+while the caller's call is in flight). With augmentation, every epoch draws a new random resized crop and
+horizontal flip per image from a generator seeded by (seed, epoch, image), so a run is the same whatever the
+threads do.
 
 A file that cannot be decoded is skipped: recorded in `skipped` (path -> reason) once, left out of later epochs,
 and its batch goes on smaller. With `strict` the first one raises its ImageError instead.
@@ -16,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +80,8 @@ class Loader:
         self.seed = seed
         self.strict = strict
         self.skipped = skipped if skipped is not None else {}
-        self._lock = threading.Lock()
-        self._bad: set[int] = set()
+        self._lock = threading.Lock()  # `skipped`, which the caller may share between loaders
+        self._bad = np.zeros(len(self.paths), dtype=bool)  # files that could not be decoded: never tried again
         self._pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="vitserve-decode")
         size = len(self.paths) * int(np.prod(recipe.shape)) * 4
         self._cache = None if augment or size > cache_mb * 2 ** 20 else np.empty((len(self.paths), *recipe.shape),
@@ -95,47 +100,43 @@ class Loader:
     def batch_count(self, n: int | None = None) -> int:
         return math.ceil((len(self.paths) if n is None else n) / self.batch_size)
 
-    def batches(self, order: np.ndarray | None = None, start: int = 0, epoch: int = 0) -> Iterator[Batch]:
-        """The batches of `order` (default: the files in their order) from batch `start` on, decoded ahead."""
-        order = np.arange(len(self.paths)) if order is None else np.asarray(order)
-        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        pending: deque[Future] = deque()
-        try:
-            for number in range(start, len(chunks)):
-                pending.append(self._pool.submit(self._load, number, chunks[number], epoch))
-                if len(pending) >= self.prefetch:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:  # the caller stopped early: what was not started never runs
-                future.cancel()
+    def batches(self, order: np.ndarray | None = None, start: int = 0, epoch: int = 0) -> Batches:
+        """The batches of `order` (default: the files in their order) from batch `start` on; the first `prefetch`
+        of them start decoding now."""
+        return Batches(self, np.arange(len(self.paths)) if order is None else np.asarray(order), start, epoch)
+
+    def _ready(self, indices: np.ndarray) -> bool:
+        """Whether every image of `indices` is kept decoded or known to be skipped: nothing left to decode."""
+        return self._cache is not None and bool((self._cached[indices] | self._bad[indices]).all())
+
+    def _gather(self, number: int, indices: np.ndarray) -> Batch:
+        """The batch of images that are kept decoded (the skipped ones left out): one indexing copy."""
+        kept = indices[~self._bad[indices]]
+        return Batch(number, self._cache[kept], self.labels[kept], [self.paths[i] for i in kept])
 
     def _load(self, number: int, indices: np.ndarray, epoch: int) -> Batch:
+        """Decode what `indices` needs (in a worker thread) and assemble its batch, the skipped files left out."""
         images, kept = [], []
-        for i in indices:
-            i = int(i)
-            if self._cache is not None and self._cached[i]:
-                images.append(self._cache[i])
-                kept.append(i)
+        for i in indices.tolist():
+            if self._bad[i] or (self._cache is not None and self._cached[i]):
                 continue
-            with self._lock:
-                if i in self._bad:
-                    continue
             try:
                 x = self._decode(i, epoch)
             except ImageError as e:
                 if self.strict:
                     raise
                 with self._lock:
-                    self._bad.add(i)
+                    self._bad[i] = True
                     self.skipped.setdefault(self.paths[i], e.reason)
                 continue
             if self._cache is not None:
                 self._cache[i] = x
                 self._cached[i] = True
-            images.append(x)
-            kept.append(i)
+            else:
+                images.append(x)
+                kept.append(i)
+        if self._cache is not None:
+            return self._gather(number, indices)
         stacked = np.stack(images) if images else np.empty((0, *self.recipe.shape), np.float32)
         return Batch(number, stacked, self.labels[kept], [self.paths[i] for i in kept])
 
@@ -147,3 +148,59 @@ class Loader:
         rng = np.random.default_rng([self.seed, epoch, i])
         x = to_input(image, self.recipe, box=random_resized_crop(*image.size, rng))
         return np.ascontiguousarray(x[:, :, ::-1]) if rng.random() < 0.5 else x
+
+
+class Batches:
+    """One pass of a Loader over `order` from batch `start` on, in order (an iterator of Batch).
+
+    Created by Loader.batches, it queues its first `prefetch` batches at once: decoded by the loader's threads, or,
+    when every image of a batch is kept decoded already, gathered in the caller's thread when that batch is asked
+    for. Each batch taken queues the next. `close()` (or leaving a `with` block) cancels the decoding not started;
+    a pass dropped without it is cancelled when its loader closes."""
+
+    def __init__(self, loader: Loader, order: np.ndarray, start: int, epoch: int) -> None:
+        self.loader, self.start, self.epoch = loader, start, epoch
+        size = loader.batch_size
+        self._chunks = [order[i:i + size] for i in range(0, len(order), size)]
+        self._next = start
+        self._pending: deque[tuple[int, np.ndarray, Future | None]] = deque()
+        self._queue()
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _queue(self) -> None:
+        loader = self.loader
+        while len(self._pending) < loader.prefetch and self._next < len(self._chunks):
+            number, indices = self._next, self._chunks[self._next]
+            future = None if loader._ready(indices) else loader._pool.submit(loader._load, number, indices,
+                                                                             self.epoch)
+            self._pending.append((number, indices, future))
+            self._next += 1
+
+    def __next__(self) -> Batch:
+        if not self._pending:
+            raise StopIteration
+        number, indices, future = self._pending.popleft()
+        self._queue()
+        if future is None:
+            return self.loader._gather(number, indices)
+        try:
+            return future.result()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Cancel the batches whose decoding has not started (the ones being decoded finish, into the cache)."""
+        for _, _, future in self._pending:
+            if future is not None:
+                future.cancel()
+        self._pending.clear()
+        self._next = len(self._chunks)

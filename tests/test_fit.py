@@ -204,6 +204,40 @@ def test_augmentation_is_seeded_and_skips_are_recorded_once(tmp_path):
             list(loader.batches())
 
 
+def test_a_pass_decodes_ahead_from_its_creation_and_later_passes_gather_the_kept_images(tmp_path):
+    """fit creates an epoch's pass before the checkpoint that precedes the epoch, counting on its first batches
+    being decoded meanwhile; the second pass must give the same batches, bad file left out, decoding nothing."""
+    data = image_folder(tmp_path / "photos", per_class=10)
+    paths = [e.path for e in read_dataset(data).examples]
+    paths.insert(7, tmp_path / "missing.png")
+    labels = np.arange(len(paths), dtype=np.int64)
+    order = np.random.default_rng(3).permutation(len(paths))
+    with Loader(paths, labels, Recipe.of(GREY), 4, prefetch=3) as loader:
+        decoded: list[int] = []
+        decode = loader._decode
+
+        def counted(i: int, epoch: int) -> np.ndarray:
+            decoded.append(i)
+            return decode(i, epoch)
+
+        loader._decode = counted
+        first_pass = loader.batches(order, start=1)
+        wait_for(lambda: len(decoded) == 3 * 4, 30, "the first three batches decoded before any was asked for")
+        assert sorted(decoded) == sorted(order[4:16].tolist())
+        first = list(first_pass)
+        decoded.clear()
+        second = list(loader.batches(order, start=1, epoch=1))
+        assert decoded == []  # every image kept: the pass gathers them
+    assert [b.number for b in first] == [b.number for b in second] == list(range(1, 8))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert a.paths == b.paths and a.images.dtype == np.float32 and a.images.flags.c_contiguous
+    assert 7 not in np.concatenate([b.labels for b in first])  # the missing file, in one of the batches, left out
+    assert sum(len(b.labels) for b in first) == len(paths) - 4 - 1
+    assert [p for b in first for p in b.paths] == [paths[i] for i in order[4:] if i != 7]
+
+
 # ---------------------------------------------------------------- signals and restarts
 
 def fit_process(address: str, data: Path, out: Path, *extra: str) -> subprocess.Popen:
