@@ -5,8 +5,10 @@ One run, written into its output folder:
 - the data (client/dataset.py) is read and every class name matched to the model's before any step;
 - `--lr` / `--schedule` go to SetOptimizer once, at the start; SaveCheckpoint `fit-last` marks the starting point;
 - each epoch sends the training files in a seeded order (client/loader.py decodes them in worker threads ahead of
-  the calls), then EvalStep scores the validation files; a better validation accuracy is saved as `fit-best`,
-  the end of every epoch as `fit-last`; `patience` epochs without a better one stop the run;
+  the calls; an epoch's first batches start decoding before the checkpoint that precedes it, so the server
+  writing it and the client decoding overlap), then EvalStep scores the validation files; a better validation
+  accuracy is saved as `fit-best`, the end of every epoch as `fit-last`; `patience` epochs without a better one
+  stop the run;
 - `fit-state.json` (epoch, batch, step, best, seed: written whole, tmp + os.replace) lets `resume` continue where
   it stopped; `fit.json` holds every epoch's metrics, `fit_curve.png` draws them;
 - SIGINT or SIGTERM finish the step in flight (a second one abandons it), save `fit-last` and stop;
@@ -32,7 +34,7 @@ from tqdm import tqdm
 
 from client import ClientError, ModelVersion
 from client.dataset import DataError, class_indices, read_dataset, stratified_split
-from client.loader import Loader
+from client.loader import Batches, Loader
 from proto.images import Recipe
 
 if TYPE_CHECKING:
@@ -172,6 +174,7 @@ class Fit:
         self.anchor: dict = {}  # the position fit-last holds
         self.in_flight = -1
         self.reconnects = 0
+        self.ahead: Batches | None = None  # the pass of the training files that an epoch is to start with
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -263,6 +266,8 @@ class Fit:
                 Loader([e.path for e in self.train.examples], self.y_train, augment=o.augment, seed=s.seed,
                        **common) as train, \
                 Loader([e.path for e in self.val.examples], self.y_val, **common) as val:
+            if s.epoch < o.epochs:  # its first batches decode while _start's calls (a checkpoint) run
+                self.ahead = train.batches(self._order(s.epoch), s.batch, epoch=s.epoch)
             self._start()
             try:
                 while s.epoch < o.epochs and not stop.is_set():
@@ -305,30 +310,51 @@ class Fit:
         self.known = {s.step: 0}
         self._checkpoint_last()
 
+    def _order(self, epoch: int) -> np.ndarray:
+        """The order of the training files in `epoch`: seeded by (seed, epoch), so a resumed run sends the same."""
+        return np.random.default_rng([self.state.seed, epoch]).permutation(len(self.train))
+
+    def _pass(self, train: Loader) -> Batches:
+        """The pass of the current epoch from the current batch: the one begun ahead when it starts there (after a
+        reconnect or a resume the place may have moved), else a new one."""
+        s, ahead, self.ahead = self.state, self.ahead, None
+        if ahead is not None and (ahead.epoch, ahead.start) == (s.epoch, s.batch):
+            return ahead
+        if ahead is not None:
+            ahead.close()
+        return train.batches(self._order(s.epoch), s.batch, epoch=s.epoch)
+
     def _epoch(self, train: Loader, val: Loader, stop: threading.Event) -> bool:
-        """Train the rest of the current epoch, then score it; False when a signal stopped it."""
+        """Train the rest of the current epoch, then score it; False when a signal stopped it.
+
+        Per batch it only keeps the position and running sums: the progress bar's loss is the sum of loss x images
+        over the images, kept as two numbers (summing the epoch's losses again at every batch grows with the
+        epoch), and the bar redraws at tqdm's own interval rather than at every batch."""
         o, s = self.options, self.state
-        order = np.random.default_rng([s.seed, s.epoch]).permutation(len(self.train))
         done = int(sum(v[1] for v in s.losses.values()))
+        loss_sum, images = sum(loss * k for loss, k in s.losses.values()), done
         bar = tqdm(total=len(self.train), initial=done, desc=f"epoch {s.epoch + 1}/{o.epochs}", unit="img",
                    file=sys.stderr, dynamic_ncols=True, disable=None if o.progress is None else not o.progress)
         started = time.perf_counter()
         try:
-            for batch in train.batches(order, s.batch, epoch=s.epoch):
-                if stop.is_set():
-                    return False
-                if not len(batch.images):
-                    s.batch = batch.number + 1
-                    continue
-                self.in_flight = batch.number
-                result = self._call(self.client.train_step, batch.images, batch.labels, summaries=False)
-                self.in_flight = -1
-                s.batch, s.step = batch.number + 1, result.step
-                self.known[result.step] = s.batch
-                s.losses[str(batch.number)] = [result.loss, len(batch.images)]
-                bar.update(len(batch.images))
-                bar.set_postfix(loss=f"{self._train_loss():.4f}", skipped=len(self.skipped),
-                                img_s=f"{(bar.n - done) / (time.perf_counter() - started):.0f}")
+            with self._pass(train) as batches:
+                for batch in batches:
+                    if stop.is_set():
+                        return False
+                    n = len(batch.images)
+                    if not n:
+                        s.batch = batch.number + 1
+                        continue
+                    self.in_flight = batch.number
+                    result = self._call(self.client.train_step, batch.images, batch.labels, summaries=False)
+                    self.in_flight = -1
+                    s.batch, s.step = batch.number + 1, result.step
+                    self.known[result.step] = s.batch
+                    s.losses[str(batch.number)] = [result.loss, n]
+                    loss_sum, images = loss_sum + result.loss * n, images + n
+                    bar.set_postfix(loss=f"{loss_sum / images:.4f}", skipped=len(self.skipped),
+                                    img_s=f"{(images - done) / (time.perf_counter() - started):.0f}", refresh=False)
+                    bar.update(n)
             s.seconds += time.perf_counter() - started
             started = None
             loss, accuracy = self._validate(val)
@@ -338,7 +364,7 @@ class Fit:
             if started is not None:
                 s.seconds += time.perf_counter() - started
             bar.close()
-        self._end_epoch(loss, accuracy)
+        self._end_epoch(train, loss, accuracy)
         return True
 
     def _train_loss(self) -> float:
@@ -358,21 +384,24 @@ class Fit:
             raise DataError(f"no validation image could be decoded ({len(self.skipped)} files skipped)")
         return loss_sum / count, correct / count
 
-    def _end_epoch(self, val_loss: float, val_accuracy: float) -> None:
-        s = self.state
+    def _end_epoch(self, train: Loader, val_loss: float, val_accuracy: float) -> None:
+        o, s = self.options, self.state
         images = self._trained_images()
         record = {"epoch": s.epoch + 1, "step": s.step, "train_loss": self._train_loss(), "val_loss": val_loss,
                   "val_accuracy": val_accuracy, "images": images, "seconds": round(s.seconds, 3),
                   "images_per_s": images / s.seconds if s.seconds else 0.0, "skipped": len(self.skipped),
                   "best": False}
-        if s.best is None or val_accuracy > s.best["val_accuracy"]:
+        better = s.best is None or val_accuracy > s.best["val_accuracy"]
+        since_best = 0 if better else s.since_best + 1
+        if s.epoch + 1 < o.epochs and not (o.patience and since_best >= o.patience):
+            # the next epoch's first batches decode while the server writes this epoch's checkpoints
+            self.ahead = train.batches(self._order(s.epoch + 1), 0, epoch=s.epoch + 1)
+        if better:
             info = self._call(self.client.save_checkpoint, BEST)
             record["best"] = True
             s.best = {"epoch": s.epoch + 1, "step": info.step, "val_accuracy": val_accuracy, "val_loss": val_loss,
                       "checkpoint": BEST}
-            s.since_best = 0
-        else:
-            s.since_best += 1
+        s.since_best = since_best
         s.history.append(record)
         s.epoch, s.batch, s.losses, s.seconds = s.epoch + 1, 0, {}, 0.0
         self.known = {s.step: 0}
