@@ -228,3 +228,43 @@ def test_a_published_inference_graph_gets_its_gelus_back_together_and_its_attent
     feed = {manifest.input_name: images}
     (want,), (got,) = run(exported_graph, feed), run(onnx.load(path), feed)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def innermost_moves(proto: onnx.ModelProto) -> list[list[int]]:
+    """The perms of the Transposes that move the innermost axis (ORT copies those element by element)."""
+    return [graph_rewrite.perm_of(n) for n in proto.graph.node
+            if n.op_type == "Transpose" and graph_rewrite.perm_of(n)[-1] != len(graph_rewrite.perm_of(n)) - 1]
+
+
+def test_the_gradient_graph_runs_with_its_attention_transposes_folded_into_matmuls(exported, tmp_path):
+    """The seed's attention computes q @ k^T on 3-D views: in the file, k's swap and its gradient's swap sit across a
+    Reshape from their MatMuls, and ORT merges each with the head split into a Transpose that moves the innermost
+    axis. The trainer's session runs the graph with those swaps moved onto the MatMuls: every Transpose ORT runs then
+    keeps the innermost axis, the outputs (loss, logits, every gradient) are the same, and the file is unchanged."""
+    from engine.manifest import GRADIENT_MODEL, Manifest
+    from engine.train.graph_backend import runnable_gradient_graph
+
+    manifest = Manifest.load(exported[0])
+    path = manifest.path(GRADIENT_MODEL)
+    traced = onnx.load(path)
+    rewritten = onnx.load(path)
+    depth = PRESETS["digits"].depth
+    # per block: k's swap forward across its Reshape; its gradient's swap back across one, then into the MatMul
+    assert graph_rewrite.transposes_into_matmuls(rewritten) == 3 * depth
+    assert graph_rewrite.transposes_into_matmuls(rewritten) == 0  # nothing left to move
+    assert graph_rewrite.split_transposes(rewritten, manifest.input_name, tuple(manifest.input_shape)) == 1
+    patch_cut = [0, 2, 4, 3, 5, 1]  # b c (h p1) (w p2) -> b h w (p1 p2 c), as traced
+    assert innermost_moves(optimized(path, tmp_path)) == [patch_cut] + [[0, 2, 3, 1]] * depth + [[0, 3, 1, 2]] * depth
+    onnx.save(rewritten, tmp_path / "rewritten.onnx")
+    # left: the split patch cut's first half, which moves the one channel axis to the end
+    assert innermost_moves(optimized(tmp_path / "rewritten.onnx", tmp_path)) == [[0, 2, 3, 4, 5, 1]]
+    assert runnable_gradient_graph(manifest) == rewritten  # what the trainer's session runs
+
+    rng = np.random.default_rng(3)
+    feed = {manifest.input_name: rng.standard_normal((5, *manifest.input_shape[1:]), dtype=np.float32),
+            "labels": rng.integers(0, 10, 5)}
+    weights = {p.name: rng.standard_normal(p.shape).astype(np.float32) * 0.1 for p in manifest.parameters if p.trainable}
+    feed.update(weights)
+    for want, got in zip(run(traced, feed), run(rewritten, feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert onnx.load(path) == traced  # the session's copy was rewritten, not the file

@@ -10,11 +10,16 @@
   where the export wrote GELU's `1 + erf` as `erf - (-1)` (model/rewrite.py keep_gelu_apart); this turns it
   back for ORT's session-level Gelu/BiasGelu fusion (engine/graph/fusion.py applies it).
 
+- `transposes_into_matmuls`: the `ort` trainer's gradient graph as its session runs it (the file keeps the traced
+  structure that ExplainGradients reads): the swaps of a batched matmul's last two axes moved next to the MatMul,
+  where ORT folds them into FusedMatMul, instead of merged into a Transpose it copies element by element.
+
 onnx and numpy only, plus ONNX Runtime to measure shapes that are computed at run time.
 """
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 
 import numpy as np
 import onnx
@@ -155,3 +160,152 @@ def live_nodes(nodes: list, outputs: set[str]) -> list:
             keep.append(node)
             needed.update(node.input)
     return keep[::-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient graphs: the matrix transposes of batched matmuls, where ORT fuses them
+# --------------------------------------------------------------------------------------------------
+
+def _swap_last_two(rank: int) -> list[int]:
+    return [*range(rank - 2), rank - 1, rank - 2]
+
+
+def transposes_into_matmuls(proto: onnx.ModelProto) -> int:
+    """Move each swap of the last two axes next to the batched MatMul that reads or makes it; returns how many moved.
+
+    The traced attention multiplies 3-D views: q @ k^T is Transpose(k, swap) -> Reshape(to (b*h, d, n)) -> MatMul,
+    and k's gradient comes back as MatMul -> Reshape(to (b, h, d, n)) -> Transpose(swap). With the Reshape between
+    them, ORT cannot fold the swap into the MatMul (its FusedMatMul takes transA/transB); instead it merges the swap
+    with the head split's Transpose into one that moves the innermost axis, which it copies element by element
+    (digits b64: 0.8 ms where a block copy takes 0.15). A Reshape that keeps the last two axes commutes with their
+    swap, so the swap moves across it (`Transpose -> Reshape` becomes `Reshape -> Transpose`, and the reverse), and
+    a swap of a MatMul's result becomes the MatMul of the swapped operands ((A B)^T = B^T A^T), where a swapped
+    swap cancels. Each node keeps its metadata. The trainer's session runs the result (engine/train/graph_backend.py),
+    so the export's check, which trains through that session, compares its every gradient with PyTorch.
+    """
+    graph = proto.graph
+    shapes = {}
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+    def is_swap(node) -> bool:
+        if node.op_type != "Transpose":
+            return False
+        perm = perm_of(node)
+        return len(perm) >= 2 and perm == _swap_last_two(len(perm))
+
+    def keeps_last_two(reshape, before: list | None) -> list[int] | None:
+        """The Reshape's target shape when it leaves the last two axes of a tensor of shape `before` as they are."""
+        target = constant_value(graph, reshape.input[1]) if len(reshape.input) > 1 else None
+        if target is None or before is None or len(before) < 2 or target.ndim != 1 or len(target) < 2:
+            return None
+        last = [int(v) for v in target[-2:]]
+        if min(last) <= 0 or before[-2:] != last:
+            return None
+        return [int(v) for v in target]
+
+    replaced = set()  # the shape initializers the Reshapes read before
+
+    def swapped_shape(reshape, target: list[int]) -> None:
+        replaced.add(reshape.input[1])
+        name = f"{reshape.name or reshape.output[0]}_swapped_shape"
+        graph.initializer.append(numpy_helper.from_array(
+            np.array([*target[:-2], target[-1], target[-2]], dtype=np.int64), name))
+        reshape.input[1] = name
+
+    def exchange(first, second) -> None:
+        """Put the nodes at each other's place in the graph (`second` now runs first)."""
+        nodes = list(graph.node)
+        i, j = nodes.index(first), nodes.index(second)
+        a, b = onnx.NodeProto(), onnx.NodeProto()
+        a.CopyFrom(first)
+        b.CopyFrom(second)
+        graph.node[i].CopyFrom(b)
+        graph.node[j].CopyFrom(a)
+
+    moved = 0
+    changed = True
+    while changed:
+        changed = False
+        consumers = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                consumers[name].append(node)
+        producer = {o: node for node in graph.node for o in node.output}
+        outputs = {o.name for o in graph.output}
+        for node in list(graph.node):
+            if not is_swap(node) or node.output[0] in outputs:
+                continue
+            users = consumers[node.output[0]]
+            # Transpose(X, swap) -> Reshape -> MatMul  ==>  Reshape(X) -> Transpose(swap) -> MatMul (the backward's
+            # reads of the Reshape, a MatMul after its own swap, then cancel that swap)
+            if len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == node.output[0] \
+                    and consumers[users[0].output[0]] \
+                    and all(c.op_type == "MatMul" or is_swap(c) for c in consumers[users[0].output[0]]):
+                reshape = users[0]
+                target = keeps_last_two(reshape, shapes.get(node.output[0]))
+                if target is not None:
+                    middle = f"{reshape.output[0]}_before_swap"
+                    swapped_shape(reshape, target)
+                    reshape.input[0], node.input[0] = node.input[0], middle
+                    node.output[0], reshape.output[0] = reshape.output[0], middle
+                    del node.attribute[:]
+                    node.attribute.append(helper.make_attribute("perm", _swap_last_two(len(target))))
+                    exchange(node, reshape)
+                    moved += 1
+                    changed = True
+                    break
+            source = producer.get(node.input[0])
+            # MatMul -> Reshape -> Transpose(swap)  ==>  MatMul -> Transpose(swap) -> Reshape
+            made_by = producer.get(source.input[0]) if source is not None else None
+            if source is not None and source.op_type == "Reshape" and len(consumers[source.output[0]]) == 1 \
+                    and source.output[0] not in outputs and made_by is not None and made_by.op_type == "MatMul" \
+                    and len(consumers[source.input[0]]) == 1:
+                before = shapes.get(source.input[0])
+                target = keeps_last_two(source, before)
+                if target is not None and len(target) == len(perm_of(node)):
+                    middle = f"{source.output[0]}_after_swap"
+                    swapped_shape(source, target)
+                    node.input[0], source.input[0] = source.input[0], middle
+                    source.output[0], node.output[0] = node.output[0], middle
+                    del node.attribute[:]
+                    node.attribute.append(helper.make_attribute("perm", _swap_last_two(len(before))))
+                    exchange(source, node)
+                    moved += 1
+                    changed = True
+                    break
+            # MatMul(A, B) -> Transpose(swap)  ==>  MatMul(B^T, A^T), a swapped swap cancelled
+            if source is not None and source.op_type == "MatMul" and len(consumers[source.output[0]]) == 1 \
+                    and source.output[0] not in outputs:
+                ranks = [len(shapes.get(t) or ()) for t in (*source.input, source.output[0])]
+                if len(set(ranks)) != 1 or ranks[0] < 3:  # a batched MatMul (ORT folds a 2-D one's swap itself)
+                    continue
+                operands = []
+                for k, t in enumerate(reversed(list(source.input))):
+                    p = producer.get(t)
+                    if p is not None and is_swap(p):
+                        operands.append(p.input[0])
+                        continue
+                    name = f"{source.output[0]}_operand{k}_swapped"
+                    swap = helper.make_node("Transpose", [t], [name], name=f"{source.name}/swap{k}",
+                                            perm=_swap_last_two(ranks[0]))
+                    swap.metadata_props.extend(source.metadata_props)
+                    graph.node.insert(list(graph.node).index(source), swap)
+                    operands.append(name)
+                del source.input[:]
+                source.input.extend(operands)
+                source.output[0] = node.output[0]
+                graph.node.remove(node)
+                moved += 1
+                changed = True
+                break
+    if moved:
+        kept = live_nodes(list(graph.node), {o.name for o in graph.output})
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {name for node in graph.node for name in node.input}
+        kept = [i for i in graph.initializer if i.name in used or i.name not in replaced]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return moved

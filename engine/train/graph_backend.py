@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from engine.graph import heads
+from engine.graph import heads, rewrite
 from engine.train import gradients
 from engine.train.buffers import DeviceBuffers, HostBuffers
 from engine.errors import ConfigError, FailedPrecondition
@@ -60,6 +60,17 @@ def write_initial_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
     write_checkpoint(path, {n: np.ascontiguousarray(w, np.float32) for n, w in weights.items()}, {}, 0, None)
 
 
+def runnable_gradient_graph(manifest: Manifest) -> onnx.ModelProto:
+    """The gradient graph as the trainer's session runs it, the same function with faster copies: the attention's
+    matrix transposes moved where ORT folds them into its matmuls (rewrite.transposes_into_matmuls) and the patch
+    cut's transpose in two block copies (rewrite.split_transposes). The file itself keeps the traced structure,
+    which ExplainGradients reads."""
+    proto = onnx.load(str(manifest.path(GRADIENT_MODEL)))
+    rewrite.transposes_into_matmuls(proto)
+    rewrite.split_transposes(proto, manifest.input_name, tuple(manifest.input_shape))
+    return proto
+
+
 class GradientGraphBackend:
     name = "ort"
 
@@ -77,7 +88,8 @@ class GradientGraphBackend:
         self._providers = providers_for(device)
         self._options = options
         try:
-            self._session = ort.InferenceSession(str(manifest.path(GRADIENT_MODEL)), options, providers=self._providers)
+            self._session = ort.InferenceSession(runnable_gradient_graph(manifest).SerializeToString(), options,
+                                                 providers=self._providers)
         except Exception as e:  # noqa: BLE001 - ORT's own error types: one line for the operator
             raise ConfigError(f"onnxruntime {ort.__version__} cannot load {GRADIENT_MODEL}: "
                               f"{str(e).strip().splitlines()[0]}") from None
