@@ -239,8 +239,9 @@ def innermost_moves(proto: onnx.ModelProto) -> list[list[int]]:
 def test_the_gradient_graph_runs_with_its_attention_transposes_folded_into_matmuls(exported, tmp_path):
     """The seed's attention computes q @ k^T on 3-D views: in the file, k's swap and its gradient's swap sit across a
     Reshape from their MatMuls, and ORT merges each with the head split into a Transpose that moves the innermost
-    axis. The trainer's session runs the graph with those swaps moved onto the MatMuls: every Transpose ORT runs then
-    keeps the innermost axis, the outputs (loss, logits, every gradient) are the same, and the file is unchanged."""
+    axis. The trainer's session runs the graph with those swaps moved onto the MatMuls, the qkv cut into heads by
+    one transpose and the patch cut split: every Transpose ORT runs then keeps the innermost axis but the patch cut's
+    first half, the outputs (loss, logits, every gradient) are the same, and the file is unchanged."""
     from engine.manifest import GRADIENT_MODEL, Manifest
     from engine.train.graph_backend import runnable_gradient_graph
 
@@ -252,12 +253,18 @@ def test_the_gradient_graph_runs_with_its_attention_transposes_folded_into_matmu
     # per block: k's swap forward across its Reshape; its gradient's swap back across one, then into the MatMul
     assert graph_rewrite.transposes_into_matmuls(rewritten) == 3 * depth
     assert graph_rewrite.transposes_into_matmuls(rewritten) == 0  # nothing left to move
+    before = optimized_ops(path, tmp_path)
+    assert graph_rewrite.heads_in_one_transpose(rewritten) == 2 * depth  # per block the cut and its gradient's join
     assert graph_rewrite.split_transposes(rewritten, manifest.input_name, tuple(manifest.input_shape)) == 1
     patch_cut = [0, 2, 4, 3, 5, 1]  # b c (h p1) (w p2) -> b h w (p1 p2 c), as traced
     assert innermost_moves(optimized(path, tmp_path)) == [patch_cut] + [[0, 2, 3, 1]] * depth + [[0, 3, 1, 2]] * depth
     onnx.save(rewritten, tmp_path / "rewritten.onnx")
     # left: the split patch cut's first half, which moves the one channel axis to the end
     assert innermost_moves(optimized(tmp_path / "rewritten.onnx", tmp_path)) == [[0, 2, 3, 4, 5, 1]]
+    after = optimized_ops(tmp_path / "rewritten.onnx", tmp_path)
+    # per block, 3 head transposes each way became 1; the patch cut's one became 2
+    assert after["Transpose"] == before["Transpose"] - 4 * depth + 1
+    assert (after["Split"], after["Concat"]) == (before["Split"], before["Concat"])  # now along the leading axis
     assert runnable_gradient_graph(manifest) == rewritten  # what the trainer's session runs
 
     rng = np.random.default_rng(3)

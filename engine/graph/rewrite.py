@@ -12,7 +12,8 @@
 
 - `transposes_into_matmuls`: the `ort` trainer's gradient graph as its session runs it (the file keeps the traced
   structure that ExplainGradients reads): the swaps of a batched matmul's last two axes moved next to the MatMul,
-  where ORT folds them into FusedMatMul, instead of merged into a Transpose it copies element by element.
+  where ORT folds them into FusedMatMul, instead of merged into a Transpose it copies element by element;
+  `heads_in_one_transpose`: the same graph's qkv cut into heads by one transpose and a Split of its leading axis.
 
 onnx and numpy only, plus ONNX Runtime to measure shapes that are computed at run time.
 """
@@ -304,8 +305,147 @@ def transposes_into_matmuls(proto: onnx.ModelProto) -> int:
         kept = live_nodes(list(graph.node), {o.name for o in graph.output})
         del graph.node[:]
         graph.node.extend(kept)
-        used = {name for node in graph.node for name in node.input}
-        kept = [i for i in graph.initializer if i.name in used or i.name not in replaced]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        _drop_unused_initializers(graph, replaced)
     return moved
+
+
+def heads_in_one_transpose(proto: onnx.ModelProto) -> int:
+    """Cut a fused qkv projection into heads with one Transpose instead of a Split and one Transpose per part, and
+    join its gradient the same way; returns how many cuts and joins were rewritten.
+
+    The seed's layout (and vit-pytorch's) chunks the projection (b, n, 3*h*d) along its last axis, then each part
+    (b, n, h, d) -> (b, h, n, d); the backward transposes each part's gradient back and concatenates the three along
+    the last axis. Both the last-axis Split and Concat and the three transposes copy in blocks of one head's d
+    values. As one transpose of (b, n, 3, h, d) -> (3, b, h, n, d) and a Split (or Concat) of the leading axis,
+    which moves whole contiguous parts, the copies are one block copy and three memcpys each way.
+    """
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset < 13:
+        return 0
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    producer = {o: node for node in graph.node for o in node.output}
+    outputs = {o.name for o in graph.output}
+    head_perm = [0, 2, 1, 3]
+
+    def const(name: str) -> np.ndarray | None:
+        return constant_value(graph, name) if name else None
+
+    def initializer(name: str, values) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        return name
+
+    def sole(tensor: str, op_type: str):
+        users = consumers.get(tensor, [])
+        if len(users) == 1 and users[0].op_type == op_type and tensor not in outputs:
+            return users[0]
+        return None
+
+    def heads_shape(reshape) -> tuple[int, int, int] | None:
+        """(n, h, d) of a Reshape to (-1, n, h, d)."""
+        shape = const(reshape.input[1])
+        if shape is None or shape.shape != (4,) or min(int(v) for v in shape[1:]) <= 0:
+            return None
+        return int(shape[1]), int(shape[2]), int(shape[3])
+
+    rewritten = 0
+    removed, added = [], []  # nodes to drop; (position anchor, nodes to insert before it)
+    for split in [n for n in graph.node if n.op_type == "Split"]:
+        k = len(split.output)
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        if k < 2 or axis not in (2, -1) or (len(split.input) > 1 and split.input[1]
+                                            and len(set(const(split.input[1]).tolist())) != 1):
+            continue
+        chain = []
+        for out in split.output:
+            reshape = sole(out, "Reshape")
+            transpose = sole(reshape.output[0], "Transpose") if reshape is not None else None
+            if transpose is None or perm_of(transpose) != head_perm or heads_shape(reshape) is None:
+                break
+            chain.append((reshape, transpose))
+        if len(chain) != k or len({heads_shape(r) for r, _ in chain}) != 1:
+            continue
+        n, h, d = heads_shape(chain[0][0])
+        base = split.name or split.output[0]
+        cut = helper.make_node("Reshape", [split.input[0], initializer(f"{base}_parts_shape", [-1, n, k, h, d])],
+                               [f"{base}_parts"], name=f"{base}/parts")
+        move = helper.make_node("Transpose", [f"{base}_parts"], [f"{base}_heads"], name=f"{base}/heads",
+                                perm=[2, 0, 3, 1, 4])
+        # (k, everything): a Reshape between the Transpose and the Split, without which ORT's optimizer pushes the
+        # Transpose through the Split as k transposes again
+        rows = helper.make_node("Reshape", [f"{base}_heads", initializer(f"{base}_rows_shape", [k, -1])],
+                                [f"{base}_rows"], name=f"{base}/rows")
+        pieces = helper.make_node("Split", [f"{base}_rows", initializer(f"{base}_ones", [1] * k)],
+                                  [f"{base}_piece{i}" for i in range(k)], name=f"{base}/pieces", axis=0)
+        heads = [helper.make_node("Reshape", [f"{base}_piece{i}", initializer(f"{base}_head_shape{i}", [-1, h, n, d])],
+                                  [t.output[0]], name=f"{t.name}/head") for i, (_, t) in enumerate(chain)]
+        added.append((split, [cut, move, rows, pieces, *heads]))
+        removed += [split, *(node for pair in chain for node in pair)]
+        rewritten += 1
+    for concat in [n for n in graph.node if n.op_type == "Concat"]:
+        axis = next((a.i for a in concat.attribute if a.name == "axis"), 0)
+        k = len(concat.input)
+        if k < 2 or axis not in (2, -1):
+            continue
+        chain = []
+        for tensor in concat.input:
+            reshape = producer.get(tensor)
+            if reshape is None or reshape.op_type != "Reshape" or sole(tensor, "Concat") is not concat:
+                break
+            transpose = producer.get(reshape.input[0])
+            if transpose is None or transpose.op_type != "Transpose" or perm_of(transpose) != head_perm \
+                    or sole(transpose.output[0], "Reshape") is not reshape:
+                break
+            target = const(reshape.input[1])
+            if target is None or target.shape != (3,) or min(int(v) for v in target[1:]) <= 0:
+                break
+            chain.append((transpose, reshape, int(target[1]), int(target[2])))
+        if len(chain) != k or len({(n, inner) for _, _, n, inner in chain}) != 1:
+            continue
+        dims = [[*shape[1:]] for shape in ((_shape(graph, t.input[0]) or [None]) for t, _, _, _ in chain)]
+        if len({tuple(x) for x in dims}) != 1 or len(dims[0]) != 3 or None in dims[0]:
+            continue
+        h, n, d = dims[0]
+        if n != chain[0][2] or h * d != chain[0][3]:
+            continue
+        base = concat.name or concat.output[0]
+        stacked = [helper.make_node("Reshape", [t.input[0], initializer(f"{base}_stack_shape{i}", [1, -1, h, n, d])],
+                                    [f"{base}_stacked{i}"], name=f"{base}/stack{i}") for i, (t, _, _, _) in enumerate(chain)]
+        join = helper.make_node("Concat", [f"{base}_stacked{i}" for i in range(k)], [f"{base}_joined"],
+                                name=f"{base}/join", axis=0)
+        back = helper.make_node("Transpose", [f"{base}_joined"], [f"{base}_tokens"], name=f"{base}/tokens",
+                                perm=[1, 3, 0, 2, 4])
+        flat = helper.make_node("Reshape", [f"{base}_tokens", initializer(f"{base}_flat_shape", [-1, n, k * h * d])],
+                                [concat.output[0]], name=f"{base}/flat")
+        added.append((concat, [*stacked, join, back, flat]))
+        removed += [concat, *(node for t, r, _, _ in chain for node in (t, r))]
+        rewritten += 1
+    if rewritten:
+        for anchor, nodes in added:
+            position = list(graph.node).index(anchor)
+            for offset, node in enumerate(nodes):
+                node.metadata_props.extend(anchor.metadata_props)
+                graph.node.insert(position + offset, node)
+        for node in removed:
+            graph.node.remove(node)
+        _drop_unused_initializers(graph, {name for node in removed for name in node.input})
+    return rewritten
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Drop the initializers among `candidates` that no node reads any more (replaced Reshapes' shapes)."""
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used or i.name not in candidates]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _shape(graph: onnx.GraphProto, name: str) -> list | None:
+    """A tensor's dims from the graph's value_info (None for a dynamic one), or None when it is not recorded."""
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        if value.name == name:
+            return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    return None

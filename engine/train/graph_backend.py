@@ -62,11 +62,13 @@ def write_initial_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
 
 def runnable_gradient_graph(manifest: Manifest) -> onnx.ModelProto:
     """The gradient graph as the trainer's session runs it, the same function with faster copies: the attention's
-    matrix transposes moved where ORT folds them into its matmuls (rewrite.transposes_into_matmuls) and the patch
-    cut's transpose in two block copies (rewrite.split_transposes). The file itself keeps the traced structure,
-    which ExplainGradients reads."""
+    matrix transposes moved where ORT folds them into its matmuls (rewrite.transposes_into_matmuls), a fused qkv
+    projection cut into heads (and its gradient joined) by one transpose (rewrite.heads_in_one_transpose), and the
+    patch cut's transpose in two block copies (rewrite.split_transposes). The file itself keeps the traced
+    structure, which ExplainGradients reads."""
     proto = onnx.load(str(manifest.path(GRADIENT_MODEL)))
     rewrite.transposes_into_matmuls(proto)
+    rewrite.heads_in_one_transpose(proto)
     rewrite.split_transposes(proto, manifest.input_name, tuple(manifest.input_shape))
     return proto
 
