@@ -4,8 +4,11 @@ Both train the same server process (`python -m server`, as a deployment runs it)
 batches of the same size, summaries omitted. The fit reads an ImageFolder of PNGs written at twice the model's
 height and width (so each file is decoded and resized, as a real dataset's would be) with a fresh output folder
 each time, for two epochs: the first decodes every file in the loader's worker threads while the calls run, the
-second trains on the decoded images fit keeps. Its images/s are the ones fit.json reports per epoch (first call to
-last answer; the EvalStep pass and checkpoints are outside). The bare loop sends tensors decoded once beforehand.
+second trains on the decoded images fit keeps. Its images/s are the ones fit.json reports per epoch (from asking
+for the epoch's first batch to the last answer; the EvalStep pass and checkpoints are outside). fit starts
+decoding an epoch's first batches before the checkpoint that precedes the epoch (SaveCheckpoint fit-last at the
+start of the run), as a user's run does, so the batches decoded while the server writes it are not waited for
+in the epoch. The bare loop sends tensors decoded once beforehand.
 The two alternate within each repeat (rotated), so the ratios are taken pair by pair; the target is fit >= 0.95x
 the bare loop.
 """

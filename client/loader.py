@@ -1,5 +1,6 @@
 """Batches of decoded images, made in worker threads ahead of the caller, so that a server never waits on the
-client's decoding.
+client's decoding (on a machine the client shares with the server, the decoding still takes CPU time the server
+could use: docs/fit.md, Throughput).
 
 `Loader.batches(order)` cuts `order` into batches and keeps up to `prefetch` of them being decoded by a pool of
 `workers` threads (a bounded queue of futures: Pillow and numpy release the GIL while they work) while the caller
