@@ -13,13 +13,13 @@ How (one trace per graph; torch.onnx.export would trace it twice more, torch.exp
    over fake tensors whose batch axis alone is symbolic (tracing_mode="symbolic" on real tensors makes
    every parameter's shape symbolic too: ~3x the time, in sympy). The decomposition table is the one
    torch.onnx itself applies (every op without an ONNX translation decomposed into ops that have one), plus
-   - `aten.convolution_backward` as convolutions (`convolution_backward` below): torch.onnx has no
+   - `aten.convolution_backward` as convolutions (model/decompositions.py, as the next ones): torch.onnx has no
      translation for it (conv patch embeddings, every CNN);
    - `aten.nll_loss_forward` decomposed: torch.onnx's translation fakes its `total_weight` output, so the
      mean's batch size was lost and every gradient came out `batch` times too large;
-   - in graphs that differentiate, exact GELU and its backward written over shared pieces (`gelu`,
-     `gelu_backward` below), which the trace's common-subexpression pass then computes once, and LayerNorm's
-     backward in fewer passes (`native_layer_norm_backward`).
+   - in graphs that differentiate, exact GELU and its backward written over shared pieces, which the trace's
+     common-subexpression pass then computes once, and LayerNorm's backward in fewer passes;
+   - the safe softmax of F.scaled_dot_product_attention's math backend in fewer full-size passes.
    Attention runs under `sdpa_kernel(SDPBackend.MATH)`: F.scaled_dot_product_attention (timm's fused
    attention, Hugging Face's sdpa) becomes matmul/softmax, whose backward translates (the fused CPU
    kernel's backward does not). A model with in-place ops (`x += ...`, ReLU(inplace=True)) is traced again
@@ -37,7 +37,7 @@ Every node also gets `vitserve.fx_node` (the FX node's name), `vitserve.phase` (
 and, on backward nodes, `vitserve.differentiates`: the module path ("" for the model itself) of the
 forward op whose gradient formula emitted it (autograd's sequence number, as AOTAutograd records it).
 The nodes of a forward op that our own decompositions wrote as several FX nodes (exact GELU) share
-`vitserve.unit` (the op's first FX node) and `vitserve.op` (e.g. "gelu").
+`vitserve.unit` (the op's first FX node) and `vitserve.op` (e.g. "gelu", "softmax").
 
 An op with no ONNX translation is an ExportError naming it and the module it serves, e.g. "torch.onnx
 cannot translate aten.avg_pool2d_backward.default (needed by the backward of pool (AvgPool2d))".
@@ -48,7 +48,6 @@ import contextlib
 import functools
 import io
 import logging
-import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model import decompositions as own
 from model.errors import ExportError
 
 GRADIENT_MODEL = "gradient_model.onnx"  # train mode: loss, logits and every trainable parameter's gradient
@@ -69,128 +69,6 @@ BATCH = "batch"
 MAX_IR_VERSION = 10  # onnxruntime 1.19.2 loads IR <= 10 (and opset <= 21)
 
 aten = torch.ops.aten
-
-
-# --------------------------------------------------------------------------------------------------
-# aten.convolution_backward as convolutions
-# --------------------------------------------------------------------------------------------------
-
-def _conv_weight_grad(x, grad_y, weight_shape, stride, padding, dilation, groups):
-    """d(loss)/d(weight) of y = conv(x, weight) (not transposed), as one grouped convolution.
-
-    grad_w[o, c, k] = sum_{n, p} grad_y[n, o, p] * x_padded[n, group(o) * Cg + c, p * stride + k * dilation]:
-    a convolution over the batch axis, with x's channels (Cg per group) as its batch, grad_y as its weight
-    (O filters over N channels), and stride and dilation swapped. The result can be longer than the kernel
-    (input positions that no output reads): sliced off.
-    """
-    n, spatial = x.shape[0], x.dim() - 2
-    cg, sizes = x.shape[1] // groups, list(x.shape[2:])
-    # (N, G*Cg, *S) -> (Cg, G*N, *S): "batch" = the channel within its group, "channels" = (group, sample)
-    xt = x.reshape(n, groups, cg, *sizes).permute(2, 1, 0, *range(3, 3 + spatial)).reshape(cg, groups * n, *sizes)
-    wt = grad_y.transpose(0, 1)  # (N, G*Og, *So) -> (G*Og, N, *So)
-    gw = aten.convolution.default(xt, wt, None, dilation, padding, stride, False, [0] * spatial, groups)
-    gw = gw[(slice(None), slice(None), *(slice(0, k) for k in weight_shape[2:]))]  # (Cg, G*Og, *K)
-    return gw.transpose(0, 1).reshape(grad_y.shape[1], cg, *weight_shape[2:])
-
-
-def _spatial(values, spatial: int) -> list[int]:
-    return [int(v) for v in (list(values) * spatial if len(values) == 1 else values)]
-
-
-def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
-                         output_padding, groups, output_mask):
-    """aten.convolution_backward as convolutions: any stride, padding, dilation and groups, 1-3 spatial dims,
-    transposed or not (registered into the decomposition table: torch.onnx cannot translate it)."""
-    spatial = input.dim() - 2
-    stride, padding, dilation = (_spatial(v, spatial) for v in (stride, padding, dilation))
-    kernel = [int(k) for k in weight.shape[2:]]
-    every = (slice(None), slice(None))
-    grad_input = grad_weight = grad_bias = None
-    if not transposed:
-        if output_mask[0]:
-            # conv's adjoint is a transposed convolution; output_padding gives back the input positions past the
-            # last one an output reads
-            read = [(int(grad_output.shape[2 + i]) - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1
-                    for i in range(spatial)]
-            extra = [int(input.shape[2 + i]) - read[i] for i in range(spatial)]
-            grad_input = aten.convolution.default(grad_output, weight, None, stride, padding, dilation, True, extra,
-                                                  groups)
-        if output_mask[1]:
-            grad_weight = _conv_weight_grad(input, grad_output, weight.shape, stride, padding, dilation, groups)
-    else:
-        # y = conv_transpose(x, w) is the adjoint of z = conv(y, w): x's gradient is that convolution, and w's is
-        # conv's weight gradient with the roles of input and output exchanged.
-        if output_mask[0]:
-            grad_input = aten.convolution.default(grad_output, weight, None, stride, padding, dilation, False,
-                                                  [0] * spatial, groups)
-            # an output_padding >= stride (allowed below the dilation) adds outputs past the last input position
-            grad_input = grad_input[(*every, *(slice(0, int(n)) for n in input.shape[2:]))]
-        if output_mask[1]:
-            grad_weight = _conv_weight_grad(grad_output, input, weight.shape, stride, padding, dilation, groups)
-    if output_mask[2]:
-        grad_bias = grad_output.sum(dim=[0, *range(2, grad_output.dim())])
-    return grad_input, grad_weight, grad_bias
-
-
-# --------------------------------------------------------------------------------------------------
-# exact GELU, forward and backward over shared pieces
-# --------------------------------------------------------------------------------------------------
-
-SQRT2 = math.sqrt(2.0)
-LOG_SQRT_PI = 0.5 * math.log(math.pi)
-
-
-def _gelu_pieces(x):
-    """a = x / sqrt 2 and cdf = Phi(x) = (1 + erf a) / 2: the same ops in both passes, so merged into one."""
-    a = x / SQRT2
-    return a, (torch.erf(a) + 1) * 0.5
-
-
-def gelu(x, approximate="none"):
-    """Exact GELU as x * Phi(x) (the tanh approximation: left to torch.onnx's translation)."""
-    if approximate != "none":
-        return NotImplemented
-    return x * _gelu_pieces(x)[1]
-
-
-def gelu_backward(grad, x, approximate="none"):
-    """grad * (Phi(x) + x phi(x)) with x phi(x) = a exp(-a^2) / sqrt(pi) = a exp(-a^2 - ln sqrt(pi)).
-
-    With the forward's a and Phi(x) reused, the backward is 6 elementwise passes where torch's decomposition
-    makes 11 (it recomputes the erf); each pass reads and writes a (batch, tokens, mlp_dim) tensor: on
-    vit-small64 b32 that took the gradient graph from 64 to ~35 ms of GELU a step (docs/performance.md).
-    """
-    if approximate != "none":
-        return torch._decomp.decomposition_table[aten.gelu_backward.default](grad, x, approximate=approximate)
-    a, cdf = _gelu_pieces(x)
-    return grad * (cdf + a * torch.exp(-LOG_SQRT_PI - a * a))
-
-
-# aten op (by name: the trace records other instances of the op objects) -> its name in ExplainGradients' node names
-def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
-    """LayerNorm's backward in 13 elementwise passes and reductions where torch's decomposition makes 15: the input's
-    gradient as rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * weight, with means where torch scales g
-    by N and rstd by 1 / N (a full-size pass). Not float32: torch's own decomposition."""
-    if input.dtype != torch.float32 or grad_out.dtype != torch.float32:
-        return torch._decomp.decomposition_table[aten.native_layer_norm_backward.default](
-            grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask)
-    axis = input.dim() - len(normalized_shape)
-    inner, outer = list(range(axis, input.dim())), list(range(axis))
-    mean = mean.reshape(*mean.shape, *[1] * (input.dim() - mean.dim()))
-    rstd = rstd.reshape(*rstd.shape, *[1] * (input.dim() - rstd.dim()))
-    x_hat = (input - mean) * rstd
-    g = grad_out * weight if weight is not None else grad_out
-    d_input = d_weight = d_bias = None
-    if output_mask[0]:
-        d_input = (g - g.mean(inner, keepdim=True) - x_hat * (g * x_hat).mean(inner, keepdim=True)) * rstd
-    if output_mask[1] and weight is not None:
-        d_weight = (grad_out * x_hat).sum(outer) if outer else grad_out * x_hat
-    if output_mask[2] and bias is not None:
-        d_bias = grad_out.sum(outer) if outer else grad_out.clone()
-    return d_input, d_weight, d_bias
-
-
-_OWN_FORWARD_DECOMPOSITIONS = {"aten.gelu.default": "gelu"}
 
 
 def merge_common_subexpressions(gm) -> None:
@@ -224,11 +102,12 @@ def _decompositions(differentiates: bool) -> dict:
     table = _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
     for op in (aten.nll_loss_forward.default, aten.nll_loss2d_forward.default):  # torch.onnx fakes total_weight
         table[op] = torch._decomp.decomposition_table[op]
-    table[aten.convolution_backward.default] = convolution_backward
+    table[aten.convolution_backward.default] = own.convolution_backward
+    table[aten._safe_softmax.default] = own.safe_softmax
     if differentiates:
-        table[aten.gelu.default] = gelu
-        table[aten.gelu_backward.default] = gelu_backward
-        table[aten.native_layer_norm_backward.default] = native_layer_norm_backward
+        table[aten.gelu.default] = own.gelu
+        table[aten.gelu_backward.default] = own.gelu_backward
+        table[aten.native_layer_norm_backward.default] = own.native_layer_norm_backward
     return table
 
 
@@ -648,7 +527,7 @@ def _decomposed_ops(fx_gm) -> dict[str, tuple[str, str]]:
     `unit` is the op's first FX node, shared by all its nodes, so that ExplainGradients sees one op."""
     found, first = {}, {}
     for node in fx_gm.graph.nodes:
-        op = _OWN_FORWARD_DECOMPOSITIONS.get(str(node.meta.get("original_aten")))
+        op = own.OWN_FORWARD_DECOMPOSITIONS.get(str(node.meta.get("original_aten")))
         seq = node.meta.get("seq_nr")
         if op is None or seq is None or node.meta.get("vitserve.phase") != "forward":
             continue

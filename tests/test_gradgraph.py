@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model import gradgraph
+from model import decompositions, gradgraph
 from model.errors import ExportError
 from model.export import construct, load_class
 from model.verify import train_mode
@@ -323,13 +323,64 @@ def test_convolution_backward_decomposition_equals_torch(c):
     mask = [True, True, c["bias"]]
     bias_sizes = [c["c_out"]] if c["bias"] else None
     expected = torch.ops.aten.convolution_backward(grad_y, x, w, bias_sizes, *args, mask)
-    got = gradgraph.convolution_backward(grad_y, x, w, bias_sizes, *args, mask)
+    got = decompositions.convolution_backward(grad_y, x, w, bias_sizes, *args, mask)
     for e, g in zip(expected, got):
         if e is None:
             assert g is None
         else:
             assert g.shape == e.shape
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- the safe softmax of F.scaled_dot_product_attention
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_safe_softmax_decomposition_equals_torch_on_masked_and_nan_rows(dim):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, generator=generator)
+    x[0, 1, :] = float("-inf")  # a fully masked row (dim -1): zeros, not NaN
+    x[0, :, 2] = float("-inf")  # a fully masked column (dim 1)
+    x[1, 2, :3] = float("-inf")  # partly masked
+    x[1, 3, 4] = float("nan")  # NaN rows stay NaN
+    x[1, 4, :] = float("-inf")
+    x[1, 4, 5] = float("nan")  # -inf and a NaN: not masked, NaN
+    expected = torch.ops.aten._safe_softmax(x, dim)
+    got = decompositions.safe_softmax(x, dim)
+    assert torch.isnan(expected).any() and (expected == 0).any()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+
+
+def test_sdpa_models_attention_softmax_costs_no_full_size_where(tmp_path):
+    """F.scaled_dot_product_attention (Hugging Face's sdpa here) traces to aten._safe_softmax: its masked-row check
+    is one reduction per row and two broadcast elementwise ops, no full-size Equal, Where or zeros."""
+    torch.manual_seed(0)
+    model = hugging_face("sdpa")
+    shape = (3, lm.SIZE, lm.SIZE)
+    trainable = [n for n, _ in model.named_parameters()]
+    gradgraph.export_gradient_graphs(model, torch.randn(2, *shape), trainable, tmp_path)
+    proto = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / gradgraph.GRADIENT_MODEL))
+    dims = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in (*proto.graph.value_info, *proto.graph.input)}
+
+    def full_size(name: str) -> bool:  # (batch, heads, tokens, tokens), not one value per row (..., 1)
+        return len(dims.get(name, [])) == 4 and dims[name][-1] != 1
+    softmaxes = [n for n in proto.graph.node if n.op_type == "Softmax"]
+    assert len(softmaxes) == lm.DEPTH
+    row_checks = [n for n in proto.graph.node if n.op_type == "ReduceMax"]
+    assert len(row_checks) == lm.DEPTH
+    for node in proto.graph.node:  # nothing of the attention probabilities' size is compared, selected or made
+        if node.op_type in ("Where", "Equal", "ReduceMin", "Expand", "ConstantOfShape"):
+            assert not any(full_size(t) for t in (*node.input, *node.output)), node
+    units = {dict((p.key, p.value) for p in n.metadata_props).get("vitserve.unit") for n in softmaxes}
+    assert len(units) == lm.DEPTH and None not in units  # ExplainGradients sees one softmax op per block
+    session = onnxruntime.InferenceSession(str(tmp_path / gradgraph.GRADIENT_MODEL), providers=["CPUExecutionProvider"])
+    images, labels = batch(shape, 3)
+    feeds = {"images": images, "labels": labels,
+             **{n: p.detach().numpy() for n, p in model.named_parameters()}}
+    loss = session.run(["loss"], feeds)[0]
+    expected, _, _ = torch_step(model, images, labels, trainable)
+    assert abs(float(loss) - expected) <= TOL * abs(expected)
 
 
 # ---------------------------------------------------------------- errors
