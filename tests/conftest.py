@@ -1,4 +1,5 @@
-"""Shared fixtures: a small exported model (with its PyTorch twin) and real gRPC servers on 127.0.0.1.
+"""Shared fixtures: a small exported model (with its PyTorch twin), the layouts of tests/layout_models.py exported
+once per session, and real gRPC servers on 127.0.0.1.
 
 Plain helpers (the model's CONFIG, batch(), tensor(), images_msg(), RunningServer, process helpers) live in
 tests/helpers.py; this file holds only fixtures and the hypothesis profile.
@@ -21,6 +22,7 @@ from server.app import create_server
 from server.config import Settings
 from server.dataplane import DataPlane
 from tests.helpers import CONFIG, LEARNING_RATE, MODEL, RunningServer
+from tests.layout_models import CLASSES, LAYOUTS, SIZE, SmallResNet
 
 # CI replays the same examples every run (a submission's result must not depend on luck); local runs
 # explore new ones. `make fuzz` is the open-ended search.
@@ -40,6 +42,28 @@ def exported(tmp_path_factory) -> tuple[Path, dict]:
         channels=CONFIG.channels, mean=CONFIG.mean, std=CONFIG.std, class_names=[str(i) for i in range(10)],
         source={"preset": "digits", "config": CONFIG.model_kwargs()}, freeze=[], optimizer="adamw", opset=16)
     return folder, state
+
+
+@pytest.fixture(scope="session")
+def layout_exports(tmp_path_factory):
+    """layout_exports(name) -> (artifact folder, the state_dict it was exported from) of tests/layout_models.py's
+    layout `name` (or "cnn", its SmallResNet), built under seed 0 and exported on first use; the files that test
+    layouts (test_layouts, test_client_gradients) share them instead of exporting each their own (~12 s each)."""
+    done: dict[str, tuple[Path, dict]] = {}
+
+    def export(name: str) -> tuple[Path, dict]:
+        if name not in done:
+            torch.manual_seed(0)
+            model = SmallResNet() if name == "cnn" else LAYOUTS[name][0]()
+            state = copy.deepcopy(model.state_dict())
+            folder = exporter.export(model=model, name=name, out=tmp_path_factory.mktemp(f"layout-{name}"),
+                                     image_size=SIZE, channels=3, mean=[0.5] * 3, std=[0.5] * 3,
+                                     class_names=[f"c{i}" for i in range(CLASSES)], source={}, freeze=[],
+                                     optimizer="adamw", opset=16)
+            done[name] = (folder, state)
+        return done[name]
+
+    return export
 
 
 @pytest.fixture

@@ -52,26 +52,28 @@ def imported_modules(path: Path) -> list[tuple[int, str, str]]:
     source = path.read_text()
     tree = ast.parse(source, filename=str(path))
     package = list(path.relative_to(REPO).parts[:-1])  # the folder: a module's package, or __init__'s own
+    lines = source.splitlines()
+
+    def statement(node: ast.AST) -> str:  # its first line (ast.get_source_segment splits the file at every call)
+        return lines[node.lineno - 1][node.col_offset:]
+
     found = []
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Call)):
-            continue
-        statement = (ast.get_source_segment(source, node) or "").splitlines()[0]
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name, statement) for alias in node.names]
+            found += [(node.lineno, alias.name, statement(node)) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             anchor = package[:len(package) - node.level + 1] if node.level else []  # `from ..x`: one folder up
             base = [*anchor, *(node.module.split(".") if node.module else [])]
             if base:
-                found.append((node.lineno, ".".join(base), statement))
+                found.append((node.lineno, ".".join(base), statement(node)))
             if not node.module:  # from . import x: x is a module of that package (or a top-level one)
-                found += [(node.lineno, ".".join([*base, alias.name]), statement) for alias in node.names]
+                found += [(node.lineno, ".".join([*base, alias.name]), statement(node)) for alias in node.names]
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
             if name in ("import_module", "__import__"):
-                found.append((node.lineno, node.args[0].value, statement))
+                found.append((node.lineno, node.args[0].value, statement(node)))
     return found
 
 

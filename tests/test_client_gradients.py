@@ -10,7 +10,6 @@ layout, a CNN without attention included.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import math
@@ -23,7 +22,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from matplotlib.text import Text
 from PIL import Image
 
@@ -50,7 +48,6 @@ from client.plots import (
     head_value,
 )
 from client.render import History, render
-from model import export as exporter
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from proto.convert import from_proto
@@ -69,9 +66,9 @@ from tests.helpers import (
 
 @pytest.fixture(params=TRAINERS)
 def trainer(request) -> str:
-    """Every test of this file runs on both trainers."""
+    """Every test of this file that serves in-process runs on both trainers, but the gradient-flow figure's."""
     return request.param
-from tests.layout_models import CLASSES, DEPTH, HEADS, LAYOUTS, SIZE, SmallResNet
+from tests.layout_models import CLASSES, DEPTH, HEADS, LAYOUTS, SIZE
 
 pytestmark = pytest.mark.slow
 
@@ -82,25 +79,10 @@ NO_DOT_PATH = str(Path(sys.executable).parent)  # the virtualenv's bin: python, 
 
 # ---------------------------------------------------------------- models, batches, servers
 
-def export(model: torch.nn.Module, name: str, out: Path) -> Path:
-    return exporter.export(model=model, name=name, out=out, image_size=SIZE, channels=3, mean=[0.5] * 3,
-                           std=[0.5] * 3, class_names=[f"c{i}" for i in range(CLASSES)], source={}, freeze=[],
-                           optimizer="adamw", opset=16)
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """folders(name) -> the artifact folder of layout `name` (or "cnn"), exported once for this module."""
-    done: dict[str, Path] = {}
-
-    def folder(name: str) -> Path:
-        if name not in done:
-            torch.manual_seed(0)
-            model = SmallResNet() if name == "cnn" else LAYOUTS[name][0]()
-            done[name] = export(copy.deepcopy(model), name, tmp_path_factory.mktemp(name))
-        return done[name]
-
-    return folder
+def folders(layout_exports):
+    """folders(name) -> the artifact folder of layout `name` (or "cnn"), exported once per session."""
+    return lambda name: layout_exports(name)[0]
 
 
 def labelled_batch(n: int = 6, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -477,7 +459,8 @@ def test_grads_plot_cli(server, tmp_path):
     assert_png(png, (600, 400))
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, "cnn"])
+@pytest.mark.parametrize("trainer", ["ort"])  # the client's drawing of the summaries (test_layouts checks those
+@pytest.mark.parametrize("layout", [*LAYOUTS, "cnn"])  # against autograd, test_trainers the trainers side by side)
 def test_gradient_flow_figure_for_every_layout(layout, folders, serve, tmp_path):
     running = serve(artifacts=folders(layout))
     with ViTClient(running.address) as client:

@@ -18,7 +18,7 @@ from tests.helpers import batch, clean_env, metric, scrape, start_server, wait_f
 pytestmark = pytest.mark.e2e  # server processes killed mid-step
 
 MODEL = "digits4"  # the conftest export's name: checkpoints live in <data dir>/digits4/checkpoints
-ROUNDS = 20
+ROUNDS = 12
 CALL_TIMEOUT = 30.0  # seconds per RPC (generous: a noisy 2-core machine)
 
 

@@ -48,12 +48,10 @@ def export(model: torch.nn.Module, name: str, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout(request, tmp_path_factory) -> Exported:
+def layout(request, layout_exports) -> Exported:
     builder, fused, biases = LAYOUTS[request.param]
-    torch.manual_seed(0)
+    folder, state = layout_exports(request.param)
     model = builder()
-    state = copy.deepcopy(model.state_dict())
-    folder = export(model, request.param, tmp_path_factory.mktemp("layouts"))
     model.load_state_dict(state)
     return Exported(request.param, folder, model, fused, biases)
 
