@@ -12,8 +12,9 @@ One run, written into its output folder:
 - `fit-state.json` (epoch, batch, step, best, seed: written whole, tmp + os.replace) lets `resume` continue where
   it stopped; `fit.json` holds every epoch's metrics, `fit_curve.png` draws them;
 - SIGINT or SIGTERM finish the step in flight (a second one abandons it), save `fit-last` and stop;
-- a server that goes away (UNAVAILABLE) is waited for with backoff; once it answers, the run finds its place
-  again from the server's step (the steps this run saw, or else `fit-last` restored) and goes on;
+- a server that goes away (UNAVAILABLE, or CANCELLED: gRPC cancels the calls a stopping server still holds) is
+  waited for with backoff; once it answers, the run finds its place again from the server's step (the steps this
+  run saw, or else `fit-last` restored) and goes on;
 - `publish` restores `fit-best` and publishes it at the end.
 """
 from __future__ import annotations
@@ -103,8 +104,11 @@ class FitResult:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
+GONE = ("UNAVAILABLE", "CANCELLED")  # a server that stopped or restarts: the server itself never answers CANCELLED
+
+
 class ServerWentAway(Exception):
-    """A call failed with UNAVAILABLE: the run has to find its place again once the server answers."""
+    """A call failed with one of GONE: the run has to find its place again once the server answers."""
 
 
 def write_json(path: Path, document: Any) -> None:
@@ -211,7 +215,7 @@ class Fit:
         try:
             return method(*args, **kwargs)
         except ClientError as e:
-            if e.code == "UNAVAILABLE":
+            if e.code in GONE:
                 raise ServerWentAway(e.details) from e
             raise
 
@@ -222,7 +226,7 @@ class Fit:
             try:
                 return self.client.get_optimizer().step
             except ClientError as e:
-                if e.code != "UNAVAILABLE" or time.monotonic() > deadline:
+                if e.code not in GONE or time.monotonic() > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -242,7 +246,7 @@ class Fit:
         return True
 
     def _find_place(self) -> None:
-        """After UNAVAILABLE: the server's step, placed in this epoch, or else fit-last restored and its position."""
+        """After the server went away: the server's step, placed in this epoch, or else fit-last restored and its position."""
         step = self._wait_for_server()
         if self._place(step):
             return
