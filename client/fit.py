@@ -246,7 +246,8 @@ class Fit:
         return True
 
     def _find_place(self) -> None:
-        """After the server went away: the server's step, placed in this epoch, or else fit-last restored and its position."""
+        """After the server went away: the server's step, placed in this epoch, or else fit-last restored and its
+        position."""
         step = self._wait_for_server()
         if self._place(step):
             return

@@ -7,8 +7,9 @@
 - `native_layer_norm_backward`: LayerNorm's backward in fewer full-size passes (graphs that differentiate).
 - `safe_softmax`: F.scaled_dot_product_attention's softmax without torch's four extra full-size passes.
 
-Each takes and returns what the aten op it replaces does, and is exact: tests/test_gradgraph.py compares each with
-the aten op (values and, through autograd, gradients).
+Each takes and returns what the aten op it replaces does, equal to it up to float rounding: tests/test_gradgraph.py
+compares convolution_backward and safe_softmax with the aten op directly, and every model's gradient graph (so GELU
+and LayerNorm too) with PyTorch autograd.
 """
 from __future__ import annotations
 
@@ -135,7 +136,6 @@ def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, we
     if output_mask[2] and bias is not None:
         d_bias = grad_out.sum(outer) if outer else grad_out.clone()
     return d_input, d_weight, d_bias
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from server.app import create_server
 from server.config import Settings
 from server.dataplane import DataPlane
 from tests.helpers import CONFIG, LEARNING_RATE, MODEL, RunningServer
-from tests.layout_models import CLASSES, LAYOUTS, SIZE, SmallResNet
+from tests.layout_models import LAYOUTS, SmallResNet
+from tests.layout_models import export as export_layout
 
 # CI replays the same examples every run (a submission's result must not depend on luck); local runs
 # explore new ones. `make fuzz` is the open-ended search.
@@ -56,11 +57,7 @@ def layout_exports(tmp_path_factory):
             torch.manual_seed(0)
             model = SmallResNet() if name == "cnn" else LAYOUTS[name][0]()
             state = copy.deepcopy(model.state_dict())
-            folder = exporter.export(model=model, name=name, out=tmp_path_factory.mktemp(f"layout-{name}"),
-                                     image_size=SIZE, channels=3, mean=[0.5] * 3, std=[0.5] * 3,
-                                     class_names=[f"c{i}" for i in range(CLASSES)], source={}, freeze=[],
-                                     optimizer="adamw", opset=16)
-            done[name] = (folder, state)
+            done[name] = (export_layout(model, name, tmp_path_factory.mktemp(f"layout-{name}")), state)
         return done[name]
 
     return export

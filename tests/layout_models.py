@@ -5,9 +5,12 @@ their constructors (Hugging Face's from a ViTConfig). timm imports through tests
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from model import export as exporter
 from model.export import load_class
 from model.vit import ViTConfig, build
 from tests.torchvision_shim import import_timm
@@ -112,3 +115,10 @@ LAYOUTS = {  # name -> (builder, fused, biases)
     "torch-mha": (EncoderViT, True, True),
     "torch-mha-post-norm": (PostNormEncoderViT, True, True),
 }
+
+
+def export(model: nn.Module, name: str, out: Path) -> Path:
+    """The artifact folder of `model` exported as every layout here is: SIZE x SIZE RGB, CLASSES classes, AdamW."""
+    return exporter.export(model=model, name=name, out=out, image_size=SIZE, channels=3, mean=[0.5] * 3,
+                           std=[0.5] * 3, class_names=[f"c{i}" for i in range(CLASSES)], source={}, freeze=[],
+                           optimizer="adamw", opset=16)

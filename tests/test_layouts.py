@@ -18,11 +18,10 @@ import pytest
 import torch
 
 from engine.manifest import Manifest
-from model import export as exporter
 from model import verify
 from proto import vitserve_pb2 as pb
 from tests.helpers import TRAINERS, images_msg, tensor
-from tests.layout_models import CLASSES, DEPTH, DIM_HEAD, HEADS, HF_KWARGS, LAYOUTS, SIZE, SmallResNet
+from tests.layout_models import CLASSES, DEPTH, DIM_HEAD, HEADS, HF_KWARGS, LAYOUTS, SIZE, SmallResNet, export
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +38,6 @@ class Exported:
     model: torch.nn.Module  # holds the exported weights
     fused: bool
     biases: bool
-
-
-def export(model: torch.nn.Module, name: str, out: Path) -> Path:
-    return exporter.export(model=model, name=name, out=out, image_size=SIZE, channels=3, mean=[0.5] * 3,
-                           std=[0.5] * 3, class_names=[f"c{i}" for i in range(CLASSES)], source={}, freeze=[],
-                           optimizer="adamw", opset=16)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
