@@ -46,6 +46,16 @@ def exported(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="session")
+def frozen_digits(tmp_path_factory) -> Path:
+    """The digits preset exported with its patch embedding, position embedding and first block frozen, once per
+    session (test_lifecycle serves it, test_explain explains it)."""
+    out = tmp_path_factory.mktemp("frozen")
+    assert exporter.main(["--preset", "digits", "--out", str(out), "--name", "frozen",
+                          "--freeze", "to_patch_embedding.*", "pos_embedding", "transformer.layers.0.*"]) == 0
+    return out / "frozen"
+
+
+@pytest.fixture(scope="session")
 def layout_exports(tmp_path_factory):
     """layout_exports(name) -> (artifact folder, the state_dict it was exported from) of tests/layout_models.py's
     layout `name` (or "cnn", its SmallResNet), built under seed 0 and exported on first use; the files that test

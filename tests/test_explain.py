@@ -130,9 +130,8 @@ def test_unknown_parameter_is_not_found(explained):
         explained[0].explain("nope")
 
 
-def test_frozen_parameter_has_no_gradient(tmp_path):
-    assert exporter.main(["--preset", "digits", "--out", str(tmp_path), "--freeze", "pos_embedding"]) == 0
-    explainer, manifest = explainer_for(tmp_path / "digits")
+def test_frozen_parameter_has_no_gradient(frozen_digits):
+    explainer, manifest = explainer_for(frozen_digits)
     with pytest.raises(FailedPrecondition, match="'pos_embedding' is frozen"):
         explainer.explain("pos_embedding")
     names = [p.name for p in explainer.explain().parameters]
