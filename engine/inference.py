@@ -6,11 +6,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from engine.runtime import open_session
+
 
 class InferenceEngine:
-    def __init__(self, model_path, input_name: str, output_name: str, providers: list, options: ort.SessionOptions):
+    def __init__(self, model_path, input_name: str, output_name: str, device: str, options: ort.SessionOptions):
         self.path = Path(model_path)  # the ONNX file (a published version's weights are its initializers)
-        self._session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        self._session = open_session(str(model_path), options, device)
         self._input_name = input_name
         self._output_name = output_name
 

@@ -85,7 +85,7 @@ def torch_gradients(model: torch.nn.Module, images: np.ndarray, labels: np.ndarr
 def check_inference(manifest: Manifest, model: torch.nn.Module, report: CheckReport) -> None:
     images, _ = sample_batch(manifest.input_shape, manifest.num_classes, batch=3, seed=1)
     engine = InferenceEngine(manifest.path(INFERENCE_MODEL), manifest.input_name, manifest.output_name,
-                             ["CPUExecutionProvider"], session_options(training=False))
+                             "cpu", session_options(training=False))
     model.eval()
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()

@@ -85,7 +85,7 @@ def run_worker(settings: Settings, group) -> int:
     engine, error = None, ""
     try:
         quiet_default_logger()
-        engine = TrainingEngine(Manifest.load(settings.artifacts), settings.device,
+        engine = TrainingEngine(Manifest.load(settings.artifacts), settings.trainer_device,
                                 session_options(settings.training_threads, training=True),
                                 settings.learning_rate, trainer=settings.trainer)
     except (ConfigError, RuntimeError) as e:  # rank 0 says it and stops the job

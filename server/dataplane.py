@@ -72,7 +72,8 @@ class DataPlane:
         model = self.registry.model()
         log.info("loaded %s from %s on %s (%s), model version %d; %s on onnxruntime %s", manifest.name,
                  settings.artifacts, settings.device, ", ".join(model.latest.engine.providers), model.latest.version,
-                 f"trainer {self._trainer.engine.trainer}" if self._trainer else "no trainer", ORT_VERSION)
+                 f"trainer {self._trainer.engine.trainer} on {settings.trainer_device}" if self._trainer
+                 else "no trainer", ORT_VERSION)
 
     def trainer(self, what: str) -> Trainer:
         """The trainer, for the call named `what`; FAILED_PRECONDITION on an inference-only replica."""

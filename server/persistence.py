@@ -90,9 +90,9 @@ class Checkpoints:
         """The training engine: in a child process (--train-isolation process, the default), else in this one."""
         s = self.settings
         if s.train_isolation == "process" and not s.data_parallel:
-            return IsolatedTrainingEngine(self.manifest, s.device, s.training_threads, s.learning_rate,
+            return IsolatedTrainingEngine(self.manifest, s.trainer_device, s.training_threads, s.learning_rate,
                                           checkpoint=checkpoint, trainer=s.trainer)
-        return TrainingEngine(self.manifest, s.device, session_options(s.training_threads, training=True),
+        return TrainingEngine(self.manifest, s.trainer_device, session_options(s.training_threads, training=True),
                               s.learning_rate, checkpoint=checkpoint, trainer=s.trainer)
 
     # -- writing ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from engine.errors import ConfigError, InvalidArgument, NotFound, Unavailable, U
 from engine.store.follower import READY, UNAVAILABLE, UNLOADED, LoadedVersion, ModelState, RepositoryFollower, poll_forever
 from engine.inference import InferenceEngine
 from engine.manifest import INFERENCE_MODEL, Manifest
-from engine.runtime import providers_for, resident_bytes, session_options
+from engine.runtime import check_device, resident_bytes, session_options
 from engine.store.files import VersionStore
 from engine.store.triton import model_config
 from proto import model_config_pb2
@@ -44,7 +44,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self._metrics = metrics
-        self._providers = providers_for(settings.device)
+        check_device(settings.device)  # a device this process cannot run is a startup error
         self._options = session_options(settings.inference_threads, training=False)
         self._models: dict[str, ServedModel] = {}  # by name; replaced whole
         self._states: dict[str, ModelState] = {}  # the repository's models as last polled
@@ -86,14 +86,14 @@ class ModelRegistry:
         """A session on a published version of the own model (None: the export's inference graph)."""
         path = self._versions.model_path(version.version) if version else self._own.path(INFERENCE_MODEL)
         before = resident_bytes()
-        engine = InferenceEngine(path, self._own.input_name, self._own.output_name, self._providers, self._options)
+        engine = InferenceEngine(path, self._own.input_name, self._own.output_name, self.settings.device, self._options)
         return LoadedVersion(version.version if version else 0, version.step if version else 0,
                              version.created_unix if version else path.stat().st_mtime, engine,
                              path.stat().st_size, max(0, resident_bytes() - before), ())
 
     def _open_repository_version(self, path: Path, manifest: Manifest) -> InferenceEngine:
         """A session on a repository version, checked with one run of the manifest's input shape."""
-        engine = InferenceEngine(path, manifest.input_name, manifest.output_name, self._providers, self._options)
+        engine = InferenceEngine(path, manifest.input_name, manifest.output_name, self.settings.device, self._options)
         logits = engine.logits(np.zeros((1, *manifest.input_shape[1:]), np.float32))
         if logits.shape != (1, manifest.num_classes):
             raise InvalidArgument(f"its output has shape {list(logits.shape)} for one image, the manifest says "

@@ -272,6 +272,23 @@ def test_server_unknown_device(exported):
     assert READY not in result.stdout
 
 
+def test_server_device_with_an_index_only_for_cuda(exported):
+    result = run_server_to_exit("--artifacts", str(exported[0]), "--port", "0", "--device", "openvino:1")
+    assert assert_one_error_line(result, code=2) == (
+        "error: device must be 'cpu', 'cuda', 'cuda:N' or 'openvino', got 'openvino:1'")
+
+
+@pytest.mark.parametrize("flag", ["--device", "--training-device"])
+def test_server_openvino_without_its_plugin(exported, flag):
+    """This environment (.venv: the training build, ORT 1.19.2) has no OpenVINO plugin; the ort env has it
+    (tests/test_trainer_env.py trains on it)."""
+    result = run_server_to_exit("--artifacts", str(exported[0]), "--port", "0", flag, "openvino")
+    assert assert_one_error_line(result, code=2) == (
+        "error: device 'openvino' needs OpenVINO's execution provider plugin: pip install '.[openvino]' "
+        "(onnxruntime-ep-openvino; onnxruntime >= 1.23, x86-64)")
+    assert READY not in result.stdout
+
+
 def test_server_missing_artifacts(tmp_path):
     missing = tmp_path / "no-such-export"
     result = run_server_to_exit("--artifacts", str(missing), "--port", "0")

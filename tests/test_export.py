@@ -61,7 +61,7 @@ def parity(folder: Path, model: torch.nn.Module, batch: int, seed: int):
     """Independent of the export's own check: another batch size and seed."""
     manifest = Manifest.load(folder)
     images, labels = verify.sample_batch(manifest.input_shape, manifest.num_classes, batch=batch, seed=seed)
-    engine = InferenceEngine(folder / "inference.onnx", "images", "logits", ["CPUExecutionProvider"],
+    engine = InferenceEngine(folder / "inference.onnx", "images", "logits", "cpu",
                              session_options(training=False))
     model.eval()
     with torch.no_grad():

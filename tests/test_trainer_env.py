@@ -37,7 +37,7 @@ from tests.helpers import (LEARNING_RATE, MODEL, REPO, START_TIMEOUT, assert_one
 pytestmark = pytest.mark.e2e  # a second Python environment
 
 CACHE = REPO / ".cache"
-KEYED_BY = ("requirements/ort.txt", "pyproject.toml")
+KEYED_BY = ("requirements/ort.txt", "requirements/openvino.txt", "pyproject.toml")
 INSTALL_TIMEOUT = 600.0  # seconds for `make ort-env` (measured: ~40 s with a warm pip cache)
 PYTHON = (3, 13)
 ORT_SERIES = "1.31."
@@ -100,7 +100,8 @@ def test_the_ort_env_is_python_3_13_on_onnxruntime_1_31_without_torch_or_the_tra
     assert found == PYTHON, f"the ort env runs Python {facts['python']}, not 3.13 (make ort-env found no python3.13)"
     assert facts["ort"].startswith(ORT_SERIES), facts["ort"]
     assert Path(facts["ort_file"]).is_relative_to(ort_python.parents[1]), facts["ort_file"]
-    assert facts["runtimes"] == ["onnxruntime"], facts["runtimes"]
+    # One runtime, and OpenVINO's execution provider: a plugin library for it, not a runtime of its own.
+    assert facts["runtimes"] == ["onnxruntime", "onnxruntime-ep-openvino"], facts["runtimes"]
     assert facts["training_classes"] == [], facts
     for module in ("torch", "onnxruntime.training"):
         result = in_venv(ort_python, f"import {module}")
@@ -195,10 +196,18 @@ def test_predict_on_onnxruntime_1_31_serves_what_the_training_build_published(or
           f"{np.abs(served.logits - published.logits).max():.3g}")
 
 
-def test_the_ort_env_trains_with_trainer_ort_as_pytorch_does(ort_python, exported, tmp_path, torch_model):
-    """--role all --trainer ort on onnxruntime 1.31, no torch there: two TrainSteps whose losses and gradient norms
-    equal PyTorch autograd's on the same weights and batches (AdamW in between), and GetModelInfo says so."""
-    server = start_ort_env(ort_python, exported, tmp_path, "--role", "all", "--trainer", "ort")
+@pytest.mark.parametrize("devices, provider", [
+    (("--device", "cpu"), "CPUExecutionProvider"),
+    (("--device", "openvino"), "OpenVINOExecutionProvider"),
+    (("--device", "cpu", "--training-device", "openvino"), "CPUExecutionProvider"),  # make serve's, on x86-64
+], ids=["cpu", "openvino", "predict-cpu-train-openvino"])
+def test_the_ort_env_trains_with_trainer_ort_as_pytorch_does(ort_python, exported, tmp_path, torch_model, devices,
+                                                              provider):
+    """--role all --trainer ort on onnxruntime 1.31, no torch there, on the CPU execution provider, on OpenVINO's,
+    and training on OpenVINO's beside Predict on the CPU's: two TrainSteps whose losses and gradient norms equal
+    PyTorch autograd's on the same weights and batches (AdamW in between), and GetModelInfo says so (its
+    execution providers are Predict's)."""
+    server = start_ort_env(ort_python, exported, tmp_path, "--role", "all", "--trainer", "ort", *devices)
     try:
         with ViTClient(server.address, timeout=60) as client:
             info = client.model_info()
@@ -206,6 +215,7 @@ def test_the_ort_env_trains_with_trainer_ort_as_pytorch_does(ort_python, exporte
     finally:
         server.stop()
     assert (info.step, info.trainer, info.onnxruntime_version) == (0, "ort", "1.31.1")
+    assert info.execution_providers[0] == provider, info.execution_providers
     optimizer = torch.optim.AdamW(torch_model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     torch_model.train()
     for seed, result in zip((1, 2), results):
@@ -227,3 +237,63 @@ def test_the_deprecated_trainer_in_the_ort_env_is_one_error_line(ort_python, exp
     assert line == ("error: --trainer ort-training needs ONNX Runtime's deprecated training build "
                     "(onnxruntime-training-cpu==1.19.2, Python <= 3.12: pip install .[ort-training]), but this "
                     "environment has onnxruntime 1.31.1: use --trainer ort, which trains on it")
+
+
+OPENVINO_VS_CPU = """
+import json, sys
+import numpy as np
+from engine.manifest import Manifest
+from engine.runtime import session_options
+from engine.train.step import TrainingEngine
+
+manifest = Manifest.load(sys.argv[1])
+
+
+def batch(n, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, *manifest.input_shape[1:])).astype(np.float32),
+            rng.integers(0, manifest.num_classes, n).astype(np.int64))
+
+
+engines = {d: TrainingEngine(manifest, d, session_options(2), 1e-3, trainer="ort") for d in ("cpu", "openvino")}
+out = {"losses": {}, "eval": {}, "weights": {}}
+grads = {d: engine.gradients(*batch(16, seed=39))[1] for d, engine in engines.items()}
+out["grads"] = max(float(np.linalg.norm(grads["cpu"][n] - grads["openvino"][n]) / np.linalg.norm(grads["cpu"][n]))
+                   for n in grads["cpu"])
+# Batch sizes that change and come back: OpenVINO runs one compiled graph per batch size.
+for d, engine in engines.items():
+    out["losses"][d] = [engine.train_step(*batch(n, seed=40 + i), summaries=False).loss
+                        for i, n in enumerate((16, 16, 7, 16, 5, 7))]
+    result = engine.eval_step(*batch(9, seed=99))
+    out["eval"][d] = [result.loss, result.correct]
+cpu, ov = engines["cpu"].parameters(), engines["openvino"].parameters()
+out["weights"] = {n: float(np.linalg.norm(cpu[n] - ov[n]) / np.linalg.norm(cpu[n])) for n in cpu}
+# A checkpoint saved on OpenVINO resumes on the CPU provider: the same weights, bit for bit, and the same next step.
+path = sys.argv[2] + "/from-openvino"
+engines["openvino"].save_checkpoint(path)
+resumed = TrainingEngine(manifest, "cpu", session_options(2), 1e-3, checkpoint=path, trainer="ort")
+out["resumed_equal"] = all(np.array_equal(resumed.parameters()[n], ov[n]) for n in ov)
+out["next"] = [e.train_step(*batch(16, seed=7), summaries=False).loss for e in (engines["openvino"], resumed)]
+print(json.dumps(out))
+"""
+
+
+def test_openvino_trains_as_the_cpu_provider_does(ort_python, exported, tmp_path):
+    """--device openvino in the ort env: the same gradients to 1e-5, then six AdamW steps whose batch sizes change
+    and come back (one compiled graph per size) and an EvalStep, on the CPU execution provider and on OpenVINO's:
+    the same losses to 1e-5, and a checkpoint that moves between them. OpenVINO's provider copies bound inputs when they are bound; were the parameters not bound again before
+    each run, the second step would see the first step's weights."""
+    result = subprocess.run([str(ort_python), "-c", OPENVINO_VS_CPU, str(exported[0]), str(tmp_path)], cwd=REPO,
+                            env=venv_env(), capture_output=True, text=True, timeout=START_TIMEOUT * 3)
+    out = json.loads(ok(result).stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["losses"]["openvino"], out["losses"]["cpu"], rtol=1e-5)
+    assert out["eval"]["openvino"][1] == out["eval"]["cpu"][1]
+    assert out["eval"]["openvino"][0] == pytest.approx(out["eval"]["cpu"][0], rel=1e-5)
+    assert out["grads"] < 1e-5, out["grads"]  # the same weights: every gradient tensor within 1e-5 (by norm)
+    # After six AdamW steps, by tensor norm, 1e-4: Adam divides by sqrt(v), so where a gradient is ~1e-8 (GELU's flat
+    # tail), the other rounding order of OpenVINO's matrix products (oneDNN's, not MLAS's) becomes a step of ~lr
+    # either way. Measured: 1.8e-5 on an MLP weight, the rest below 1e-7.
+    worst = max(out["weights"], key=out["weights"].get)
+    assert out["weights"][worst] < 1e-4, (worst, out["weights"])
+    assert out["resumed_equal"]
+    assert out["next"][0] == pytest.approx(out["next"][1], rel=1e-5)

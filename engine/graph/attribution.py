@@ -34,7 +34,7 @@ from safetensors.numpy import load_file
 
 from engine.errors import ConfigError, FailedPrecondition, InvalidArgument
 from engine.manifest import ATTRIBUTION_MODEL, WEIGHTS, Attribution, Manifest
-from engine.runtime import providers_for, session_options
+from engine.runtime import open_session, session_options
 from proto.records.explain import ImageAttribution
 
 TARGET, LOGITS, INPUT_GRAD = "target", "logits", "images_grad"  # the graph's input after the images, its outputs
@@ -186,9 +186,10 @@ class AttributionEngine:
         manifest.verify_files((ATTRIBUTION_MODEL,))
         self.manifest, self.record = manifest, manifest.attribution
         try:
-            self._session = ort.InferenceSession(str(manifest.path(ATTRIBUTION_MODEL)),
-                                                 options or session_options(training=False),
-                                                 providers=providers_for(device))
+            self._session = open_session(str(manifest.path(ATTRIBUTION_MODEL)),
+                                         options or session_options(training=False), device)
+        except ConfigError:
+            raise
         except Exception as e:  # noqa: BLE001 - ORT's own error types: one line for the operator
             raise ConfigError(f"onnxruntime {ort.__version__} cannot load {ATTRIBUTION_MODEL}: "
                               f"{str(e).strip().splitlines()[0]}") from None

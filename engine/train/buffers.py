@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from engine.runtime import open_session, parse_device
 from engine.train import gradients, optim
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -70,10 +71,9 @@ class HostBuffers:
 class DeviceBuffers:
     """Weights, gradients and moments in device memory; the optimizer is an ONNX graph on the same device."""
 
-    def __init__(self, flat: gradients.FlatLayout, optimizer: dict, device: tuple[str, int],
-                 providers: list, options: ort.SessionOptions):
+    def __init__(self, flat: gradients.FlatLayout, optimizer: dict, device: str, options: ort.SessionOptions):
         self._flat = flat
-        self._device = device
+        self._device = parse_device(device)
         size = int(flat.sizes.sum())
         self._hyper = optim.build(optimizer, 0)  # the optimizer's settings and step count (no buffers of its own)
         self._names = list(self._hyper.state())  # the moments: exp_avg, exp_avg_sq for AdamW; none for SGD
@@ -83,8 +83,7 @@ class DeviceBuffers:
         self._grads = self._alloc(size)
         self._host_grads = np.empty(size, np.float32)
         self._bindings: list[ort.IOBinding] = []  # every binding whose parameter inputs follow the current set
-        self._session = ort.InferenceSession(optim.update_graph(self._hyper).SerializeToString(), options,
-                                             providers=providers)
+        self._session = open_session(optim.update_graph(self._hyper).SerializeToString(), options, device)
         self._update_binding = self._session.io_binding()
 
     def _alloc(self, size: int) -> ort.OrtValue:

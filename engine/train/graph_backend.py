@@ -16,6 +16,7 @@ state_dict for `load_state_dict(strict=False)`), the optimizer's moments as `exp
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from engine.train import gradients
 from engine.train.buffers import DeviceBuffers, HostBuffers
 from engine.errors import ConfigError, FailedPrecondition
 from engine.manifest import FORWARD_MODEL, GRADIENT_MODEL, WEIGHTS, Manifest
-from engine.runtime import parse_device, providers_for
+from engine.runtime import open_session, parse_device
 
 FORMAT = "vitserve-ort-checkpoint-1"  # the metadata's "format": what this module writes and reads
 STATE_KEY, STEP_KEY = "vitserve_state", "optimizer_step"  # metadata keys: engine state JSON, optimizer step
@@ -73,8 +74,25 @@ def runnable_gradient_graph(manifest: Manifest) -> onnx.ModelProto:
     return proto
 
 
+def with_batch_size(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of the graph whose inputs and outputs have `batch` rows: every dimension that is a name (the export
+    names only the batch) becomes `batch`, and the traced intermediate shapes are dropped for the runtime to infer."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for value in (*fixed.graph.input, *fixed.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_value = batch
+    del fixed.graph.value_info[:]
+    return fixed
+
+
 class GradientGraphBackend:
     name = "ort"
+    # On OpenVINO one session per batch size, the newest few kept: its CPU plugin cannot compile a convolution's
+    # weight gradient (the batch becomes a channel) for a dynamic batch, and the graphs of fixed shapes it can
+    # compile run a train step 1.3-1.6x faster (docs/performance.md).
+    STATIC_SESSIONS = 4
 
     def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, flat: gradients.FlatLayout,
                  resident: bool | None = None):
@@ -86,31 +104,57 @@ class GradientGraphBackend:
         self._shapes = [p.shape for p in flat.params]
         size = int(flat.sizes.sum())
         self._snapshots = (np.empty(size, np.float32), np.empty(size, np.float32))
-        kind, index = parse_device(device)
-        self._providers = providers_for(device)
-        self._options = options
-        try:
-            self._session = ort.InferenceSession(runnable_gradient_graph(manifest).SerializeToString(), options,
-                                                 providers=self._providers)
-        except Exception as e:  # noqa: BLE001 - ORT's own error types: one line for the operator
-            raise ConfigError(f"onnxruntime {ort.__version__} cannot load {GRADIENT_MODEL}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
-        self._check_signature()
+        kind, _ = parse_device(device)
+        self._device, self._options = device, options
+        # OpenVINO's execution provider copies a bound input when it is bound, not when the graph runs: it would
+        # keep training on the first step's weights unless the parameters are bound again before each run.
+        self._rebind = kind == "openvino"
+        self._graph = runnable_gradient_graph(manifest)
         if resident is None:
-            resident = kind != "cpu"
-        self._buffers = (DeviceBuffers(flat, manifest.optimizer, (kind, index), self._providers, options) if resident
+            resident = kind == "cuda"
+        self._buffers = (DeviceBuffers(flat, manifest.optimizer, device, options) if resident
                          else HostBuffers(flat, manifest.optimizer))
         self._grads = np.zeros(size, np.float32)  # the last forward_backward's gradient, on the host
         self._forward = self._forward_binding = None  # forward_model.onnx's session, opened on the first EvalStep
-        self._binding = self._bind(self._session, outputs=True)
+        self._static: OrderedDict[int, tuple[ort.InferenceSession, ort.IOBinding]] | None = None
+        if kind == "openvino":  # a batch of one compiled now: a model OpenVINO cannot run fails at startup
+            self._static = OrderedDict()
+            self._session, self._binding = self._gradient_run(1)
+        else:
+            self._session = self._open(self._graph)
+            self._binding = self._bind(self._session, outputs=True)
         self._head_outputs = None
         self._frozen_values = None  # read from the gradient graph when first asked for
 
-    # -- binding ----------------------------------------------------------------------------------------
+    # -- sessions and binding ---------------------------------------------------------------------------
 
-    def _check_signature(self) -> None:
-        inputs = [i.name for i in self._session.get_inputs()]
-        outputs = [o.name for o in self._session.get_outputs()]
+    def _open(self, graph: onnx.ModelProto) -> ort.InferenceSession:
+        try:
+            session = open_session(graph.SerializeToString(), self._options, self._device)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT's own error types: one line for the operator
+            raise ConfigError(f"onnxruntime {ort.__version__} cannot load {GRADIENT_MODEL}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+        self._check_signature(session)
+        return session
+
+    def _gradient_run(self, batch: int) -> tuple[ort.InferenceSession, ort.IOBinding]:
+        """The session and binding that run a batch of `batch` images."""
+        if self._static is None:
+            return self._session, self._binding
+        run = self._static.pop(batch, None)
+        if run is None:
+            session = self._open(with_batch_size(self._graph, batch))
+            run = (session, self._bind(session, outputs=True))
+        self._static[batch] = run  # the newest last
+        while len(self._static) > self.STATIC_SESSIONS:
+            self._static.popitem(last=False)
+        return run
+
+    def _check_signature(self, session: ort.InferenceSession) -> None:
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
         want_in = [self._manifest.input_name, "labels", *self._names]
         want_out = ["loss", self._manifest.output_name, *(f"{n}_grad" for n in self._names)]
         if inputs != want_in or outputs != want_out:
@@ -199,12 +243,14 @@ class GradientGraphBackend:
         """This batch's loss, its gradient (flat: the backend's buffer, valid until the next call) and, when asked
         for, each attention module's head sums."""
         outputs = self.head_outputs() if head_importance else ()  # refused before anything runs
-        binding = self._binding
+        session, binding = self._gradient_run(len(images))
+        if self._rebind:
+            self._buffers.bind_parameters(binding)
         binding.bind_cpu_input(self._manifest.input_name, images)
         binding.bind_cpu_input("labels", labels)
         binding.bind_output("loss", "cpu")  # ORT allocates these two anew: their shape follows the batch
         binding.bind_output(self._manifest.output_name, "cpu")
-        self._session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         values = binding.get_outputs()
         loss = float(values[0].numpy())
         self._grads = self._buffers.gradients(values)
@@ -217,10 +263,11 @@ class GradientGraphBackend:
     def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Mean cross-entropy (float64) and logits of the eval-mode forward graph at the current weights."""
         if self._forward is None:
-            self._forward = ort.InferenceSession(str(self._manifest.path(FORWARD_MODEL)), self._options,
-                                                 providers=self._providers)
+            self._forward = open_session(str(self._manifest.path(FORWARD_MODEL)), self._options, self._device)
             self._forward_binding = self._bind(self._forward, outputs=False)
         binding = self._forward_binding
+        if self._rebind:
+            self._buffers.bind_parameters(binding)
         binding.bind_cpu_input(self._manifest.input_name, images)
         binding.bind_output(self._manifest.output_name, "cpu")
         self._forward.run_with_iobinding(binding)

@@ -46,6 +46,9 @@ class OrtTrainingBackend:
     def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, flat: gradients.FlatLayout):
         require_training_build()
         kind, index = parse_device(device)
+        if kind == "openvino":
+            raise ConfigError("the ort-training trainer runs on 'cpu' or 'cuda' only: OpenVINO's execution provider "
+                              "runs the gradient graph (--trainer ort)")
         self._device = C.OrtDevice(get_ort_device_type(kind, index), C.OrtDevice.default_memory(), index)
         self._cpu = kind == "cpu"
         self._options = options
