@@ -51,15 +51,15 @@ TARGETS = [
      "isolation/vit-small64/process/p99-ratio", "median", "<=", 3.0),
     ("full gradient summaries <= 5% of step time (vit-small64, b32)", "summaries/vit-small64/overhead", "median", "<=", 5.0),
     ("full gradient summaries <= 5% of step time (digits, b64)", "summaries/digits/overhead", "median", "<=", 5.0),
-    # the two trainers: the ort trainer on the maintained onnxruntime (.venv-ort) against eager and the artifacts
-    ("ort trainer (onnxruntime 1.31, .venv-ort) >= 1.05x PyTorch eager (vit-small64, b32)",
-     "trainers/vit-small64/ort-new", "vs_torch", ">=", 1.05),
-    ("ort trainer (onnxruntime 1.31) >= 1.0x the ort-training trainer (digits, b64)", "trainers/digits/ort-new",
-     "vs_ort", ">=", 1.0),
-    ("ort trainer (onnxruntime 1.31) >= 1.0x the ort-training trainer (vit-small64, b32)",
-     "trainers/vit-small64/ort-new", "vs_ort", ">=", 1.0),
-    ("ort trainer (onnxruntime 1.31) >= 1.0x the ort-training trainer (timm ViT-S/16 224, b8)",
-     "trainers/vit-s16-224/ort-new", "vs_ort", ">=", 1.0),
+    # the two trainers: the ort trainer on the maintained onnxruntime (.venv-ort), on the CPU execution provider and
+    # on OpenVINO's, against eager and the artifacts
+    *(target for variant, who in (("ort-new", "ort trainer (onnxruntime 1.31, CPU EP)"),
+                                  ("ort-openvino", "ort trainer (onnxruntime 1.31, --device openvino)"))
+      for target in (
+          (f"{who} >= 1.05x PyTorch eager (vit-small64, b32)", f"trainers/vit-small64/{variant}", "vs_torch", ">=", 1.05),
+          *((f"{who} >= 1.0x the ort-training trainer ({title})", f"trainers/{preset}/{variant}", "vs_ort", ">=", 1.0)
+            for preset, title in (("digits", "digits, b64"), ("vit-small64", "vit-small64, b32"),
+                                  ("vit-s16-224", "timm ViT-S/16 224, b8"))))),
     ("inference >= 80% of matmul peak (vit-tiny, Predict over gRPC, b32)",
      "flops/predict/vit-tiny/b32/Predict over gRPC", "peak_pct", ">=", 80.0),
 ]

@@ -5,7 +5,8 @@ torch), for the trainer comparison (bench.workloads.trainers). Started by the su
 
 and driven over stdin / stdout, one JSON object a line each way (the worker's logs go to stderr):
 
-    {"op": "open", "id": "a", "folder": DIR, "images": X.npy, "labels": Y.npy, "trainer": "ort", "warm": 2}
+    {"op": "open", "id": "a", "folder": DIR, "images": X.npy, "labels": Y.npy, "trainer": "ort", "device": "cpu",
+     "warm": 2}
         -> {"ok": true, "open_s": ..., "onnxruntime": "1.31.1"}   a TrainingEngine on the exported folder, warmed up
     {"op": "time", "id": "a", "window": 1.5, "min_steps": 2}
         -> {"ok": true, "times": [s, s, ...]}                     train steps (summaries omitted) on the same batch
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
             op = msg["op"]
             if op == "open":
                 started = time.perf_counter()
-                engine = TrainingEngine(Manifest.load(msg["folder"]), "cpu", session_options(args.threads, training=True),
+                engine = TrainingEngine(Manifest.load(msg["folder"]), msg.get("device", "cpu"),
+                                        session_options(args.threads, training=True),
                                         1e-3, trainer=msg.get("trainer", "ort"))
                 x, y = np.load(msg["images"]), np.load(msg["labels"])
                 step = (lambda e=engine, x=x, y=y: e.train_step(x, y, summaries=False))

@@ -368,7 +368,8 @@ class TrainerWorker:
         self._log.close()
 
 
-T_NEW, T_OLD, T_ARTIFACTS, T_GRPC, T_EAGER = "ort-new", "ort-old", "ort-training", "grpc", "eager"
+T_NEW, T_OV, T_OLD, T_ARTIFACTS, T_GRPC, T_EAGER = "ort-new", "ort-openvino", "ort-old", "ort-training", "grpc", "eager"
+WORKER_VARIANTS = (T_NEW, T_OV)  # timed in the .venv-ort worker: its engine ids
 
 
 def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
@@ -376,7 +377,8 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
     folder, weights and batch, rotated within each repeat so that the ratios are pair by pair:
 
     * the `ort` trainer in-process on the maintained onnxruntime: a TrainingEngine in a worker process of
-      .venv-ort (bench.trainer_worker), the step timed inside it;
+      .venv-ort (bench.trainer_worker), the step timed inside it, on the CPU execution provider and on
+      OpenVINO's (--device openvino);
     * the `ort` trainer in-process on onnxruntime-training 1.19.2 (this process): same graph, older runtime;
     * the `ort-training` trainer in-process (this process): ORT's training build and its artifacts;
     * TrainStep over gRPC (summaries omitted) of a server process of .venv-ort with --trainer ort, all cores;
@@ -391,7 +393,7 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
 
     plan = ctx.plan
     workload = f"train {MODELS[preset]['title'] if preset in MODELS else preset} b{batch}"
-    keys = {v: f"trainers/{preset}/{v}" for v in (T_NEW, T_OLD, T_ARTIFACTS, T_GRPC, T_EAGER)}
+    keys = {v: f"trainers/{preset}/{v}" for v in (T_NEW, T_OV, T_OLD, T_ARTIFACTS, T_GRPC, T_EAGER)}
     ort_python = ctx.ort_env()
     folder = ctx.cache.ensure(preset)
     manifest = Manifest.load(folder)
@@ -408,8 +410,10 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
         worker = TrainerWorker(ort_python, ctx.threads, scratch / "worker.log")
         new_ort = worker.hello["onnxruntime"]
         ctx.info["ort_env"] = {"python_path": str(ort_python), "python": worker.hello["python"], "onnxruntime": new_ort}
-        opened = worker.call(op="open", id=preset, folder=str(folder), images=str(scratch / "images.npy"),
-                             labels=str(scratch / "labels.npy"), trainer="ort", warm=warm)
+        opened = {v: worker.call(op="open", id=v, folder=str(folder), images=str(scratch / "images.npy"),
+                                 labels=str(scratch / "labels.npy"), trainer="ort",
+                                 device="openvino" if v == T_OV else "cpu", warm=warm)
+                  for v in WORKER_VARIANTS}
         server = _server_process([str(ort_python), "-m", "server", "--trainer", "ort"], folder,
                                  Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"trainers-server-{preset}-")),
                                  ("--intra-op-threads", "0"))
@@ -424,16 +428,17 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
                T_EAGER: torch_step}
         for fn in fns.values():
             _warm(fn, 0.0, warm)
-        steps = {v: [] for v in (T_NEW, *fns)}  # mean s/step, one per repeat
+        steps = {v: [] for v in (*WORKER_VARIANTS, *fns)}  # mean s/step, one per repeat
         for r in range(repeats):
             for name in rotated(list(steps), r):
-                if name == T_NEW:
-                    times = worker.call(op="time", id=preset, window=plan.train_window,
+                if name in WORKER_VARIANTS:
+                    times = worker.call(op="time", id=name, window=plan.train_window,
                                         min_steps=plan.train_min_steps)["times"]
                 else:
                     times = time_calls(fns[name], plan.train_window, plan.train_min_steps)
                 steps[name].append(sum(times) / len(times))
-        worker.call(op="close", id=preset)
+        for v in WORKER_VARIANTS:
+            worker.call(op="close", id=v)
     finally:
         if client is not None:
             client.close()
@@ -442,7 +447,7 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
         if worker is not None:
             worker.close()
     ctx.info.setdefault("trainers", {})[preset] = {"batch": batch, "repeats": repeats, "step_s": steps,
-                                                   "worker_open_s": opened["open_s"]}
+                                                   "worker_open_s": {v: o["open_s"] for v, o in opened.items()}}
     ips = {name: [batch / s for s in v] for name, v in steps.items()}
     eager, art = ips[T_EAGER], ips[T_ARTIFACTS]
     from bench.report import fmt_ratio
@@ -452,6 +457,10 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
         Row(Section.TRAINERS, workload, f"ort trainer, onnxruntime {new_ort} (.venv-ort worker)", "images/s",
             ips[T_NEW], vs_torch=pair_ratios(ips[T_NEW], eager), vs_ort=pair_ratios(ips[T_NEW], art),
             note=f"TrainingEngine in a .venv-ort worker process, step timed inside it{export_note}", key=keys[T_NEW]),
+        Row(Section.TRAINERS, workload, f"ort trainer, onnxruntime {new_ort} --device openvino", "images/s",
+            ips[T_OV], vs_torch=pair_ratios(ips[T_OV], eager), vs_ort=pair_ratios(ips[T_OV], art),
+            note=f"OpenVINO's execution provider (a graph compiled per batch size) in the same worker; "
+                 f"{fmt_ratio(pair_ratios(ips[T_OV], ips[T_NEW]))} of the CPU execution provider", key=keys[T_OV]),
         Row(Section.TRAINERS, workload, f"ort trainer, onnxruntime {this_ort} (this process)", "images/s",
             ips[T_OLD], vs_torch=pair_ratios(ips[T_OLD], eager), vs_ort=pair_ratios(ips[T_OLD], art),
             note="same gradient graph as above, on the training build's runtime", key=keys[T_OLD]),
