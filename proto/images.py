@@ -33,7 +33,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -197,7 +196,8 @@ def decode(blob: bytes, recipe: Recipe, source: str) -> np.ndarray:
 def read_file(path: str | os.PathLike) -> bytes:
     """A file's bytes; a file that cannot be read is an ImageError naming it."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:  # not Path.read_bytes: 7.6 µs a small file here against its 13 (fit reads thousands)
+            return f.read()
     except OSError as e:
         raise ImageError(str(path), f"cannot be read: {e.strerror or without_reprs(e)}") from None
 
