@@ -369,7 +369,7 @@ class TrainerWorker:
 
 
 T_NEW, T_OV, T_OLD, T_ARTIFACTS, T_GRPC, T_EAGER = "ort-new", "ort-openvino", "ort-old", "ort-training", "grpc", "eager"
-WORKER_VARIANTS = (T_NEW, T_OV)  # timed in the .venv-ort worker: its engine ids
+WORKER_VARIANTS = {T_NEW: "cpu", T_OV: "openvino"}  # timed in the .venv-ort worker (its engine ids): their devices
 
 
 def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
@@ -411,9 +411,8 @@ def trainers(ctx: Context, preset: str, batch: int) -> list[Row]:
         new_ort = worker.hello["onnxruntime"]
         ctx.info["ort_env"] = {"python_path": str(ort_python), "python": worker.hello["python"], "onnxruntime": new_ort}
         opened = {v: worker.call(op="open", id=v, folder=str(folder), images=str(scratch / "images.npy"),
-                                 labels=str(scratch / "labels.npy"), trainer="ort",
-                                 device="openvino" if v == T_OV else "cpu", warm=warm)
-                  for v in WORKER_VARIANTS}
+                                 labels=str(scratch / "labels.npy"), trainer="ort", device=device, warm=warm)
+                  for v, device in WORKER_VARIANTS.items()}
         server = _server_process([str(ort_python), "-m", "server", "--trainer", "ort"], folder,
                                  Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"trainers-server-{preset}-")),
                                  ("--intra-op-threads", "0"))

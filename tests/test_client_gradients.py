@@ -62,13 +62,14 @@ from tests.helpers import (
     start_server,
     tensor,
 )
+from tests.layout_models import CLASSES, DEPTH, HEADS, LAYOUTS, SIZE
 
 
 @pytest.fixture(params=TRAINERS)
 def trainer(request) -> str:
     """Every test of this file that serves in-process runs on both trainers, but the gradient-flow figure's."""
     return request.param
-from tests.layout_models import CLASSES, DEPTH, HEADS, LAYOUTS, SIZE
+
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import platform
+import re
 import shutil
 import subprocess
 import sys

@@ -97,7 +97,7 @@ class GradientGraphBackend:
     def __init__(self, manifest: Manifest, device: str, options: ort.SessionOptions, flat: gradients.FlatLayout,
                  resident: bool | None = None):
         """`resident`: keep the weights, gradients and moments on the session's device and update them there
-        (DeviceBuffers); None: exactly when the device is not the CPU."""
+        (DeviceBuffers); None: exactly when the device is CUDA."""
         self._manifest = manifest
         self._flat = flat
         self._names = [p.name for p in flat.params]
@@ -109,20 +109,24 @@ class GradientGraphBackend:
         # OpenVINO's execution provider copies a bound input when it is bound, not when the graph runs: it would
         # keep training on the first step's weights unless the parameters are bound again before each run.
         self._rebind = kind == "openvino"
-        self._graph = runnable_gradient_graph(manifest)
+        graph = runnable_gradient_graph(manifest)
         if resident is None:
             resident = kind == "cuda"
         self._buffers = (DeviceBuffers(flat, manifest.optimizer, device, options) if resident
                          else HostBuffers(flat, manifest.optimizer))
         self._grads = np.zeros(size, np.float32)  # the last forward_backward's gradient, on the host
         self._forward = self._forward_binding = None  # forward_model.onnx's session, opened on the first EvalStep
+        # One session and binding for every batch size; on OpenVINO instead the graph, kept to compile it for each
+        # batch size, and the newest sessions by batch size.
+        self._run: tuple[ort.InferenceSession, ort.IOBinding] | None = None
+        self._graph: onnx.ModelProto | None = None
         self._static: OrderedDict[int, tuple[ort.InferenceSession, ort.IOBinding]] | None = None
-        if kind == "openvino":  # a batch of one compiled now: a model OpenVINO cannot run fails at startup
-            self._static = OrderedDict()
-            self._session, self._binding = self._gradient_run(1)
+        if kind == "openvino":
+            self._graph, self._static = graph, OrderedDict()
+            self._gradient_run(1)  # a batch of one compiled now: a model OpenVINO cannot run fails at startup
         else:
-            self._session = self._open(self._graph)
-            self._binding = self._bind(self._session, outputs=True)
+            session = self._open(graph)
+            self._run = (session, self._bind(session, outputs=True))
         self._head_outputs = None
         self._frozen_values = None  # read from the gradient graph when first asked for
 
@@ -142,7 +146,7 @@ class GradientGraphBackend:
     def _gradient_run(self, batch: int) -> tuple[ort.InferenceSession, ort.IOBinding]:
         """The session and binding that run a batch of `batch` images."""
         if self._static is None:
-            return self._session, self._binding
+            return self._run
         run = self._static.pop(batch, None)
         if run is None:
             session = self._open(with_batch_size(self._graph, batch))
