@@ -23,7 +23,8 @@ JSON document instead of text. Failures print one `error: ...` line on stderr
 and exit with status 1.
 
 Each command is a function from the client and the parsed arguments to a result;
-client/render.py prints any result, client/cli.py holds the argument parser.
+client/render.py prints any result (client/render_training.py and render_explain.py hold the results of the
+training commands and of explain and attribute, with their text), client/cli.py holds the argument parser.
 """
 from __future__ import annotations
 
@@ -48,20 +49,9 @@ from client import (
     ViTClient,
 )
 from client.evaluate import Evaluation, FolderPredictions
-from client.render import (
-    Attributed,
-    Checkpointed,
-    Explained,
-    Fitted,
-    GradientPlot,
-    Heads,
-    Health,
-    History,
-    Predictions,
-    TrainSteps,
-    print_epoch,
-    render,
-)
+from client.render import Checkpointed, Health, Predictions, render
+from client.render_explain import Attributed, Explained
+from client.render_training import Fitted, GradientPlot, Heads, History, TrainSteps, print_epoch
 
 
 def connect(args: argparse.Namespace) -> ViTClient:

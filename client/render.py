@@ -2,48 +2,37 @@
 JSON document (--json).
 
 A result is a wire record (proto/records/: ModelInfo, EvalResult, OptimizerState, CheckpointList,
-ModelVersion) or one of the small result objects below for commands that add to what the server said
-(the file names of predict, the several steps of train-step --repeat, the plots of grads, heads, history
-and explain --plot, health).
+ModelVersion), a result of client/evaluate.py (Evaluation, FolderPredictions), or one of the small result
+objects of the CLI for commands that add to what the server said: those of health, predict and checkpoint
+below; the training commands' (train-step, grads, heads, history, fit) in client/render_training.py;
+explain's and attribute's in client/render_explain.py.
 `text` and `document` dispatch on the result's type (functools.singledispatch): the print_* functions
 are the text of each, and a result's JSON is its as_dict() unless `document` has its own case.
+The two other modules register their cases beside their result objects, so the cases are there whenever such
+an object is; what the client library returns prints here, so render() knows it once this module is imported.
 """
 from __future__ import annotations
 
 import functools
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from client import (
-    AttributeResult,
     CheckpointInfo,
     CheckpointList,
     EvalResult,
-    Explanation,
-    GradientHistory,
-    GraphNode,
-    HeadImportanceResult,
-    HeadScores,
     ModelInfo,
     ModelVersion,
     OptimizerState,
-    ParameterGradientPath,
     PredictResult,
     Preprocessing,
-    TrainStepResult,
 )
 
 from client.evaluate import Evaluation, FolderPredictions
-
-if TYPE_CHECKING:
-    from client.fit import FitResult
-    from client.graphs import PathPicture
 
 
 @dataclass
@@ -64,67 +53,10 @@ class Predictions:
 
 
 @dataclass
-class TrainSteps:
-    """train-step: its steps, which run as they are read (so text shows each step when it is done); the
-    summaries of the last one unless they were omitted, `top` parameters of them, and its head importance
-    when it was asked for (`heads`)."""
-    steps: Iterable[TrainStepResult]
-    summaries: bool
-    top: int
-    heads: bool = False
-
-
-@dataclass
 class Checkpointed:
     """checkpoint save or restore: what was done ("saved", "restored") and to which checkpoint."""
     verb: str
     checkpoint: CheckpointInfo
-
-
-@dataclass
-class Explained:
-    """explain: the explanation, told parameter by parameter in `detail` (explain --parameter) or as a table,
-    and the picture of the parameter's backward path when one was drawn (explain --plot)."""
-    explanation: Explanation
-    detail: bool
-    picture: PathPicture | None = None
-
-
-@dataclass
-class Attributed:
-    """attribute: the maps, the name of each image (file name, or "image i" of an .npz) and the overlay (--plot)."""
-    result: AttributeResult
-    names: list[str]
-    plot: Path | None = None
-
-
-@dataclass
-class Heads:
-    """heads: the head importance of one batch, and the heatmap written of it (heads --plot)."""
-    result: HeadImportanceResult
-    plot: Path | None = None
-
-
-@dataclass
-class History:
-    """history: the kept steps, the parameter pattern asked for ("": every parameter) and the plot (--plot)."""
-    history: GradientHistory
-    pattern: str = ""
-    plot: Path | None = None
-
-
-@dataclass
-class Fitted:
-    """fit: the run's result, and the command that resumes it when a signal stopped it ("" otherwise)."""
-    result: FitResult
-    resume_command: str = ""
-
-
-@dataclass
-class GradientPlot:
-    """grads: the train step and the gradient-flow figure written of it."""
-    plot: Path
-    step: TrainStepResult
 
 
 def render(result: Any, as_json: bool) -> None:
@@ -137,7 +69,8 @@ def render(result: Any, as_json: bool) -> None:
 
 @functools.singledispatch
 def document(result: Any) -> Any:
-    """The JSON document of a result: its fields, unless registered below."""
+    """The JSON document of a result: its fields, unless registered below (or in render_training.py and
+    render_explain.py, beside their results)."""
     return result.as_dict()
 
 
@@ -152,47 +85,8 @@ def _(result: Predictions) -> Any:
 
 
 @document.register
-def _(result: TrainSteps) -> Any:
-    steps = [step.as_dict() for step in result.steps]
-    return steps[0] if len(steps) == 1 else steps
-
-
-@document.register
 def _(result: Checkpointed) -> Any:
     return result.checkpoint.as_dict()
-
-
-@document.register
-def _(result: Explained) -> Any:
-    doc = result.explanation.as_dict()
-    if result.picture is not None:
-        doc.update(plot=str(result.picture.path), renderer=result.picture.renderer, plotted_nodes=result.picture.nodes)
-    return doc
-
-
-@document.register
-def _(result: Attributed) -> Any:
-    return {**result.result.as_dict(), "images": result.names, **({"plot": str(result.plot)} if result.plot else {})}
-
-
-@document.register
-def _(result: Heads) -> Any:
-    return {**result.result.as_dict(), **({"plot": str(result.plot)} if result.plot else {})}
-
-
-@document.register
-def _(result: History) -> Any:
-    return {**result.history.as_dict(), **({"plot": str(result.plot)} if result.plot else {})}
-
-
-@document.register
-def _(result: Fitted) -> Any:
-    return {**result.result.as_dict(), **({"resume_command": result.resume_command} if result.resume_command else {})}
-
-
-@document.register
-def _(result: GradientPlot) -> Any:
-    return {"plot": str(result.plot), "step": result.step.as_dict()}
 
 
 @functools.singledispatch
@@ -272,165 +166,20 @@ def print_predictions(predictions: Predictions) -> None:
     print(f"(model version {result.model_version})")
 
 
-# ---------------------------------------------------------------- train-step, eval-step, grads
-
-@text.register
-def print_train_steps(result: TrainSteps) -> None:
-    last = None
-    for last in result.steps:
-        print_step(last)
-    if result.summaries and last is not None:
-        print_gradients(last, result.top)
-        print_attention(last)
-    if result.heads and last is not None:
-        print("\nhead importance |dL/d xi_h| (the weights before the update)")
-        print_head_table(last.head_importance)
-
-
-def print_step(r: TrainStepResult) -> None:
-    clipped = f"  clipped x{r.clip_coefficient:.3g}" if 0 < r.clip_coefficient < 1 else ""
-    print(f"step {r.step}  loss {r.loss:.4f}  lr {r.learning_rate:.3g}  "
-          f"grad-norm {r.grad_norm:.4g}{clipped}  ({r.step_seconds * 1000:.1f} ms)  {r.status}")
-
-
-def print_gradients(r: TrainStepResult, top: int) -> None:
-    grads = sorted(r.gradients, key=lambda g: g.l2_norm, reverse=True)[:max(top, 0)]
-    if grads:
-        rows = [(g.name, "x".join(map(str, g.shape)) or "scalar", f"{g.l2_norm:.3e}",
-                 f"{g.max_abs:.3e}", f"{g.zero_fraction * 100:.1f}", f"{g.update_ratio:.3e}")
-                for g in grads]
-        header = ("parameter", "shape", "grad L2", "max|g|", "zero %", "update ratio")
-        print(f"\ntop {len(grads)} of {len(r.gradients)} parameters by gradient L2 norm")
-        print_table(header, rows, right={2, 3, 4, 5})
-    bad = [g.name for g in r.gradients if g.nonfinite_count]
-    if bad:
-        print(f"warning: non-finite gradients in {len(bad)} parameter(s): {', '.join(bad)}")
-
-
-def print_attention(r: TrainStepResult) -> None:
-    if not r.attention:
-        return
-    print("\nattention q/k/v gradients")
-    for a in r.attention:
-        print(f"  block {a.block}  q ||g|| {a.q_norm:.3e}  k ||g|| {a.k_norm:.3e}  "
-              f"v ||g|| {a.v_norm:.3e}  ({a.heads} heads x {a.dim_head})")
-        for part, norms in (("q", a.q_head_norms), ("k", a.k_head_norms), ("v", a.v_head_norms)):
-            print(f"    {part} heads  " + "  ".join(f"{n:.3e}" for n in norms))
-        if a.biases:
-            print(f"    biases   q ||g|| {a.q_bias_norm:.3e}  k ||g|| {a.k_bias_norm:.3e}  v ||g|| {a.v_bias_norm:.3e}")
-
-
-def head_cell(value: float) -> str:
-    return f"{value:.3e}"
-
-
-def print_head_table(heads: list[HeadScores]) -> None:
-    """Head importance as a table: one row per attention module (block order), one column per head."""
-    if not heads:
-        print("  (no attention modules)")
-        return
-    width = max(len(h.importance) for h in heads)
-    rows = [(str(h.block), h.module, *[head_cell(v) for v in h.importance],
-             *[""] * (width - len(h.importance))) for h in heads]
-    print_table(("block", "module", *[f"head {i}" for i in range(width)]), rows,
-                right={0, *range(2, width + 2)})
-
-
-@text.register
-def print_heads(result: Heads) -> None:
-    r = result.result
-    width = max((len(h.importance) for h in r.heads), default=0)
-    print(f"head importance |dL/d xi_h| at step {r.step}  loss {r.loss:.4f}  ({len(r.heads)} attention modules x "
-          f"{width} heads)")
-    print_head_table(r.heads)
-    if result.plot is not None:
-        print(f"wrote {result.plot}")
-
-
-@text.register
-def print_history(result: History) -> None:
-    h = result.history
-    if not h.capacity:
-        print("the server keeps no gradient history (it runs with --gradient-history 0)")
-    elif not h.steps:
-        print(f"no kept steps in that range (the server keeps the last {h.capacity} applied steps)")
-    else:
-        print(f"{len(h.steps)} kept steps, {h.steps[0].step} to {h.steps[-1].step} (the server keeps the last "
-              f"{h.capacity} applied steps)")
-    if not h.steps:
-        return
-    names = h.parameters() if result.pattern else []
-    if result.pattern:
-        print(f"gradient L2 norms of the {len(names)} parameters matching {result.pattern!r}:"
-              if names else f"no parameter matches {result.pattern!r}")
-        for i, name in enumerate(names, 1):
-            print(f"  [{i}] {name}")
-    rows = []
-    for step in h.steps:
-        norms = {g.name: g.l2_norm for g in step.gradients}
-        rows.append((str(step.step), f"{step.loss:.4f}", f"{step.learning_rate:.3g}", f"{step.grad_norm:.3e}",
-                     *[f"{norms[n]:.3e}" if n in norms else "-" for n in names]))
-    header = ("step", "loss", "lr", "grad norm", *[f"[{i}]" for i in range(1, len(names) + 1)])
-    print_table(header, rows, right=set(range(len(header))))
-    attention = [(step.step, a) for step in h.steps for a in step.attention] if result.pattern else []
-    if not result.pattern:
-        print("(--parameter PATTERN adds the gradient L2 norms of the matching parameters and their q/k/v)")
-    if attention:
-        biases = any(a.biases for _, a in attention)
-        print("\nq/k/v gradient L2 norms of their attention modules" + (" (weights, then biases)" if biases else ""))
-        rows = [(str(s), str(a.block), *[f"{v:.3e}" for v in (a.q_norm, a.k_norm, a.v_norm)],
-                 *([f"{v:.3e}" for v in (a.q_bias_norm, a.k_bias_norm, a.v_bias_norm)] if biases else []))
-                for s, a in attention]
-        header = ("step", "block", "q", "k", "v", *(("q bias", "k bias", "v bias") if biases else ()))
-        print_table(header, rows, right=set(range(len(header))))
-    if result.plot is not None:
-        print(f"wrote {result.plot}")
-
+# ---------------------------------------------------------------- eval-step
 
 @text.register
 def print_eval(r: EvalResult) -> None:
     print(f"step {r.step}  loss {r.loss:.4f}  accuracy {r.accuracy * 100:.1f}% ({r.correct}/{r.count})")
 
 
-@text.register
-def print_gradient_plot(result: GradientPlot) -> None:
-    print_step(result.step)
-    print(f"wrote {result.plot}")
-
-
-# ---------------------------------------------------------------- fit, evaluate, predict DIR
-
-def print_epoch(e: dict) -> None:
-    """One finished epoch of a fit, as it finishes."""
-    print(f"epoch {e['epoch']}  step {e['step']}  loss {e['train_loss']:.4f}  val loss {e['val_loss']:.4f}  "
-          f"val acc {e['val_accuracy'] * 100:.1f}%  {e['images_per_s']:.0f} img/s" + ("  best" if e["best"] else ""),
-          flush=True)
-
+# ---------------------------------------------------------------- evaluate, predict DIR
 
 def print_skipped(skipped: dict[str, str]) -> None:
     if skipped:
         print(f"{len(skipped)} file(s) skipped (not decodable; --strict makes the first an error):")
         for path, reason in skipped.items():
             print(f"  {path}: {reason}")
-
-
-@text.register
-def print_fitted(fitted: Fitted) -> None:
-    r = fitted.result
-    print(f"fit {r.stopped}: {len(r.epochs)} epoch(s) in {r.out}, step {r.step}; {r.train_images} training and "
-          f"{r.val_images} validation files" + (f"; {r.reconnects} reconnect(s)" if r.reconnects else ""))
-    if r.best:
-        print(f"best: epoch {r.best['epoch']}, validation accuracy {r.best['val_accuracy'] * 100:.1f}% "
-              f"(checkpoint {r.best['checkpoint']}, step {r.best['step']})")
-    print_skipped(r.skipped)
-    if r.published is not None:
-        print_published(r.published)
-    if r.files:
-        print(f"wrote {', '.join(r.files)}")
-    if fitted.resume_command:
-        p = r.position
-        print(f"stopped in epoch {p['epoch']} after batch {p['batch']} (step {p['step']}); checkpoint fit-last saved")
-        print(f"resume with: {fitted.resume_command}")
 
 
 @text.register
@@ -525,97 +274,3 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set
     for row in [header, *rows]:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         print((indent + "  ".join(cells)).rstrip())
-
-
-# ---------------------------------------------------------------- explain
-
-@text.register
-def print_explained(result: Explained) -> None:
-    explanation = result.explanation
-    print_loss(explanation)
-    if result.detail:
-        for p in explanation.parameters:
-            print_parameter_story(explanation, p)
-    else:
-        print_parameter_table(explanation)
-    if result.picture is not None:
-        drawn = "graphviz dot" if result.picture.renderer == "graphviz" else "matplotlib: graphviz's dot is not on PATH"
-        print(f"\nwrote {result.picture.path} ({drawn})")
-
-
-def node_text(node: GraphNode | None) -> str:
-    return f"`{node.name}` ({node.op_type})" if node is not None else "(not reported)"
-
-
-def print_loss(e: Explanation) -> None:
-    loss = e.loss
-    print(f"loss           {node_text(loss)}")
-    if loss is not None:
-        print(f"               inputs: {', '.join(loss.inputs) or '-'}  ->  output: {', '.join(loss.outputs) or '-'}")
-    print(f"loss gradient  {node_text(e.loss_gradient)}  (backpropagation starts here)")
-    print(f"graph          {e.forward_nodes} forward nodes, {e.backward_nodes} backward (gradient) nodes")
-
-
-def print_parameter_table(e: Explanation) -> None:
-    rows = [(p.name, str(p.block) if p.block >= 0 else "-", p.sublayer,
-             p.gradient_node.op_type if p.gradient_node else "?", str(p.ops_from_loss)) for p in e.parameters]
-    print(f"\n{len(rows)} trainable parameters: where each gradient is computed")
-    print_table(("parameter", "block", "sublayer", "gradient op", "ops from loss"), rows, right={1, 4})
-
-
-def print_parameter_story(e: Explanation, p: ParameterGradientPath) -> None:
-    """The answer to "where are the loss and this weight's gradient (and its q, k, v parts') computed?"."""
-    shape = "x".join(map(str, p.shape)) or "scalar"
-    where = f"block {p.block}, {p.sublayer}" if p.block >= 0 else p.sublayer
-    kind = "bias" if len(p.shape) == 1 and p.qkv_parts else "weight"
-    fused = len(p.qkv_parts) > 1
-    print(f"\nparameter {p.name}  [{shape}]  ({where})")
-    if e.loss is not None:
-        print(f"  1. the loss is computed by {node_text(e.loss)} from {', '.join(e.loss.inputs)}")
-    print(f"  2. backpropagation starts at {node_text(e.loss_gradient)}")
-    if fused:
-        what = f"fused q/k/v {kind}"
-    elif p.qkv_parts:
-        what = f"{p.qkv_parts[0].part} projection's {kind}"
-    else:
-        what, kind = "parameter", "parameter"
-    print(f"  3. the gradient of the {what}, `{p.gradient_tensor}`, "
-          f"is computed by {node_text(p.gradient_node)}, {p.ops_from_loss} ops from the loss gradient")
-    if fused:
-        print("  4. q, k and v get their gradients (the parts of the fused projection's output) at:")
-    elif p.qkv_parts:
-        print(f"  4. {p.qkv_parts[0].part} gets its gradient (the output of its own projection) at:")
-    for part in p.qkv_parts:
-        print(f"       {part.part}: {node_text(part.gradient_node)} computes `{part.gradient_tensor}` "
-              f"(the gradient of `{part.tensor}`)")
-    if fused and p.shape and p.shape[0] % len(p.qkv_parts) == 0:
-        rows = p.shape[0] // len(p.qkv_parts)
-        unit = "rows " if kind == "weight" else ""
-        spans = ", ".join(f"{part.part} {unit}[{i * rows}, {(i + 1) * rows})" for i, part in enumerate(p.qkv_parts))
-        print(f"     so the fused {kind}'s gradient holds {spans}")
-    elif p.qkv_parts:
-        print(f"     so the {kind}'s gradient is {p.qkv_parts[0].part}'s alone")
-    print(f"\n  path from the loss gradient to the {kind}'s gradient node ({len(p.path)} ops):")
-    width = max((len(node.op_type) for node in p.path), default=0)
-    parts = {part.gradient_node.name: part.part for part in p.qkv_parts if part.gradient_node is not None}
-    for i, node in enumerate(p.path, 1):
-        mark = f"  <- {parts[node.name]} gradient" if node.name in parts else ""
-        print(f"    {i:>3}  {node.op_type:<{width}}  {node.name}{mark}")
-
-
-@text.register
-def print_attribution(result: Attributed) -> None:
-    r = result.result
-    weights = f"training weights of step {r.step}" if r.step else f"model version {r.model_version}"
-    rows, columns = r.grid
-    print(f"{r.method} maps on a {rows}x{columns} grid of {r.patch[0]}x{r.patch[1]}-pixel cells ({weights})")
-    for name, a in zip(result.names, r.attributions):
-        flat = a.map.reshape(-1)
-        top = np.argsort(-flat, kind="stable")[:3]
-        cells = ", ".join(f"({i // columns},{i % columns}) {flat[i]:.3g}" for i in top)
-        print(f"{name}: class {a.target} ({a.label}); strongest cells (row,col): {cells}")
-        if columns <= 16:
-            for row in a.map:
-                print("    " + " ".join(f"{v:6.3f}" for v in row))
-    if result.plot:
-        print(f"wrote {result.plot}")

@@ -47,7 +47,8 @@ from client.plots import (
     head_heatmap_figure,
     head_value,
 )
-from client.render import History, render
+from client.render import render
+from client.render_training import History
 from proto import vitserve_pb2 as pb
 from proto import vitserve_pb2_grpc
 from proto.convert import from_proto

@@ -1,5 +1,6 @@
-"""The CLI's renderer (client/render.py) without a server: the exact text of each result, its JSON document,
-the exit status of `health`, and the gradient-flow figure's grouping by block and sublayer."""
+"""The CLI's renderer (client/render.py, and render_training.py for train-step and grads) without a server: the
+exact text of each result, its JSON document, the exit status of `health`, and the gradient-flow figure's grouping
+by block and sublayer."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,8 @@ from client import (
     ViTClient,
 )
 from client.plots import _gradient_groups
-from client.render import GradientPlot, Health, Predictions, TrainSteps, document, render, text
+from client.render import Health, Predictions, document, render, text
+from client.render_training import GradientPlot, TrainSteps
 
 
 def gradient(name, shape, l2, nonfinite=0, block=-1, sublayer="other") -> GradientSummary:
