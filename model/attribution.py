@@ -1,7 +1,8 @@
 """The attribution graph: which patches a prediction comes from, in plain ONNX ops built from PyTorch's autograd.
 
 `write_attribution_graph` writes attribution_model.onnx next to the gradient graph and returns the manifest's
-`Attribution` record. The graph (model/gradgraph.py's tracing, decompositions and translation, eval mode):
+`Attribution` record. The graph (model/gradgraph.py's tracing and decompositions, model/gradgraph_onnx.py's
+translation, eval mode):
 
     inputs   images (batch, c, h, w) float32, target (batch,) int64, then the trainable parameters by name
              (frozen parameters and buffers are initializers, as in gradient_model.onnx)

@@ -7,6 +7,9 @@ as graph inputs (named exactly as their PyTorch parameters), so an optimizer out
 owns the weights; frozen parameters and buffers are initializers. What a graph computes is a `Recipe`
 (`gradient_recipe`, `FORWARD_RECIPE`; model/attribution.py's attribution graph is a third), built by `graph_of`.
 
+This module holds the recipes, the tracing and the entry points; model/gradgraph_onnx.py turns the traced graph
+into the finished ONNX model (steps 2 and 3), model/gradgraph_errors.py words the errors.
+
 How (one trace per graph; torch.onnx.export would trace it twice more, torch.export and run_decompositions):
 
 1. `make_fx` traces `loss, logits, *torch.autograd.grad(loss, params)` of `torch.func.functional_call`
@@ -31,7 +34,7 @@ How (one trace per graph; torch.onnx.export would trace it twice more, torch.exp
    (`pkg.torch.onnx.stack_trace` is empty: recording Python stack traces doubled the tracing time).
    Before translation, common subexpressions of the traced graph are merged (AOTAutograd's own FX pass):
    the backward's recomputations of forward values become reads of them.
-3. Constant folding, dead code, CSE and a few of onnxscript's rewrite rules (`_optimize`).
+3. Constant folding, dead code, CSE and a few of onnxscript's rewrite rules (`optimize`).
 
 Every node also gets `vitserve.fx_node` (the FX node's name), `vitserve.phase` ("forward" or "backward")
 and, on backward nodes, `vitserve.differentiates`: the module path ("" for the model itself) of the
@@ -46,10 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
-import logging
-import operator
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +59,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import decompositions as own
 from model.errors import ExportError
+from model.gradgraph_errors import describe, first_line, translation_error
+from model.gradgraph_onnx import (batch_axis_named, exported_program, finish, name_io, onnx_registry, optimize, quiet,
+                                  to_onnx, untranslatable)
 
 GRADIENT_MODEL = "gradient_model.onnx"  # train mode: loss, logits and every trainable parameter's gradient
 FORWARD_MODEL = "forward_model.onnx"  # eval mode: logits
 IMAGES, LABELS, LOSS, LOGITS = "images", "labels", "loss", "logits"
 GRAD_SUFFIX = "_grad"
-BATCH = "batch"
-MAX_IR_VERSION = 10  # onnxruntime 1.19.2 loads IR <= 10 (and opset <= 21)
 
 aten = torch.ops.aten
 
@@ -81,16 +81,8 @@ def merge_common_subexpressions(gm) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# torch.onnx pieces (private API of the pinned torch; the public torch.onnx.export re-traces twice)
+# Tracing
 # --------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def _registry():
-    from torch.onnx._internal.exporter import _registration
-
-    with _quiet():
-        return _registration.ONNXRegistry.from_torchlib()
-
 
 @functools.lru_cache(maxsize=2)
 def _decompositions(differentiates: bool) -> dict:
@@ -98,7 +90,7 @@ def _decompositions(differentiates: bool) -> dict:
     with it; a forward-only graph keeps torch.onnx's GELU, which onnxruntime fuses into one kernel)."""
     from torch.onnx._internal.exporter import _decomp
 
-    registry = _registry()
+    registry = onnx_registry()
     table = _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
     for op in (aten.nll_loss_forward.default, aten.nll_loss2d_forward.default):  # torch.onnx fakes total_weight
         table[op] = torch._decomp.decomposition_table[op]
@@ -110,36 +102,6 @@ def _decompositions(differentiates: bool) -> dict:
         table[aten.native_layer_norm_backward.default] = own.native_layer_norm_backward
     return table
 
-
-_QUIET_LOGGERS = ("torch", "torch.__trace", "torch.onnx", "torch.fx", "torch.export", "torch._export",
-                  "torch._subclasses", "torch._functorch", "torch.utils._sympy", "onnxscript", "onnx_ir")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """No warnings, log lines or prints from torch.onnx / torch.export / onnxscript."""
-    saved = {}
-    for name in _QUIET_LOGGERS:
-        logger = logging.getLogger(name)
-        saved[name] = logger.level
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-# --------------------------------------------------------------------------------------------------
-# Tracing
-# --------------------------------------------------------------------------------------------------
 
 def logits_of(output):
     if isinstance(output, torch.Tensor):
@@ -329,232 +291,8 @@ def _phase_metadata(gm, seed: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# FX graph -> ExportedProgram -> ONNX
+# One graph: traced here, translated and finished by model/gradgraph_onnx.py
 # --------------------------------------------------------------------------------------------------
-
-def _exported_program(gm, model: torch.nn.Module, n_user: int, names: list[str], n_trainable: int, shape_env, symbol):
-    """Wrap the traced graph: the first n_user + n_trainable placeholders are graph inputs, the other tensors
-    (frozen parameters, buffers) and any constant the trace captured become initializers."""
-    from torch.export import graph_signature as gs
-    from torch.export.exported_program import ExportedProgram
-    from torch.utils._sympy.numbers import int_oo
-    from torch.utils._sympy.value_ranges import ValueRanges
-
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    state_dict, constants, specs = {}, {}, []
-    for i, node in enumerate(placeholders):
-        arg = gs.TensorArgument(name=node.name)
-        k = i - n_user
-        if k < n_trainable:
-            specs.append(gs.InputSpec(gs.InputKind.USER_INPUT, arg, target=None))
-        elif names[k] in params:
-            state_dict[names[k]] = params[names[k]]
-            specs.append(gs.InputSpec(gs.InputKind.PARAMETER, arg, target=names[k]))
-        else:
-            state_dict[names[k]] = buffers[names[k]]
-            specs.append(gs.InputSpec(gs.InputKind.BUFFER, arg, target=names[k], persistent=True))
-    # Tensors the trace captured as attributes (torch.tensor(...) in a forward, plain tensor attributes):
-    # lifted to placeholders, as torch.export does.
-    last = placeholders[-1]
-    for node in [n for n in graph.nodes if n.op == "get_attr"]:
-        value = operator.attrgetter(node.target)(gm)
-        if not isinstance(value, torch.Tensor):
-            raise ExportError(f"the traced graph holds a {type(value).__name__} attribute {node.target}")
-        with graph.inserting_after(last):
-            lifted = graph.placeholder(node.name + "_const")
-        lifted.meta.update(node.meta)
-        node.replace_all_uses_with(lifted)
-        graph.erase_node(node)
-        constants[node.target] = value.detach()
-        specs.append(gs.InputSpec(gs.InputKind.CONSTANT_TENSOR, gs.TensorArgument(lifted.name), target=node.target))
-        last = lifted
-    output = next(n for n in graph.nodes if n.op == "output")
-    outs = output.args[0]
-    out_specs = [gs.OutputSpec(gs.OutputKind.USER_OUTPUT, gs.TensorArgument(o.name), target=None) for o in outs]
-    graph.lint()
-    gm.recompile()
-    symbols = {s for s in shape_env.replace(symbol).free_symbols}
-    ranges = {s: ValueRanges(2, int_oo) for s in symbols}
-    return ExportedProgram(root=gm, graph=graph, graph_signature=gs.ExportGraphSignature(specs, out_specs),
-                           state_dict=state_dict, range_constraints=ranges, module_call_graph=[],
-                           constants=constants)
-
-
-def _untranslatable(gm) -> tuple[str, torch.fx.Node] | None:
-    registry = _registry()
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is operator.getitem:
-            continue
-        if not registry.is_registered(node.target):
-            return str(node.target), node
-    return None
-
-
-def _describe(node: torch.fx.Node, model: torch.nn.Module) -> str:
-    """'needed by the backward of block.pool (AvgPool2d)' / 'in the forward of ...': where an op comes from."""
-    if node.meta.get("vitserve.phase") == "backward":
-        path = node.meta.get("vitserve.differentiates")
-        return f"needed by the backward of {_module_label(model, path)}"
-    stack = node.meta.get("nn_module_stack") or {}
-    return f"in the forward of {_module_label(model, list(stack.values())[-1][0] if stack else None)}"
-
-
-def _module_label(model: torch.nn.Module, path: str | None) -> str:
-    if path is None:
-        return f"an op of {type(model).__name__}"
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        return path or type(model).__name__
-    return f"{path} ({type(module).__name__})" if path else f"{type(model).__name__}.forward"
-
-
-def _to_onnx(ep):
-    """torch.onnx's own translation of the program (an onnx_ir.Model), without its torch.export re-trace."""
-    from torch.onnx._internal.exporter import _core, _fx_passes
-
-    gm = ep.graph_module
-    _insert_type_promotion(gm)
-    ep._graph_module = _fx_passes.remove_assertion_nodes(gm)
-    return _core._exported_program_to_onnx_program(ep, registry=_registry()).model
-
-
-def _insert_type_promotion(gm) -> None:
-    """torch.onnx's InsertTypePromotion pass (explicit casts where ONNX needs one dtype), re-running only the
-    nodes it changes: the stock pass re-executes every node on fake tensors, a quarter of the translation time.
-    An unchanged node's value is the one the trace recorded (node.meta["val"])."""
-    from torch.onnx._internal.fx.passes import type_promotion
-
-    class Interpreter(type_promotion._TypePromotionInterpreter):
-        def run_node(self, n):
-            if n.op != "call_function" or "val" not in n.meta:
-                return super().run_node(n)
-            before = (n.target, n.args, n.kwargs)
-            with self._set_current_node(n):
-                if rule := type_promotion.get_type_promotion_rule(n, self.type_promotion_table):
-                    self._maybe_promote_node(n, rule)
-            if (n.target, n.args, n.kwargs) == before:
-                return n.meta["val"]
-            return torch.fx.Interpreter.run_node(self, n)
-
-    promotion = type_promotion.InsertTypePromotion(gm)
-    promotion.interpreter = Interpreter(gm, type_promotion.TypePromotionTable())
-    promotion.run()
-
-
-def _optimize(model, state_names: set[str]) -> None:
-    """Constant folding, dead code, CSE, plus the few onnxscript rewrite rules that pay off.
-
-    digits, gradient graph (1962 translated nodes), ORT step at batch 64 on 2 cores:
-      fold + dead code + CSE                 849 nodes, 0.5 s, 31 ms a step
-      + the rules below, one round           724 nodes, 0.8 s, 18 ms (constant Reshape shapes matter)
-      onnxscript's optimize_ir (torch.onnx)  661 nodes, 3.7 s, 20-22 ms (its pattern rewriter is the cost)
-    Frozen parameters and buffers stay initializers under their own names: nothing that reads one is folded
-    (onnxruntime folds those at session start), and initializers are not deduplicated (equal zero biases).
-    """
-    import onnx_ir as ir
-    import onnx_ir.passes.common as common
-    from onnxscript.optimizer import _constant_folding
-    from onnxscript.rewriter import (RewritePass, _broadcast_to_matmul, _collapse_slices,
-                                     _materialize_reshape_shape, _no_op)
-
-    def cleanup():
-        return [
-            _constant_folding.FoldConstantsPass(
-                shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT, should_fold=keep_state),
-            common.RemoveUnusedNodesPass(),
-        ]
-
-    def keep_state(node):
-        return False if any(v is not None and v.name in state_names for v in node.inputs) else None
-
-    rules = [*_materialize_reshape_shape.rules, *_no_op.rules, *_broadcast_to_matmul.rules, *_collapse_slices.rules]
-    ir.passes.Sequential(
-        common.InlinePass(),
-        *cleanup(),
-        RewritePass(rules),
-        *cleanup(),
-        common.RemoveUnusedFunctionsPass(),
-        common.RemoveUnusedOpsetsPass(),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.CommonSubexpressionEliminationPass(),
-        common.RemoveUnusedNodesPass(),
-        common.OutputFixPass(),
-        common.NameFixPass(),
-    )(model)
-
-
-def _name_io(model, input_names: list[str], output_names: list[str]) -> None:
-    """Graph inputs and outputs named as the API says. An output that is a graph input, an initializer (a
-    constant gradient, e.g. zeros for an unused parameter) or another output's value (two parameters with
-    one gradient tensor) gets an Identity of its own."""
-    import onnx_ir as ir
-
-    graph = model.graph
-    if len(graph.inputs) != len(input_names) or len(graph.outputs) != len(output_names):
-        raise ExportError(f"internal: the graph has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs, "
-                          f"expected {len(input_names)} and {len(output_names)}")
-    wanted = set(input_names) | set(output_names)
-    clash = sorted(wanted & set(graph.initializers))
-    if clash:
-        raise ExportError(f"a frozen parameter or buffer is named {clash[0]!r}, a name the graph needs for an input "
-                          "or output")
-    seen = set()
-    for i, value in enumerate(list(graph.outputs)):
-        if value.is_graph_input() or value.is_initializer() or id(value) in seen:
-            identity = ir.node("Identity", [value])
-            graph.append(identity)
-            value = graph.outputs[i] = identity.outputs[0]
-        seen.add(id(value))
-    io = [*graph.inputs, *graph.outputs]
-    ids = {id(v) for v in io}
-    for node in graph:  # intermediate values that hold a name the inputs and outputs need: renamed out of the way
-        for value in node.outputs:
-            if id(value) not in ids and value.name in wanted:
-                value.name = f"{value.name}__{node.name}"
-    for k, value in enumerate(io):  # two steps: a new name may be an old name of another input or output
-        value.name = f"__io_{k}"
-    for value, name in zip(io, [*input_names, *output_names]):
-        value.name = name
-
-
-def _decomposed_ops(fx_gm) -> dict[str, tuple[str, str]]:
-    """FX node name -> (op, unit) for the forward ops our own decompositions trace as several nodes (exact GELU):
-    `unit` is the op's first FX node, shared by all its nodes, so that ExplainGradients sees one op."""
-    found, first = {}, {}
-    for node in fx_gm.graph.nodes:
-        op = own.OWN_FORWARD_DECOMPOSITIONS.get(str(node.meta.get("original_aten")))
-        seq = node.meta.get("seq_nr")
-        if op is None or seq is None or node.meta.get("vitserve.phase") != "forward":
-            continue
-        found[node.name] = (op, first.setdefault((op, seq), node.name))
-    return found
-
-
-def _finish(model, fx_gm) -> "onnx.ModelProto":  # noqa: F821
-    import onnx_ir as ir
-
-    phases = {n.name: n.meta for n in fx_gm.graph.nodes if n.op == "call_function"}
-    decomposed = _decomposed_ops(fx_gm)
-    for node in model.graph:
-        fx_node = node.metadata_props.get("pkg.torch.onnx.fx_node", "")
-        name = fx_node[1:].split(" ", 1)[0] if fx_node.startswith("%") else ""
-        if name in phases:
-            node.metadata_props["vitserve.fx_node"] = name
-            if name in decomposed:
-                node.metadata_props["vitserve.op"], node.metadata_props["vitserve.unit"] = decomposed[name]
-            meta = phases[name]
-            node.metadata_props["vitserve.phase"] = meta.get("vitserve.phase", "forward")
-            if "vitserve.differentiates" in meta:
-                node.metadata_props["vitserve.differentiates"] = meta["vitserve.differentiates"]
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    proto = ir.serde.serialize_model(model)
-    return proto
-
 
 def graph_of(model: torch.nn.Module, example: torch.Tensor, trainable: list[str], recipe: Recipe,
              mutates: list[bool]) -> "onnx.ModelProto":  # noqa: F821
@@ -566,80 +304,36 @@ def graph_of(model: torch.nn.Module, example: torch.Tensor, trainable: list[str]
     names = trainable + frozen + [n for n, _ in model.named_buffers()]
     n_user = 1 + len(recipe.extra)
     what = f"{recipe.what} of {type(model).__name__}"
-    with _quiet():
+    with quiet():
         try:
             gm, shape_env, symbol = _traced(model, example, names, len(trainable), recipe, mutates)
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001 - a model the tracer cannot follow: one line
-            raise ExportError(f"cannot trace the {what}: {_first_line(e)}") from None
+            raise ExportError(f"cannot trace the {what}: {first_line(e)}") from None
         try:
             _check_batch_stays_dynamic(gm, shape_env, symbol)
             _phase_metadata(gm, recipe.seed)
             merge_common_subexpressions(gm)
-            missing = _untranslatable(gm)
+            missing = untranslatable(gm)
             if missing:
                 op, node = missing
-                raise ExportError(f"torch.onnx cannot translate {op} ({_describe(node, model)})")
-            ep = _exported_program(gm, model, n_user, names, len(trainable), shape_env, symbol)
+                raise ExportError(f"torch.onnx cannot translate {op} ({describe(node, model)})")
+            ep = exported_program(gm, model, n_user, names, len(trainable), shape_env, symbol)
             try:
-                onnx_model = _to_onnx(ep)
+                onnx_model = to_onnx(ep)
             except Exception as e:  # noqa: BLE001
-                raise ExportError(_translation_error(e, gm, model, what)) from None
+                raise ExportError(translation_error(e, gm, model, what)) from None
             if recipe.drop_seed:
                 onnx_model.graph.outputs.pop(0)
-            _optimize(onnx_model, set(names[len(trainable):]))
-            _name_io(onnx_model, [IMAGES, *(name for name, _ in recipe.extra), *trainable], list(recipe.outputs))
-            _batch_axis_named(onnx_model, n_user, recipe.batch_outputs)
-            return _finish(onnx_model, gm)
+            optimize(onnx_model, set(names[len(trainable):]))
+            name_io(onnx_model, [IMAGES, *(name for name, _ in recipe.extra), *trainable], list(recipe.outputs))
+            batch_axis_named(onnx_model, n_user, recipe.batch_outputs)
+            return finish(onnx_model, gm)
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"cannot build the {what}: {_first_line(e)}") from None
-
-
-def _translation_error(error: BaseException, gm, model: torch.nn.Module, what: str) -> str:
-    """One line for a failed translation: the op and where it comes from, when torch.onnx names the node."""
-    import re
-
-    text = str(error)
-    found = re.search(r"translating node %(\S+) ", text)
-    node = next((n for n in gm.graph.nodes if found and n.name == found.group(1)), None)
-    cause, seen = error, set()
-    while cause.__cause__ is not None and id(cause) not in seen:  # the innermost error says why
-        seen.add(id(cause))
-        cause = cause.__cause__
-    reason = _first_line(cause)
-    if node is None:
-        return f"torch.onnx cannot translate the {what}: {_first_line(error)}"
-    return f"torch.onnx cannot translate {node.target} ({_describe(node, model)}): {reason}"
-
-
-def _batch_axis_named(model, n_user: int, batch_outputs: tuple[int, ...]) -> None:
-    """The symbolic batch dim is called "batch" in the inputs and outputs (the trace calls it s<N>)."""
-    import onnx_ir as ir
-
-    graph = model.graph
-    symbol = graph.inputs[0].shape[0] if graph.inputs[0].shape is not None else None
-    old = symbol.value if isinstance(symbol, ir.SymbolicDim) else None
-    batch = ir.SymbolicDim(BATCH)
-    for value in list(graph.inputs[:n_user]) + [graph.outputs[i] for i in batch_outputs]:
-        if value.shape is not None and len(value.shape) > 0:
-            dims = list(value.shape)
-            dims[0] = batch
-            value.shape = ir.Shape(dims)
-    if old is None:
-        return
-    for value in _all_values(graph):  # intermediate shapes: the same name for the same symbol
-        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value == old for d in value.shape):
-            value.shape = ir.Shape([batch if isinstance(d, ir.SymbolicDim) and d.value == old else d
-                                    for d in value.shape])
-
-
-def _all_values(graph):
-    yield from graph.inputs
-    for node in graph:
-        yield from node.outputs
+            raise ExportError(f"cannot build the {what}: {first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------------------------------
