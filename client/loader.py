@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proto.images import ImageError, Recipe, open_image, read_file, to_input
+from proto.images import ImageError, Recipe, pixels, read_file, to_inputs
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults: area fraction and aspect ratio range
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -73,6 +73,7 @@ class Loader:
         if batch_size < 1:
             raise ValueError(f"the batch size must be at least 1, got {batch_size}")
         self.paths = list(paths)
+        self._names = [str(path) for path in self.paths]  # what the decoder opens and names in its errors
         self.labels = np.asarray(labels, dtype=np.int64)
         self.recipe = recipe
         self.batch_size = batch_size
@@ -116,13 +117,16 @@ class Loader:
         return Batch(number, self._cache[kept], self.labels[kept], [self.paths[i] for i in kept])
 
     def _load(self, number: int, indices: np.ndarray, epoch: int) -> Batch:
-        """Decode what `indices` needs (in a worker thread) and assemble its batch, the skipped files left out."""
-        images, kept = [], []
-        for i in indices.tolist():
-            if self._bad[i] or (self._cache is not None and self._cached[i]):
-                continue
+        """Decode what `indices` needs (in a worker thread) and assemble its batch, the skipped files left out:
+        each file is decoded on its own, then the batch is sized and normalised at once (proto/images.py
+        to_inputs: small images of one size in one go)."""
+        images, boxes, flips, kept = [], [], [], []
+        todo = indices[~self._bad[indices]]
+        if self._cache is not None:
+            todo = todo[~self._cached[todo]]
+        for i in todo.tolist():
             try:
-                x = self._decode(i, epoch)
+                image, box, flip = self._decode(i, epoch)
             except ImageError as e:
                 if self.strict:
                     raise
@@ -130,25 +134,29 @@ class Loader:
                     self._bad[i] = True
                     self.skipped.setdefault(self.paths[i], e.reason)
                 continue
-            if self._cache is not None:
-                self._cache[i] = x
-                self._cached[i] = True
-            else:
-                images.append(x)
-                kept.append(i)
+            images.append(image)
+            boxes.append(box)
+            flips.append(flip)
+            kept.append(i)
+        inputs = to_inputs(images, self.recipe, boxes if self.augment else None)
+        for j in np.flatnonzero(flips):
+            inputs[j] = inputs[j][:, :, ::-1]
         if self._cache is not None:
+            self._cache[kept] = inputs
+            self._cached[kept] = True
             return self._gather(number, indices)
-        stacked = np.stack(images) if images else np.empty((0, *self.recipe.shape), np.float32)
-        return Batch(number, stacked, self.labels[kept], [self.paths[i] for i in kept])
+        return Batch(number, inputs, self.labels[kept], [self.paths[i] for i in kept])
 
-    def _decode(self, i: int, epoch: int) -> np.ndarray:
-        path = self.paths[i]
-        image = open_image(read_file(path), str(path), self.recipe.mode)
+    def _decode(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[int, int, int, int] | None, bool]:
+        """File i's pixels at its own size (proto/images.py pixels), and with augmentation its random resized crop
+        box and horizontal flip in `epoch`, drawn from a generator seeded by (seed, epoch, i): the same whichever
+        thread draws them."""
+        image = pixels(read_file(self._names[i]), self._names[i], self.recipe.mode)
         if not self.augment:
-            return to_input(image, self.recipe)
+            return image, None, False
         rng = np.random.default_rng([self.seed, epoch, i])
-        x = to_input(image, self.recipe, box=random_resized_crop(*image.size, rng))
-        return np.ascontiguousarray(x[:, :, ::-1]) if rng.random() < 0.5 else x
+        box = random_resized_crop(image.shape[1], image.shape[0], rng)
+        return image, box, bool(rng.random() < 0.5)
 
 
 class Batches:

@@ -16,7 +16,8 @@ from PIL import Image
 from client import ViTClient
 from engine.manifest import Preprocessing
 from proto import vitserve_pb2 as pb
-from proto.images import ImageError, Recipe, decode, decode_batch, decode_file, open_image, to_input
+from proto import images, resample
+from proto.images import ImageError, Recipe, decode, decode_batch, decode_file, pixels, to_inputs
 
 GREY = {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.25]}
 COLOUR = {"height": 8, "width": 8, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -217,6 +218,62 @@ def test_resize_shorter_then_center_crop(width, height, shorter, interpolation):
                                   normalized(expected, GREY))
 
 
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+           "lanczos": Image.Resampling.LANCZOS}
+
+
+@settings(max_examples=80, deadline=None)
+@given(height=st.integers(1, 70), width=st.integers(1, 70), out_height=st.integers(1, 70),
+       out_width=st.integers(1, 70), channels=st.sampled_from([1, 3]), interpolation=st.sampled_from(list(FILTERS)),
+       edges=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_the_batch_resize_gives_pillows_bytes_or_declines(height, width, out_height, out_width, channels,
+                                                            interpolation, edges, seed):
+    """proto/resample.py resizes three images at once to exactly the bytes Pillow's resize gives each, or
+    returns None (then Pillow does it). `edges`: black and white only, where the filters overshoot most."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (3, height, width, channels), dtype=np.uint8)
+    if edges:
+        images = (images > 127).astype(np.uint8) * 255
+    out = resample.resize(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), out_width, out_height, interpolation)
+    if out is None:
+        return
+    for image, got in zip(images, out):
+        pillow = Image.fromarray(image[:, :, 0] if channels == 1 else image)
+        expected = np.asarray(pillow.resize((out_width, out_height), FILTERS[interpolation]))
+        np.testing.assert_array_equal(got, expected.reshape(out_height, out_width, channels).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("interpolation", list(FILTERS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_batch_resize_takes_the_usual_sizes(interpolation, channels):
+    """The sizes datasets of small images come in are resized here, not handed back to Pillow: a 2x reduction,
+    224 -> 32 style reductions, enlargements, one side only."""
+    for height, width, out_height, out_width in [(16, 16, 8, 8), (32, 32, 28, 28), (28, 28, 32, 32),
+                                                 (64, 48, 32, 32), (8, 8, 16, 16), (16, 12, 16, 8)]:
+        images = np.zeros((2, channels, height, width), np.uint8)
+        assert resample.resize(images, out_width, out_height, interpolation) is not None, (height, width)
+
+
+def test_8_bit_grey_and_rgb_pngs_are_read_by_libspng_and_other_images_by_pillow():
+    grey = np.random.default_rng(0).integers(0, 256, (5, 7), dtype=np.uint8)
+    colour = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(images._png_pixels(encoded(Image.fromarray(grey)), "L"), grey)
+    np.testing.assert_array_equal(images._png_pixels(encoded(Image.fromarray(colour)), "RGB"), colour)
+    pillow_only = [(encoded(Image.fromarray(grey)), "RGB"),  # a channel conversion: Pillow's luma / copy rules
+                   (encoded(Image.fromarray(colour)), "L"),
+                   (encoded(Image.fromarray(grey.astype(np.uint16) * 257)), "L"),  # 16-bit
+                   (encoded(Image.fromarray(colour).convert("P")), "RGB"),  # palette
+                   (encoded(Image.fromarray(colour).convert("RGBA")), "RGB"),
+                   (encoded(Image.fromarray(grey), "JPEG"), "L")]
+    for blob, mode in pillow_only:
+        assert images._png_pixels(blob, mode) is None
+        assert pixels(blob, "x", mode).shape[:2] == (5, 7)
+    truncated = encoded(Image.fromarray(grey))[:-30]
+    assert images._png_pixels(truncated, "L") is None  # libspng refuses it: Pillow names the problem
+    with pytest.raises(ImageError, match="image file is truncated"):
+        pixels(truncated, "x", "L")
+
+
 def test_interpolation_picks_the_filter_and_a_bad_one_is_refused():
     array = np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8)
     blob = encoded(Image.fromarray(array))
@@ -232,6 +289,6 @@ def test_interpolation_picks_the_filter_and_a_bad_one_is_refused():
 
 def test_a_box_resizes_that_region_straight(tmp_path: Path):
     array = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    image = open_image(encoded(Image.fromarray(array)), "x", "L")
-    out = to_input(image, Recipe.of({**GREY, "resize_shorter": 12}), box=(0, 0, 8, 8))
+    image = pixels(encoded(Image.fromarray(array)), "x", "L")
+    out = to_inputs([image], Recipe.of({**GREY, "resize_shorter": 12}), boxes=[(0, 0, 8, 8)])[0]
     np.testing.assert_array_equal(out, normalized(array[:8, :8][None].astype(np.float32), GREY))
