@@ -52,7 +52,8 @@ INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-READ_CHUNK = 1 << 20  # read_file's read size: one read for nearly every image
+READ_CHUNK = 1 << 16  # read_file's first read: one read for a small image; a larger read size costs a large
+# allocation per file (1 MiB: 12 µs a 16x16 PNG against 2.6)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES = {"L": 0, "RGB": 2}  # IHDR colour type of 8-bit grey and RGB samples
 BATCH_RESIZE_SAMPLES = 2048  # images of up to this many samples (h * w * c) are resized many at once
@@ -294,7 +295,7 @@ def read_file(path: str | os.PathLike) -> bytes:
         if len(data) < READ_CHUNK:  # a regular file reads short only at its end
             return data
         chunks = [data]
-        while chunk := os.read(fd, READ_CHUNK):
+        while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as e:  # a folder (EISDIR), an I/O error

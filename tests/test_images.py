@@ -17,7 +17,7 @@ from client import ViTClient
 from engine.manifest import Preprocessing
 from proto import vitserve_pb2 as pb
 from proto import images, resample
-from proto.images import ImageError, Recipe, decode, decode_batch, decode_file, pixels, to_inputs
+from proto.images import ImageError, Recipe, decode, decode_batch, decode_file, pixels, read_file, to_inputs
 
 GREY = {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.25]}
 COLOUR = {"height": 8, "width": 8, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -156,6 +156,16 @@ def test_cmyk_jpeg_converts_and_a_mode_without_conversion_is_refused():
 
 
 # ---------------------------------------------------------------- bad files
+
+def test_a_file_larger_than_the_first_read_is_read_whole(tmp_path):
+    """read_file reads 64 KiB first and the rest in further reads: a noisy 200x200 RGB PNG is ~120 KB."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    blob = encoded(image)
+    assert len(blob) > images.READ_CHUNK
+    (tmp_path / "big.png").write_bytes(blob)
+    assert read_file(tmp_path / "big.png") == blob
+    np.testing.assert_array_equal(decode_file(tmp_path / "big.png", Recipe.of(COLOUR)), reference(blob, COLOUR))
+
 
 def test_unreadable_corrupt_and_non_image_files_are_one_error_naming_the_file(tmp_path):
     recipe = Recipe.of(GREY)
