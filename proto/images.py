@@ -46,12 +46,7 @@ from proto import resample
 MAX_IMAGE_PIXELS = 4096 * 4096  # an encoded image larger than this is refused before decoding (decompression bombs)
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, **resample.FILTERS}  # the record's name -> Pillow's filter
 READ_CHUNK = 1 << 16  # read_file's first read: one read for a small image; a larger read size costs a large
 # allocation per file (1 MiB: 12 µs a 16x16 PNG against 2.6)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -232,7 +227,7 @@ def _center_cropped(stack: np.ndarray, width: int, height: int) -> np.ndarray:
     h, w = stack.shape[2:]
     if (h, w) == (height, width):
         return stack
-    left, top = int(round((w - width) / 2.0)), int(round((h - height) / 2.0))
+    left, top = _crop_origin(w, h, width, height)
     out = np.zeros((*stack.shape[:2], height, width), dtype=stack.dtype)
     rows, cols = slice(max(top, 0), min(top + height, h)), slice(max(left, 0), min(left + width, w))
     out[:, :, rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = stack[:, :, rows, cols]
@@ -274,9 +269,13 @@ def _shorter_side_size(width: int, height: int, shorter: int) -> tuple[int, int]
 
 def _center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """The centre `size` (width, height), rounded as torchvision's CenterCrop; zeros outside the image."""
-    width, height = image.size
-    left, top = int(round((width - size[0]) / 2.0)), int(round((height - size[1]) / 2.0))
+    left, top = _crop_origin(*image.size, *size)
     return image if image.size == size else image.crop((left, top, left + size[0], top + size[1]))
+
+
+def _crop_origin(width: int, height: int, crop_width: int, crop_height: int) -> tuple[int, int]:
+    """(left, top) of a centred crop, rounded as torchvision's CenterCrop; negative where the image is smaller."""
+    return int(round((width - crop_width) / 2.0)), int(round((height - crop_height) / 2.0))
 
 
 def decode(blob: bytes, recipe: Recipe, source: str) -> np.ndarray:

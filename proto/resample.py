@@ -24,9 +24,12 @@ import math
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images: two bits spare for the filters' overshoot
 SUPPORTS = {"bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}  # the filters' radius at scale 1
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+           "lanczos": Image.Resampling.LANCZOS}  # the same filters in Pillow
 
 
 def _kernel(interpolation: str, x: float) -> float:
@@ -128,15 +131,11 @@ def pass_order(channels: int, h: int, w: int, height: int, width: int, interpola
     reductions vertical first, 9.x never did), and the pass rounded to 8 bits first decides the last bit of
     some pixels. So Pillow is asked: a random image is resized by Pillow and by both orders here, once per
     size, filter and channel count."""
-    from PIL import Image
-
     rng = np.random.default_rng(h * 7919 + w)
-    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-               "lanczos": Image.Resampling.LANCZOS}
     for _ in range(PROBES):
         probe = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
         image = Image.fromarray(probe[:, :, 0] if channels == 1 else probe)
-        expected = np.asarray(image.resize((width, height), filters[interpolation])).reshape(height, width, channels)
+        expected = np.asarray(image.resize((width, height), FILTERS[interpolation])).reshape(height, width, channels)
         expected = expected.transpose(2, 0, 1)[None]
         source = np.ascontiguousarray(probe.transpose(2, 0, 1)[None])
         matches = [np.array_equal(_resized(source, width, height, interpolation, first), expected)
