@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proto.images import ImageError, Recipe, pixels, read_file, to_inputs
+from proto.images import Decoded, ImageError, Recipe, image_size, pixels, read_file, to_inputs
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults: area fraction and aspect ratio range
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -73,7 +73,6 @@ class Loader:
         if batch_size < 1:
             raise ValueError(f"the batch size must be at least 1, got {batch_size}")
         self.paths = list(paths)
-        self._names = [str(path) for path in self.paths]  # what the decoder opens and names in its errors
         self.labels = np.asarray(labels, dtype=np.int64)
         self.recipe = recipe
         self.batch_size = batch_size
@@ -147,15 +146,16 @@ class Loader:
             return self._gather(number, indices)
         return Batch(number, inputs, self.labels[kept], [self.paths[i] for i in kept])
 
-    def _decode(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[int, int, int, int] | None, bool]:
+    def _decode(self, i: int, epoch: int) -> tuple[Decoded, tuple[int, int, int, int] | None, bool]:
         """File i's pixels at its own size (proto/images.py pixels), and with augmentation its random resized crop
         box and horizontal flip in `epoch`, drawn from a generator seeded by (seed, epoch, i): the same whichever
         thread draws them."""
-        image = pixels(read_file(self._names[i]), self._names[i], self.recipe.mode)
+        path = str(self.paths[i])
+        image = pixels(read_file(path), path, self.recipe.mode)
         if not self.augment:
             return image, None, False
         rng = np.random.default_rng([self.seed, epoch, i])
-        box = random_resized_crop(image.shape[1], image.shape[0], rng)
+        box = random_resized_crop(*image_size(image), rng)
         return image, box, bool(rng.random() < 0.5)
 
 

@@ -157,14 +157,23 @@ def _converted(image: Image.Image, source: str, mode: str) -> Image.Image:
         raise ImageError(source, f"image mode {image.mode} cannot be converted to {mode}") from None
 
 
-def pixels(blob: bytes, source: str, mode: str) -> np.ndarray:
-    """Encoded bytes -> the image's pixels at its own size in `mode`: uint8 (h, w) for "L", (h, w, 3) for "RGB",
-    float32 (h, w) on the 0..255 scale for the modes of more than 8 bits. 8-bit grey and RGB PNGs of the model's
-    channel count are decoded by libspng (pyspng): ~6 µs for a small PNG against Pillow's ~30, the same samples
-    (PNG is lossless). Everything else, and a PNG libspng refuses, goes through Pillow (open_image), whose
-    message names the problem. ImageError names `source`."""
+Decoded = np.ndarray | Image.Image  # pixels(): libspng's array, or Pillow's image where Pillow decoded it
+
+
+def pixels(blob: bytes, source: str, mode: str) -> Decoded:
+    """Encoded bytes -> the image decoded at its own size in `mode`. 8-bit grey and RGB PNGs of the model's
+    channel count are decoded by libspng (pyspng) into a uint8 array, (h, w) or (h, w, 3): ~5 µs for a small PNG
+    against Pillow's ~30, the same samples (PNG is lossless). Everything else, and a PNG libspng refuses, is
+    Pillow's image (open_image: "L", "RGB", or "F" for the modes of more than 8 bits), whose message names the
+    problem; it stays a Pillow image, as Pillow sizes it (a 500x375 JPEG to an array and back cost 270 µs).
+    ImageError names `source`."""
     fast = _png_pixels(blob, mode)
-    return fast if fast is not None else np.asarray(open_image(blob, source, mode))
+    return fast if fast is not None else open_image(blob, source, mode)
+
+
+def image_size(image: Decoded) -> tuple[int, int]:
+    """(width, height) of a decoded image."""
+    return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
 
 
 def _png_pixels(blob: bytes, mode: str) -> np.ndarray | None:
@@ -182,30 +191,41 @@ def _png_pixels(blob: bytes, mode: str) -> np.ndarray | None:
         return None
 
 
-def to_inputs(images: list[np.ndarray], recipe: Recipe, boxes: list | None = None) -> np.ndarray:
+def to_inputs(images: list[Decoded], recipe: Recipe, boxes: list | None = None) -> np.ndarray:
     """Decoded images (pixels()) -> float32 (n, c, h, w) model input: resized or cropped as the recipe says, then
     (pixel / 255 - mean) / std. `boxes[i]` (left, top, right, bottom), when given and not None, resizes that
     region of image i straight to height x width instead (a random resized crop)."""
     batch = np.empty((len(images), *recipe.shape), dtype=np.float32)
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[np.ndarray]] = {}  # small 8-bit images by size -> their arrays
+    members: dict[tuple, list[int]] = {}  # ... and their places in the batch
     for i, image in enumerate(images):
-        if boxes is not None and boxes[i] is not None:
-            batch[i] = _pillow_sized(image, recipe, boxes[i])
+        small = _small_array(image) if boxes is None or boxes[i] is None else None
+        if small is None:
+            batch[i] = _pillow_sized(image, recipe, None if boxes is None else boxes[i])
         else:
-            groups.setdefault((image.shape, image.dtype.str), []).append(i)
-    for (shape, dtype), members in groups.items():
-        sized = None
-        if dtype == "|u1" and int(np.prod(shape)) <= BATCH_RESIZE_SAMPLES:
-            sized = _batch_sized(np.stack([images[i] for i in members]), recipe)
+            groups.setdefault(small.shape, []).append(small)
+            members.setdefault(small.shape, []).append(i)
+    for shape, arrays in groups.items():
+        sized = _batch_sized(np.stack(arrays), recipe)
         if sized is None:
-            for i in members:
-                batch[i] = _pillow_sized(images[i], recipe)
+            for i, array in zip(members[shape], arrays):
+                batch[i] = _pillow_sized(array, recipe)
         else:
-            batch[members] = sized
+            batch[members[shape]] = sized
     batch /= 255.0
     batch -= recipe.mean
     batch /= recipe.std
     return batch
+
+
+def _small_array(image: Decoded) -> np.ndarray | None:
+    """The uint8 array of an 8-bit image of at most BATCH_RESIZE_SAMPLES samples, which _batch_sized may size
+    with others of its size; None for any other image."""
+    if isinstance(image, Image.Image):
+        if image.mode not in ("L", "RGB") or image.width * image.height * len(image.mode) > BATCH_RESIZE_SAMPLES:
+            return None
+        return np.asarray(image)
+    return image if image.dtype == np.uint8 and image.size <= BATCH_RESIZE_SAMPLES else None
 
 
 def _batch_sized(stack: np.ndarray, recipe: Recipe) -> np.ndarray | None:
@@ -234,10 +254,10 @@ def _center_cropped(stack: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-def _pillow_sized(image: np.ndarray, recipe: Recipe, box: tuple[float, float, float, float] | None = None
+def _pillow_sized(image: Decoded, recipe: Recipe, box: tuple[float, float, float, float] | None = None
                   ) -> np.ndarray:
     """One decoded image -> float32 (c, height, width) on the 0..255 scale, sized by Pillow."""
-    picture = Image.fromarray(image)
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
     size = (recipe.width, recipe.height)
     resample_filter = INTERPOLATIONS[recipe.interpolation]
     if box is not None:

@@ -17,7 +17,8 @@ from client import ViTClient
 from engine.manifest import Preprocessing
 from proto import vitserve_pb2 as pb
 from proto import images, resample
-from proto.images import ImageError, Recipe, decode, decode_batch, decode_file, pixels, read_file, to_inputs
+from proto.images import (ImageError, Recipe, decode, decode_batch, decode_file, image_size, pixels, read_file,
+                          to_inputs)
 
 GREY = {"height": 8, "width": 8, "channels": 1, "mean": [0.5], "std": [0.25]}
 COLOUR = {"height": 8, "width": 8, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -277,7 +278,7 @@ def test_8_bit_grey_and_rgb_pngs_are_read_by_libspng_and_other_images_by_pillow(
                    (encoded(Image.fromarray(grey), "JPEG"), "L")]
     for blob, mode in pillow_only:
         assert images._png_pixels(blob, mode) is None
-        assert pixels(blob, "x", mode).shape[:2] == (5, 7)
+        assert image_size(pixels(blob, "x", mode)) == (7, 5)
     truncated = encoded(Image.fromarray(grey))[:-30]
     assert images._png_pixels(truncated, "L") is None  # libspng refuses it: Pillow names the problem
     with pytest.raises(ImageError, match="image file is truncated"):
